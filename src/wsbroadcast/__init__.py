@@ -1,0 +1,56 @@
+"""wsbroadcast: WebSocket broadcast that no slow client can stall.
+
+Ordered, sequenced, resumable broadcast to rooms of WebSocket connections, with presence,
+over pluggable transports (the socket) and backends (where messages are ordered and stored).
+The core imports no web framework and no broker client.
+"""
+
+from __future__ import annotations
+
+from .backend import Backend, History, Listener, Subscription, backend_from_url
+from .connection import Connection, ConnectionState, ConnectionStatistics, SlowConsumerPolicy
+from .envelope import Envelope
+from .exceptions import (
+    BackendError,
+    BackendUnavailable,
+    InvalidBackendURL,
+    InvalidData,
+    InvalidInput,
+    InvalidName,
+    ManagerNotRunning,
+    WSBroadcastError,
+)
+from .manager import DEFAULT_QUEUE_SIZE, RESERVED_TYPES, ConnectionManager, ManagerStats
+from .protocol import CloseCode, control_frame, error_frame
+from .transport import Transport
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DEFAULT_QUEUE_SIZE",
+    "RESERVED_TYPES",
+    "Backend",
+    "BackendError",
+    "BackendUnavailable",
+    "CloseCode",
+    "Connection",
+    "ConnectionManager",
+    "ConnectionState",
+    "ConnectionStatistics",
+    "Envelope",
+    "History",
+    "InvalidBackendURL",
+    "InvalidData",
+    "InvalidInput",
+    "InvalidName",
+    "Listener",
+    "ManagerNotRunning",
+    "ManagerStats",
+    "SlowConsumerPolicy",
+    "Subscription",
+    "Transport",
+    "WSBroadcastError",
+    "backend_from_url",
+    "control_frame",
+    "error_frame",
+]

@@ -1,0 +1,37 @@
+"""The transport interface: the one socket the library writes to.
+
+A transport is what the original design draws as a WebSocket: ``accept()``, ``send_text(str)``
+and ``close(code, reason)``. Starlette's ``WebSocket`` fits as it is; adapters for other
+servers live in :mod:`wsbroadcast.transports`. Receiving stays with the application: the
+library only ever writes, from one writer task per connection, so a transport never sees two
+concurrent sends.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Transport"]
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What :class:`~wsbroadcast.ConnectionManager` needs from a WebSocket.
+
+    ``send_text`` may block while the peer is slow (that is how back-pressure reaches the
+    connection's queue) and may raise once the peer is gone: either way only that connection
+    is affected. ``close`` is called at most once by the manager and should not raise on a
+    socket that is already closed; if it does, the manager ignores the error.
+    """
+
+    async def accept(self) -> None:
+        """Complete the opening handshake (a no-op for servers that have already done it)."""
+        ...
+
+    async def send_text(self, data: str, /) -> None:
+        """Send one text frame."""
+        ...
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        """Start the closing handshake with ``code`` and ``reason``."""
+        ...
