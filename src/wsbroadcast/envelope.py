@@ -22,7 +22,7 @@ class Envelope(BaseModel):
     ``type, room, seq, id, client_id, timestamp, data``. See ``docs/protocol.md``.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     type: str = Field(description='"message", "join", "leave" or an application-defined type.')
     room: str = Field(description="The room (topic) the envelope was published to.")

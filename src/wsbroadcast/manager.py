@@ -17,12 +17,16 @@ A slow or dead client only ever fills its own queue; what happens then is the co
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from types import TracebackType
 
 import anyio
 from anyio.abc import TaskGroup
 from pydantic import JsonValue
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 from ._validation import check_data, check_name
 from .backend import Backend, History, Subscription, backend_from_url
@@ -162,6 +166,12 @@ class ConnectionManager:
         assert self._task_group is not None
         try:
             return await self._task_group.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # The writers never raise, so a group holding only the body's own exception is
+            # anyio's wrapping of it: let the caller see the original instead.
+            if exc is not None and group.exceptions == (exc,):
+                return None
+            raise
         finally:
             await self.backend.__aexit__(exc_type, exc, tb)
 
@@ -223,9 +233,11 @@ class ConnectionManager:
         return connection
 
     async def _recover(self, connection: Connection, since: int) -> int:
-        """Send history after ``since`` straight to the socket; return the last seq sent."""
+        """Send history after ``since`` to the socket; return the seq that live frames follow."""
         history: History = await self.backend.history(connection.room, since)
-        last = since
+        # Live frames buffered since the connection joined its room all come after anything
+        # history can hold, so when history is lost they are delivered whole.
+        last = since if history.complete else 0
         send = connection.transport.send_text
         with connection._open_scope():
             try:

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pydantic
+import pytest
+
+from wsbroadcast import Envelope
+
+
+def make(**overrides: object) -> Envelope:
+    fields: dict[str, object] = {
+        "type": "message",
+        "room": "lobby",
+        "seq": 7,
+        "id": "abc",
+        "client_id": "alice",
+        "timestamp": datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=timezone.utc),
+        "data": {"message": "héllo <b>"},
+    }
+    fields.update(overrides)
+    return Envelope.model_validate(fields)
+
+
+def test_wire_form_has_fields_in_documented_order_and_offset_timestamp() -> None:
+    envelope = make()
+    decoded = json.loads(envelope.text)
+    assert list(decoded) == ["type", "room", "seq", "id", "client_id", "timestamp", "data"]
+    assert decoded["timestamp"] == "2026-11-25T12:00:00.123456+00:00"
+    assert decoded["data"] == {"message": "héllo <b>"}
+
+
+def test_text_is_encoded_once_and_shared() -> None:
+    envelope = make()
+    assert envelope.text is envelope.text
+
+
+def test_from_text_round_trips_and_keeps_the_exact_text() -> None:
+    original = make()
+    text = original.text
+    parsed = Envelope.from_text(text)
+    assert parsed == original
+    assert parsed.text is text
+
+
+def test_envelopes_are_immutable() -> None:
+    envelope = make()
+    with pytest.raises(pydantic.ValidationError):
+        envelope.seq = 8  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("bad", [{"seq": 0}, {"extra": 1}, {"data": float("nan")}])
+def test_invalid_envelopes_are_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        make(**bad)

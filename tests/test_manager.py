@@ -1,0 +1,371 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from wsbroadcast import (
+    CloseCode,
+    ConnectionManager,
+    ConnectionState,
+    InvalidData,
+    InvalidInput,
+    InvalidName,
+    ManagerNotRunning,
+    SlowConsumerPolicy,
+)
+from wsbroadcast.backends.memory import MemoryBackend
+from wsbroadcast.testing import MemoryTransport
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def manager() -> AsyncIterator[ConnectionManager]:
+    async with ConnectionManager(queue_size=64) as manager:
+        yield manager
+
+
+def kinds(transport: MemoryTransport) -> list[tuple[str, str, int]]:
+    return [(e["type"], e["client_id"], e["seq"]) for e in transport.envelopes()]
+
+
+async def test_connect_announces_join_to_everyone_including_the_joiner(
+    manager: ConnectionManager,
+) -> None:
+    alice, bob = MemoryTransport(), MemoryTransport()
+    await manager.connect(alice, "alice")
+    await manager.connect(bob, "bob")
+    await alice.wait_for_frames(2)
+    await bob.wait_for_frames(1)
+    assert alice.accepted
+    assert bob.accepted
+    assert kinds(alice) == [("join", "alice", 1), ("join", "bob", 2)]
+    assert kinds(bob) == [("join", "bob", 2)]
+    assert await manager.presence("lobby") == ["alice", "bob"]
+
+
+async def test_broadcast_reaches_every_member_with_server_fields(
+    manager: ConnectionManager,
+) -> None:
+    alice, bob = MemoryTransport(), MemoryTransport()
+    await manager.connect(alice, "alice")
+    await manager.connect(bob, "bob")
+    envelope = await manager.broadcast("lobby", {"message": "hi"}, "alice")
+    assert envelope.seq == 3
+    await alice.wait_for_frames(3)
+    await bob.wait_for_frames(2)
+    assert alice.frames[-1] == bob.frames[-1] == envelope.text
+    received = bob.envelopes()[-1]
+    assert received["client_id"] == "alice"
+    assert received["data"] == {"message": "hi"}
+    assert received["timestamp"].endswith("+00:00")
+
+
+async def test_rooms_are_isolated(manager: ConnectionManager) -> None:
+    red, blue = MemoryTransport(), MemoryTransport()
+    await manager.connect(red, "r", room="red")
+    await manager.connect(blue, "b", room="blue")
+    await manager.broadcast("red", "only red", "r")
+    await manager.broadcast("blue", "only blue", "b")
+    await red.wait_for_frames(2)
+    await blue.wait_for_frames(2)
+    assert [e["data"] for e in red.envelopes()] == [None, "only red"]
+    assert [e["data"] for e in blue.envelopes()] == [None, "only blue"]
+    assert [e["seq"] for e in red.envelopes()] == [1, 2]
+    assert [e["seq"] for e in blue.envelopes()] == [1, 2]
+
+
+async def test_disconnect_announces_leave_and_is_idempotent(manager: ConnectionManager) -> None:
+    alice, bob = MemoryTransport(), MemoryTransport()
+    connection = await manager.connect(alice, "alice")
+    await manager.connect(bob, "bob")
+    await manager.disconnect(connection)
+    await manager.disconnect(connection)
+    assert connection.state is ConnectionState.CLOSED
+    assert alice.close_code == CloseCode.NORMAL
+    await bob.wait_for_frames(2)
+    assert kinds(bob) == [("join", "bob", 2), ("leave", "alice", 3)]
+    assert await manager.presence("lobby") == ["bob"]
+    assert manager.stats().connections == 1
+
+
+async def test_second_tab_of_a_client_joins_and_leaves_once(manager: ConnectionManager) -> None:
+    watcher = MemoryTransport()
+    await manager.connect(watcher, "watcher")
+    tab1 = await manager.connect(MemoryTransport(), "alice")
+    tab2 = await manager.connect(MemoryTransport(), "alice")
+    assert await manager.presence("lobby") == ["alice", "watcher"]
+    await manager.disconnect(tab1)
+    assert await manager.presence("lobby") == ["alice", "watcher"]
+    await manager.disconnect(tab2)
+    assert await manager.presence("lobby") == ["watcher"]
+    await watcher.wait_for_frames(3)
+    assert kinds(watcher) == [
+        ("join", "watcher", 1),
+        ("join", "alice", 2),
+        ("leave", "alice", 3),
+    ]
+
+
+async def test_a_dead_socket_is_removed_without_disturbing_others(
+    manager: ConnectionManager,
+) -> None:
+    dead = MemoryTransport(fail_after=1)
+    healthy = MemoryTransport()
+    dead_connection = await manager.connect(dead, "dead")
+    await manager.connect(healthy, "healthy")
+    for n in range(5):
+        await manager.broadcast("lobby", n, "healthy")
+    await dead_connection.wait_closed()
+    await healthy.wait_until(lambda t: any(e["type"] == "leave" for e in t.envelopes()))
+    assert [e["data"] for e in healthy.envelopes() if e["type"] == "message"] == list(range(5))
+    assert await manager.presence("lobby") == ["healthy"]
+    stats = manager.stats()
+    assert stats.send_failures == 1
+    assert stats.connections == 1
+
+
+async def test_disconnect_of_an_already_dead_socket_never_raises(
+    manager: ConnectionManager,
+) -> None:
+    transport = MemoryTransport(fail_after=0)
+    connection = await manager.connect(transport, "ghost")
+    await connection.wait_closed()
+    await manager.disconnect(connection)
+    assert connection.state is ConnectionState.CLOSED
+
+
+async def test_a_stalled_client_never_delays_a_broadcast_and_is_disconnected() -> None:
+    async with ConnectionManager(queue_size=8) as manager:
+        stalled, healthy = MemoryTransport(), MemoryTransport()
+        stalled.pause()
+        stalled_connection = await manager.connect(stalled, "stalled")
+        await manager.connect(healthy, "healthy")
+        for n in range(20):
+            # Every broadcast returns while the stalled socket has not accepted a byte.
+            await manager.broadcast("lobby", n, "healthy")
+            await healthy.wait_until(lambda t, n=n: any(e["data"] == n for e in t.envelopes()))
+        await stalled_connection.wait_closed()
+        assert stalled.close_code == CloseCode.SLOW_CONSUMER
+        assert stalled_connection.overflowed
+        assert [e["data"] for e in healthy.envelopes() if e["type"] == "message"] == list(range(20))
+        stats = manager.stats()
+        assert stats.slow_consumer_disconnects == 1
+        assert stats.dropped >= 8
+
+
+async def test_drop_oldest_keeps_the_connection_and_shows_a_gap() -> None:
+    async with ConnectionManager(queue_size=4, slow_consumer="drop_oldest") as manager:
+        slow = MemoryTransport()
+        connection = await manager.connect(slow, "slow")
+        await slow.wait_for_frames(1)
+        slow.pause()
+        # The writer takes the first frame and blocks on it; the queue then holds 4.
+        for n in range(10):
+            await manager.broadcast("lobby", n, "other")
+        slow.resume()
+        await slow.wait_until(lambda t: any(e["data"] == 9 for e in t.envelopes()))
+        seqs = [e["seq"] for e in slow.envelopes()]
+        assert seqs == sorted(seqs)
+        assert len(seqs) < 11
+        assert seqs[-4:] == [8, 9, 10, 11]
+        assert connection.state is ConnectionState.OPEN
+        assert connection.statistics().dropped == 11 - len(seqs)
+
+
+async def test_resume_delivers_exactly_the_missing_suffix(manager: ConnectionManager) -> None:
+    await manager.connect(MemoryTransport(), "alice")
+    for n in range(5):
+        await manager.broadcast("lobby", n, "alice")
+    late = MemoryTransport()
+    await manager.connect(late, "bob", since=3)
+    await late.wait_for_frames(4)
+    # seq 4..6 are messages 2..4; seq 7 is bob's own join, delivered once.
+    assert [e["seq"] for e in late.envelopes()] == [4, 5, 6, 7]
+    await manager.broadcast("lobby", "live", "alice")
+    await late.wait_for_frames(5)
+    assert [e["seq"] for e in late.envelopes()] == [4, 5, 6, 7, 8]
+
+
+async def test_resume_beyond_history_says_so_before_the_live_stream() -> None:
+    async with ConnectionManager(MemoryBackend(history_size=3)) as manager:
+        await manager.connect(MemoryTransport(), "alice")
+        for n in range(10):
+            await manager.broadcast("lobby", n, "alice")
+        late = MemoryTransport()
+        await manager.connect(late, "bob", since=2)
+        await late.wait_for_frames(2)
+        first, second = late.messages()[:2]
+        assert first == {
+            "type": "history_lost",
+            "room": "lobby",
+            "data": {"since": 2, "first_seq": 10, "last_seq": 12},
+        }
+        assert (second["type"], second["seq"]) == ("join", 12)
+
+
+async def test_resume_from_a_future_seq_is_reported_as_lost(manager: ConnectionManager) -> None:
+    late = MemoryTransport()
+    await manager.connect(late, "bob", since=99)
+    await late.wait_for_frames(2)
+    assert late.messages()[0]["type"] == "history_lost"
+    assert late.envelopes()[0]["seq"] == 1
+
+
+async def test_shutdown_closes_every_connection_with_going_away() -> None:
+    transports = [MemoryTransport() for _ in range(3)]
+    stalled = MemoryTransport()
+    stalled.pause()
+    async with ConnectionManager() as manager:
+        connections = [await manager.connect(t, f"c{i}") for i, t in enumerate(transports)]
+        connections.append(await manager.connect(stalled, "stalled"))
+    assert all(c.state is ConnectionState.CLOSED for c in connections)
+    assert [t.close_code for t in transports] == [CloseCode.GOING_AWAY] * 3
+    assert stalled.close_code == CloseCode.GOING_AWAY
+
+
+async def test_manager_refuses_use_outside_its_block() -> None:
+    manager = ConnectionManager()
+    with pytest.raises(ManagerNotRunning):
+        await manager.broadcast("lobby", "x", "alice")
+    async with manager:
+        pass
+    with pytest.raises(ManagerNotRunning):
+        await manager.connect(MemoryTransport(), "alice")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("room", ""),
+        ("room", "x" * 65),
+        ("room", "a b"),
+        ("room", "é"),
+        ("room", "a/b"),
+        ("client_id", ""),
+        ("client_id", "<script>"),
+        ("client_id", 42),
+        ("type", "with space"),
+    ],
+)
+async def test_bad_names_are_refused_and_publish_nothing(
+    manager: ConnectionManager, field: str, value: Any
+) -> None:
+    watcher = MemoryTransport()
+    await manager.connect(watcher, "watcher")
+    args: dict[str, Any] = {"room": "lobby", "client_id": "alice", "type": "message"}
+    args[field] = value
+    with pytest.raises(InvalidName) as caught:
+        await manager.broadcast(args["room"], "x", args["client_id"], type=args["type"])
+    assert caught.value.field == field
+    assert isinstance(caught.value, ValueError)
+    await manager.broadcast("lobby", "after", "watcher")
+    await watcher.wait_for_frames(2)
+    assert [e["seq"] for e in watcher.envelopes()] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [float("nan"), float("inf"), {1: "int key"}, {"set": {1, 2}}, object(), b"bytes", (1, 2)],
+)
+async def test_non_json_data_is_refused_and_publishes_nothing(
+    manager: ConnectionManager, data: Any
+) -> None:
+    with pytest.raises(InvalidData):
+        await manager.broadcast("lobby", data, "alice")
+    envelope = await manager.broadcast("lobby", "fine", "alice")
+    assert envelope.seq == 1
+
+
+@pytest.mark.parametrize("type_", ["error", "history_lost", "presence"])
+async def test_reserved_types_are_refused(manager: ConnectionManager, type_: str) -> None:
+    with pytest.raises(InvalidInput):
+        await manager.broadcast("lobby", None, "alice", type=type_)
+
+
+async def test_bad_connect_arguments_are_refused_before_accepting(
+    manager: ConnectionManager,
+) -> None:
+    transport = MemoryTransport()
+    with pytest.raises(InvalidName):
+        await manager.connect(transport, "bad id")
+    with pytest.raises(InvalidName):
+        await manager.connect(transport, "ok", room="")
+    with pytest.raises(InvalidInput):
+        await manager.connect(transport, "ok", since=-1)
+    assert not transport.accepted
+    assert manager.stats().connections == 0
+
+
+async def test_error_and_control_frames_go_to_one_client_unsequenced(
+    manager: ConnectionManager,
+) -> None:
+    alice, bob = MemoryTransport(), MemoryTransport()
+    connection = await manager.connect(alice, "alice")
+    await manager.connect(bob, "bob")
+    assert connection.send_error("invalid_json", "not JSON")
+    await alice.wait_for_frames(3)
+    assert alice.messages()[-1] == {
+        "type": "error",
+        "room": "lobby",
+        "data": {"code": "invalid_json", "detail": "not JSON"},
+    }
+    await manager.broadcast("lobby", "x", "bob")
+    await bob.wait_for_frames(2)
+    assert all(message["type"] != "error" for message in bob.messages())
+    await manager.disconnect(connection)
+    assert not connection.send_error("late", "closed")
+
+
+async def test_idle_rooms_release_their_backend_subscription() -> None:
+    backend = MemoryBackend()
+    async with ConnectionManager(backend) as manager:
+        connection = await manager.connect(MemoryTransport(), "alice", room="temp")
+        assert len(backend._rooms["temp"].listeners) == 1
+        assert manager.stats().rooms == 1
+        await manager.disconnect(connection)
+        assert backend._rooms["temp"].listeners == []
+        assert manager.stats().rooms == 0
+
+
+async def test_concurrent_connects_to_a_new_room_share_one_subscription() -> None:
+    backend = MemoryBackend()
+    async with ConnectionManager(backend) as manager:
+        transports = [MemoryTransport() for _ in range(10)]
+        async with anyio.create_task_group() as group:
+            for i, transport in enumerate(transports):
+                group.start_soon(manager.connect, transport, f"c{i}", "new")
+        assert len(backend._rooms["new"].listeners) == 1
+        await manager.broadcast("new", "hello", "c0")
+        for transport in transports:
+            await transport.wait_until(lambda t: any(e["data"] == "hello" for e in t.envelopes()))
+
+
+def test_constructor_refuses_bad_settings() -> None:
+    with pytest.raises(InvalidInput):
+        ConnectionManager(queue_size=0)
+    with pytest.raises(InvalidInput):
+        ConnectionManager(slow_consumer="ignore")
+    with pytest.raises(InvalidInput):
+        ConnectionManager(close_timeout=0)
+    assert ConnectionManager(slow_consumer="drop_oldest").slow_consumer is (
+        SlowConsumerPolicy.DROP_OLDEST
+    )
+
+
+def test_the_core_imports_no_web_framework_or_broker_client() -> None:
+    code = (
+        "import sys, wsbroadcast, wsbroadcast.testing, wsbroadcast.backends.memory\n"
+        "wsbroadcast.backend_from_url('memory://')\n"
+        "bad = {'starlette', 'websockets', 'redis', 'uvicorn', 'fastapi'} & set(sys.modules)\n"
+        "print(sorted(bad))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
