@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -100,6 +101,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         " e.g. https://chat.example.com",
     )
     parser.add_argument(
+        "--send-buffer",
+        type=_positive_int,
+        default=None,
+        metavar="BYTES",
+        help="SO_SNDBUF of client sockets, bounding the kernel memory a client that stops"
+        " reading can hold (default: the OS's autotuning)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -124,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         backend_from_url(settings.backend_url())  # fail now, not at startup, on a bad URL
     except ValueError as exc:  # InvalidBackendURL is a ValueError too
         sys.exit(f"python -m examples.chat_app: error: {exc}")
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=args.host,
         port=args.port,
@@ -136,6 +145,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         # per connection (and make ws_max_size apply after decompression).
         ws_per_message_deflate=False,
     )
+    server = uvicorn.Server(config)
+    if args.send_buffer is None:
+        server.run()
+    else:
+        listener = config.bind_socket()
+        # Accepted sockets inherit it: it caps the kernel memory a client that stops reading
+        # can hold (Linux autotunes it up to net.ipv4.tcp_wmem, 4 MiB by default).
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, args.send_buffer)
+        server.run(sockets=[listener])
+    if not server.started:
+        sys.exit(3)
 
 
 if __name__ == "__main__":

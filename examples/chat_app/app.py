@@ -69,6 +69,8 @@ logger = logging.getLogger("examples.chat_app")
 CHAT_HTML: Final = Path(__file__).with_name("static") / "chat.html"
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _SINCE = re.compile(r"[0-9]{1,18}")
+CLOSE_WAIT: Final = 1.0
+"""Seconds to wait for a close frame to be written before giving up on the socket."""
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -469,14 +471,14 @@ class ChatServer:
         try:
             since = await self._check_stream(manager, websocket, room, since)
             connection = await manager.connect(
-                StarletteTransport(websocket), client_id, room, since=since
+                _ChatTransport(websocket), client_id, room, since=since
             )
         except BackendUnavailable:
             logger.warning("backend unavailable: refused %s in room %s", client_id, room)
             return
         except InvalidInput as exc:  # checked above already; kept as a safety net
             logger.info("refused WebSocket: %s", exc)
-            await StarletteTransport(websocket).close(CloseCode.POLICY_VIOLATION, str(exc))
+            await _ChatTransport(websocket).close(CloseCode.POLICY_VIOLATION, str(exc))
             return
         except (OSError, WebSocketDisconnect):  # the client left during the handshake
             return
@@ -567,6 +569,20 @@ class ChatServer:
                 logger.warning("message from %r not published: %s", connection, exc)
             else:
                 self.counters.messages += 1
+
+
+class _ChatTransport(StarletteTransport):
+    """A Starlette transport whose ``close`` gives up after :data:`CLOSE_WAIT` seconds.
+
+    The close frame queues behind everything already buffered for the socket: a client that
+    stopped reading (closed with 4008) would never read it, and its ``leave`` would wait for
+    the manager's ``close_timeout``.
+    """
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        """Send a close frame unless the socket is closed already; wait at most CLOSE_WAIT."""
+        with anyio.move_on_after(CLOSE_WAIT):
+            await super().close(code, reason)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
