@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import anyio
 from pydantic import JsonValue
@@ -151,10 +151,10 @@ class Settings:
         """The backend URL, with ``history=N`` added when :attr:`history` is set."""
         if self.history is None:
             return self.backend
-        parts = urlsplit(self.backend)
-        query = [(k, v) for k, v in parse_qsl(parts.query) if k != "history"]
-        query.append(("history", str(self.history)))
-        return urlunsplit(parts._replace(query=urlencode(query)))
+        base, _, query = self.backend.partition("?")
+        options = [(k, v) for k, v in parse_qsl(query) if k != "history"]
+        options.append(("history", str(self.history)))
+        return f"{base}?{urlencode(options)}"
 
 
 def valid_name(value: str) -> bool:
