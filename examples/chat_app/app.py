@@ -145,7 +145,7 @@ class Settings:
             raise ValueError(f"history must be >= 0, not {self.history}")
         for origin in self.allowed_origins:
             if _normalize_origin(origin) is None:
-                raise ValueError(f"allowed origin {origin!r} is not scheme://host[:port]")
+                raise ValueError(f"allowed_origins: {origin!r} is not scheme://host[:port]")
 
     def backend_url(self) -> str:
         """The backend URL, with ``history=N`` added when :attr:`history` is set."""
