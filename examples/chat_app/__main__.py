@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import sys
 from collections.abc import Sequence
@@ -44,6 +45,24 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
     return value
+
+
+class _ClientMistakeFilter(logging.Filter):
+    """Log a client's invalid UTF-8 text frame as one INFO line, not an ERROR with traceback.
+
+    uvicorn's websockets-sansio protocol closes such a connection with 1007 (as RFC 6455
+    requires) but logs the ``UnicodeDecodeError`` with its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Strip the traceback from uvicorn's invalid UTF-8 message; keep everything."""
+        if record.msg == "Invalid UTF-8 sequence received from client.":
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno = logging.INFO
+            record.levelname = "INFO"
+            record.msg = "Invalid UTF-8 in a text frame from a client: closed with 1007."
+        return True
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -145,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # per connection (and make ws_max_size apply after decompression).
         ws_per_message_deflate=False,
     )
+    logging.getLogger("uvicorn.error").addFilter(_ClientMistakeFilter())
     server = uvicorn.Server(config)
     if args.send_buffer is None:
         server.run()

@@ -441,7 +441,7 @@ class ChatServer:
         """Refuse the handshake: a close before accept is an HTTP 403 on uvicorn."""
         self.counters.refused[reason] += 1
         logger.info("refused WebSocket %s: %s", websocket.url.path, detail)
-        await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=detail)
+        await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=reason)
 
     async def chat_socket(self, websocket: WebSocket) -> None:
         """``WS /ws/{client_id}?room=NAME&since=SEQ``: one client in one room."""
@@ -478,7 +478,7 @@ class ChatServer:
             return
         except InvalidInput as exc:  # checked above already; kept as a safety net
             logger.info("refused WebSocket: %s", exc)
-            await _ChatTransport(websocket).close(CloseCode.POLICY_VIOLATION, str(exc))
+            await _ChatTransport(websocket).close(CloseCode.POLICY_VIOLATION, "invalid name")
             return
         except (OSError, WebSocketDisconnect):  # the client left during the handshake
             return

@@ -225,6 +225,17 @@ async def test_an_oversized_frame_closes_with_1009(server: ChatServer) -> None:
         )  # fmt: skip
 
 
+@pytest.mark.anyio
+@asyncio_only
+async def test_invalid_utf8_in_a_text_frame_closes_with_1007(server: ChatServer) -> None:
+    async with client(server, "garbler", "utf8") as ws:
+        await recv(ws)
+        await ws.send(b'{"message": "\xff"}', text=True)
+        with pytest.raises(ConnectionClosed):
+            await recv(ws)
+        assert ws.close_code == 1007
+
+
 @pytest.mark.parametrize(
     "path",
     [

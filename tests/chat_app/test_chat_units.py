@@ -200,3 +200,15 @@ def test_the_module_level_app_is_importable() -> None:
 
     with TestClient(app) as client:
         assert client.get("/healthz").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--backend", "nope://"], ["--backend", "memory://?color=red"], ["--allowed-origin", "x"]],
+)
+def test_the_command_line_refuses_bad_settings_before_serving(argv: list[str]) -> None:
+    from examples.chat_app.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert "error" in str(exited.value.code)
