@@ -1,0 +1,109 @@
+"""Fixtures for the chat app's tests: the app started as a user starts it, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTUP_DEADLINE = 30.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ChatServer:
+    """``python -m examples.chat_app`` in a subprocess on 127.0.0.1, its output in files."""
+
+    def __init__(self, directory: Path, args: list[str]) -> None:
+        self.port = free_port()
+        self.args = args
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stdout_path = directory / "stdout.log"
+        self.stderr_path = directory / "stderr.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start the server and wait until ``/healthz`` answers (bounded by a deadline)."""
+        command = [sys.executable, "-m", "examples.chat_app", "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), *self.args]
+        with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
+            self.process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                stdout=out,
+                stderr=err,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        deadline = time.monotonic() + STARTUP_DEADLINE
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the chat app exited at startup:\n{self.stderr()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the chat app did not start:\n{self.stderr()}")
+            time.sleep(0.05)  # polling for readiness, bounded by the deadline
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL if it lingers)."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (all in-memory state is lost)."""
+        self.stop()
+        self.start()
+
+    def stderr(self) -> str:
+        """Everything the server wrote to stderr so far (uvicorn's log goes there)."""
+        return self.stderr_path.read_text(errors="replace")
+
+
+StartServer = Callable[..., ChatServer]
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
+    """Start chat app subprocesses with the given flags; all are killed at teardown."""
+    servers: list[ChatServer] = []
+
+    def start(*args: str) -> ChatServer:
+        server = ChatServer(tmp_path_factory.mktemp("chat-server"), list(args))
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,198 @@
+"""chat.html in a real browser: Debian's headless Chromium driven by Playwright.
+
+Never ``playwright install``: the browser is ``/usr/bin/chromium`` from the ``chromium`` package.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page, WebSocketRoute
+
+    from conftest import ChatServer, StartServer
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "chat.png"
+TIMEOUT_MS = 15_000
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")
+
+
+@pytest.fixture(scope="module")
+def server(start_server: StartServer) -> ChatServer:
+    return start_server()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_chat(
+    browser: Browser,
+    server: ChatServer,
+    client_id: str,
+    room: str,
+    route: Callable[[WebSocketRoute], None] | None = None,
+) -> Page:
+    page = browser.new_context(viewport={"width": 900, "height": 520}).new_page()
+    if route is not None:
+        page.route_web_socket(re.compile(r"/ws/"), route)
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on(
+        "console",
+        lambda message: errors.append(message.text) if message.type == "error" else None,
+    )
+    page.chat_errors = errors  # type: ignore[attr-defined]
+    page.goto(f"{server.url}/?client_id={client_id}&room={room}")
+    wait_online(page)
+    return page
+
+
+def wait_online(page: Page) -> None:
+    page.wait_for_selector('#status[data-state="online"]')
+
+
+def say(page: Page, text: str) -> None:
+    page.fill("#message", text)
+    page.press("#message", "Enter")
+
+
+def wait_for_line(page: Page, kind: str, text: str) -> None:
+    """Wait until a line of class ``kind`` in #messages has exactly this text."""
+    page.wait_for_function(
+        """([kind, text]) => Array.from(document.querySelectorAll("#messages > li." + kind))
+            .some((li) => li.querySelector(".text").textContent === text)""",
+        arg=[kind, text],
+    )
+
+
+def lines(page: Page) -> list[str]:
+    return page.eval_on_selector_all(
+        "#messages > li",
+        "items => items.map((li) => li.className + ': ' + li.querySelector('.text').textContent)",
+    )
+
+
+def test_two_pages_chat_safely_and_survive_a_restart(browser: Browser, server: ChatServer) -> None:
+    room = "browser"
+    alice = open_chat(browser, server, "alice", room)
+    bob = open_chat(browser, server, "bob", room)
+    wait_for_line(alice, "join", "bob joined")
+    alice.wait_for_function("() => document.querySelector('#online').textContent.includes('bob')")
+
+    # Enter sends and clears the box; both pages show the message with its sender.
+    say(alice, "Hello Bob!")
+    assert alice.input_value("#message") == ""
+    wait_for_line(bob, "message", "Hello Bob!")
+    wait_for_line(alice, "message", "Hello Bob!")
+    sender = bob.locator("#messages > li.message .sender").last
+    assert sender.text_content() == "alice"
+    time = bob.locator("#messages > li.message .time").last.text_content()
+    assert time is not None
+    assert len(time) >= 5
+
+    # Markup typed by one is literal text for the other, never parsed.
+    markup = '<img src=x onerror="window.pwned=1"><b>bold</b><script>window.pwned=2</script>'
+    say(bob, markup)
+    wait_for_line(alice, "message", markup)
+    assert alice.locator("#messages img, #messages b, #messages script").count() == 0
+    assert alice.evaluate("() => window.pwned") is None
+
+    # Errors from the server are shown.
+    say(bob, "x" * 4001)
+    bob.wait_for_selector("#messages > li.error")
+    assert "message_too_long" in bob.locator("#messages > li.error").last.inner_text()
+
+    # The README's screenshot: refreshed when missing or when UPDATE_SCREENSHOT is set, so
+    # that a test run does not leave the checkout modified.
+    png = alice.screenshot()
+    assert png.startswith(b"\x89PNG")
+    if not SCREENSHOT.exists() or os.environ.get("UPDATE_SCREENSHOT"):
+        SCREENSHOT.write_bytes(png)
+
+    # A server restart: both reconnect by themselves and chat on.
+    server.restart()
+    wait_online(alice)
+    wait_online(bob)
+    wait_for_line(alice, "notice", "Some earlier messages could not be recovered.")
+    say(bob, "after the restart")
+    wait_for_line(alice, "message", "after the restart")
+    wait_for_line(bob, "message", "after the restart")
+    for page in (alice, bob):
+        shown = lines(page)
+        # Nothing shown twice: every message line from before the restart appears once.
+        assert shown.count("message: Hello Bob!") == 1
+        assert shown.count("message: after the restart") == 1
+
+    # A closed page shows up as a leave for the other.
+    bob.context.close()
+    wait_for_line(alice, "leave", "bob left")
+    alice.wait_for_function("() => !document.querySelector('#online').textContent.includes('bob')")
+    assert [e for e in alice.chat_errors if "WebSocket" not in e] == []  # type: ignore[attr-defined]
+    alice.context.close()
+
+
+def test_resume_after_a_dropped_connection_misses_nothing(
+    browser: Browser, server: ChatServer
+) -> None:
+    """Carol's socket is cut (the server stays up): she resumes from her last seq."""
+    room = "resume-browser"
+    sockets: list[WebSocketRoute] = []
+    away = False
+
+    def route(ws: WebSocketRoute) -> None:
+        """Proxy the page's WebSocket to the server, or refuse it while carol is away."""
+        if away:
+            ws.close(code=1001)
+            return
+        ws.connect_to_server()
+        sockets.append(ws)
+
+    carol = open_chat(browser, server, "carol", room, route=route)
+    dave = open_chat(browser, server, "dave", room)
+    wait_for_line(carol, "join", "dave joined")
+    say(dave, "before the drop")
+    wait_for_line(carol, "message", "before the drop")
+
+    away = True
+    sockets[-1].close(code=4000, reason="cut by the test")
+    carol.wait_for_selector('#status[data-state="offline"]')
+    for n in range(3):
+        say(dave, f"while away {n}")
+    wait_for_line(dave, "message", "while away 2")
+    away = False
+    wait_for_line(carol, "message", "while away 2")
+    say(dave, "after the return")
+    wait_for_line(carol, "message", "after the return")
+    messages = [line for line in lines(carol) if line.startswith("message: ")]
+    assert messages == [
+        "message: before the drop",
+        "message: while away 0",
+        "message: while away 1",
+        "message: while away 2",
+        "message: after the return",
+    ]
+    carol.context.close()
+    dave.context.close()

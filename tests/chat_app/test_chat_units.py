@@ -1,0 +1,214 @@
+"""The chat app's routes through Starlette's TestClient, and its pieces as units."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from examples.chat_app import Settings, create_app
+from examples.chat_app.__main__ import parse_args
+from examples.chat_app.app import (
+    ClientError,
+    ErrorCode,
+    RateLimiter,
+    origin_allowed,
+    parse_client_frame,
+    valid_name,
+)
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    app = create_app(Settings(max_text=10, max_message_bytes=200, rate_limit=0))
+    with TestClient(app) as client:  # runs the lifespan, hence the manager
+        yield client
+
+
+def test_index_serves_chat_html_with_a_strict_csp(client: TestClient) -> None:
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    csp = response.headers["content-security-policy"]
+    assert "default-src 'none'" in csp
+    assert "unsafe-inline" not in csp
+    assert re.search(r"script-src 'sha256-[A-Za-z0-9+/=]{44}'", csp)
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "innerHTML" not in response.text
+    assert "//cdn" not in response.text
+    assert '<script src="' not in response.text
+
+
+def test_healthz_and_metrics(client: TestClient) -> None:
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok"
+    assert health["connections"] == 0
+    metrics = client.get("/metrics").text
+    for line in metrics.splitlines():
+        assert re.fullmatch(r"# (HELP|TYPE) \w+ .+|\w+(\{\w+=\"\w+\"\})? \d+", line), line
+    assert "chat_up 1" in metrics
+
+
+def test_routes_refuse_wrong_methods_and_bad_rooms(client: TestClient) -> None:
+    assert client.post("/").status_code == 405
+    assert client.get("/rooms/" + "r" * 65).status_code == 400
+    assert client.get("/nowhere").status_code == 404
+
+
+def test_websocket_round_trip_and_room_view(client: TestClient) -> None:
+    with client.websocket_connect("/ws/alice?room=units") as alice:
+        join = alice.receive_json()
+        assert (join["type"], join["client_id"], join["seq"]) == ("join", "alice", 1)
+        assert client.get("/rooms/units").json() == {"room": "units", "online": ["alice"], "seq": 1}
+        alice.send_text(json.dumps({"message": "hi"}))
+        message = alice.receive_json()
+        assert (message["seq"], message["data"]) == (2, {"message": "hi"})
+        alice.send_text("{")
+        assert alice.receive_json()["data"]["code"] == "invalid_json"
+        alice.send_bytes(b"{}")
+        assert alice.receive_json()["data"]["code"] == "binary_frame"
+        alice.send_text(json.dumps({"message": "x" * 11}))
+        assert alice.receive_json()["data"]["code"] == "message_too_long"
+        metrics = client.get("/metrics").text
+        assert 'chat_errors_total{code="invalid_json"} 1' in metrics
+        assert "chat_messages_published_total 1" in metrics
+        assert "chat_connections 1" in metrics
+    assert client.get("/rooms/units").json() == {"room": "units", "online": [], "seq": 3}
+
+
+def test_a_frame_over_max_message_bytes_closes_with_1009(client: TestClient) -> None:
+    with client.websocket_connect("/ws/big") as ws:
+        ws.receive_json()
+        ws.send_text(json.dumps({"message": "é" * 100}))  # 100 characters, 200+ bytes
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1009
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/ws/bad%20id", {}),
+        ("/ws/ok?room=a+b", {}),
+        ("/ws/ok?since=x", {}),
+        ("/ws/ok", {"origin": "http://evil.example"}),
+    ],
+)
+def test_refused_before_accept(client: TestClient, path: str, headers: dict[str, str]) -> None:
+    with (
+        pytest.raises(WebSocketDisconnect) as refused,
+        client.websocket_connect(path, headers=headers),
+    ):
+        pass
+    assert refused.value.code == 1008
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"message": "hi"}', "hi"),
+        ('{"message": "  padded  ", "client_id": "x", "seq": 3}', "  padded  "),
+        ('{"message": "0123456789"}', "0123456789"),
+        ("nope", ErrorCode.INVALID_JSON),
+        ("NaN", ErrorCode.NOT_AN_OBJECT),
+        ("[" * 5000, ErrorCode.INVALID_JSON),
+        ("[" * 3000 + "]" * 3000, ErrorCode.INVALID_JSON),
+        ("[]", ErrorCode.NOT_AN_OBJECT),
+        ("null", ErrorCode.NOT_AN_OBJECT),
+        ('{"msg": "hi"}', ErrorCode.MISSING_MESSAGE),
+        ('{"message": true}', ErrorCode.MESSAGE_NOT_A_STRING),
+        ('{"message": ""}', ErrorCode.EMPTY_MESSAGE),
+        ('{"message": "\\t"}', ErrorCode.EMPTY_MESSAGE),
+        ('{"message": "01234567890"}', ErrorCode.MESSAGE_TOO_LONG),
+    ],
+)
+def test_parse_client_frame(text: str, expected: str) -> None:
+    result = parse_client_frame(text, max_text=10)
+    if isinstance(result, ClientError):
+        assert result.code == expected
+        assert result.detail
+    else:
+        assert result == expected
+
+
+def test_rate_limiter_allows_bursts_of_twice_the_rate_then_the_rate() -> None:
+    now = [0.0]
+    limiter = RateLimiter(5, clock=lambda: now[0])
+    assert [limiter.allow() for _ in range(11)] == [True] * 10 + [False]
+    now[0] += 0.2  # one token back
+    assert [limiter.allow(), limiter.allow()] == [True, False]
+    now[0] += 100  # never more than the burst
+    assert sum(limiter.allow() for _ in range(20)) == 10
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        (None, True),
+        ("http://chat.test:8000", True),
+        ("HTTP://Chat.Test:8000/", True),
+        ("https://chat.test:8000", False),
+        ("http://chat.test:8001", False),
+        ("http://chat.test", False),
+        ("http://evil.test", False),
+        ("http://chat.test:8000.evil.test", False),
+        ("null", False),
+        ("", False),
+        ("https://trusted.test", True),
+        ("https://trusted.test:443", True),
+        ("http://trusted.test", False),
+    ],
+)
+def test_origin_allowed(origin: str | None, allowed: bool) -> None:
+    assert origin_allowed(origin, "chat.test:8000", False, ("https://trusted.test",)) is allowed
+
+
+def test_valid_name() -> None:
+    assert valid_name("a")
+    assert valid_name("A-z_0.9" * 9 + "x")
+    for bad in ("", "x" * 65, "a b", "a/b", "é", "a\n"):
+        assert not valid_name(bad), bad
+
+
+def test_settings_and_command_line() -> None:
+    assert Settings(history=50).backend_url() == "memory://?history=50"
+    assert Settings(backend="memory://?history=9", history=5).backend_url() == "memory://?history=5"
+    assert Settings().backend_url() == "memory://"
+    for bad in ({"max_text": 0}, {"rate_limit": -1}, {"allowed_origins": ("evil",)}):
+        kwargs: Any = bad
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Settings(**kwargs)
+    args = parse_args(["--rate-limit", "0", "--allowed-origin", "https://a.test"] * 1)
+    assert (args.rate_limit, args.allowed_origins, args.port) == (0, ["https://a.test"], 8000)
+    assert parse_args(
+        ["--allowed-origin", "https://a", "--allowed-origin", "https://b"]
+    ).allowed_origins == [
+        "https://a",
+        "https://b",
+    ]
+    with pytest.raises(SystemExit):
+        parse_args(["--max-text", "0"])
+
+
+def test_the_module_level_app_is_importable() -> None:
+    from examples.chat_app.app import app
+
+    with TestClient(app) as client:
+        assert client.get("/healthz").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--backend", "nope://"], ["--backend", "memory://?color=red"], ["--allowed-origin", "x"]],
+)
+def test_the_command_line_refuses_bad_settings_before_serving(argv: list[str]) -> None:
+    from examples.chat_app.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert "error" in str(exited.value.code)
