@@ -1,0 +1,96 @@
+"""Broker faults: dropped connections, Redis killed and restarted empty."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+from redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
+
+from wsbroadcast.backends.redis import RedisBackend
+from wsbroadcast.exceptions import BackendUnavailable
+
+pytestmark = [pytest.mark.anyio, ASYNCIO_ONLY]
+
+Make = Callable[..., RedisBackend]
+
+
+async def test_reader_resumes_where_it_stopped_after_connections_drop(
+    make_backend: Make, redis_server: RedisServer
+) -> None:
+    admin = Redis.from_url(redis_server.url)
+    try:
+        async with make_backend() as a, make_backend() as b:
+            recorder = Recorder()
+            await a.subscribe("r", recorder)
+            await b.publish("r", "message", "bob", 0)
+            with anyio.fail_after(5):
+                await recorder.wait_for(1)
+                # Cut every connection but ours, then publish while a's reader reconnects.
+                await admin.client_kill_filter(_type="normal", skipme=True)
+                sent = 1
+                while sent < 20:
+                    try:
+                        await b.publish("r", "message", "bob", sent)
+                    except BackendUnavailable:
+                        continue  # b's own pooled connection was cut: nothing was published
+                    sent += 1
+                await recorder.wait_for(20)
+                await eventually(lambda: a.health()["status"] == "ok")
+        assert recorder.seqs == list(range(1, 21))
+        assert [e.data for e in recorder.envelopes] == list(range(20))
+    finally:
+        await admin.aclose()
+
+
+async def test_redis_restarted_empty(make_backend: Make, redis_server: RedisServer) -> None:
+    async with make_backend() as a, make_backend() as b:
+        recorder = Recorder()
+        await a.subscribe("r", recorder)
+        await a.add_presence("r", "alice")
+        for i in range(3):
+            await b.publish("r", "message", "bob", i)
+        with anyio.fail_after(10):
+            await recorder.wait_for(3)
+
+            redis_server.kill()
+            with pytest.raises(BackendUnavailable):
+                await b.publish("r", "message", "bob", "lost?")
+            with pytest.raises(BackendUnavailable):
+                await b.history("r", 0)
+            await eventually(lambda: a.health()["status"] == "degraded")
+            await eventually(lambda: b.health()["status"] == "degraded")
+            assert a.health()["connected"] is False
+            assert "Error" in str(a.health()["last_error"])
+
+            await anyio.to_thread.run_sync(redis_server.start)
+            await eventually(lambda: a.health()["status"] == "ok")
+            await eventually(lambda: b.health()["status"] == "ok")
+            assert a.health()["reconnects"] == 1
+
+            # a notices the new generation and restores alice's presence (with a join).
+            await eventually(lambda: a.health()["data_losses"] == 1)
+            await recorder.wait_for(4)
+            assert await b.presence("r") == ["alice"]
+            after = await b.publish("r", "message", "bob", "after")
+            await recorder.wait_for(5)
+
+        join = recorder.envelopes[3]
+        assert (join.type, join.client_id) == ("join", "alice")
+        assert recorder.envelopes[4].id == after.id
+        # The room continues above every number handed out before the loss ...
+        assert join.seq > 1_000_000_000_000_000
+        assert after.seq == join.seq + 1
+        # ... so no old position can be mistaken for a new one: resuming is refused.
+        for node in (a, b):
+            for since in (0, 2, 3):
+                history = await node.history("r", since)
+                assert not history.complete, since
+                assert history.envelopes == ()
+        resumed = await a.history("r", join.seq)
+        assert resumed.complete
+        assert [e.id for e in resumed.envelopes] == [after.id]
+        assert b.health()["data_losses"] == 1
+        assert b.health()["publish_failures"] == 1
