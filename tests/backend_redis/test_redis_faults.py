@@ -7,6 +7,7 @@ from collections.abc import Callable
 import anyio
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 
 from wsbroadcast.backends.redis import RedisBackend
@@ -94,3 +95,30 @@ async def test_redis_restarted_empty(make_backend: Make, redis_server: RedisServ
         assert [e.id for e in resumed.envelopes] == [after.id]
         assert b.health()["data_losses"] == 1
         assert b.health()["publish_failures"] == 1
+
+
+async def test_departure_that_failed_during_an_outage_is_resynced(
+    make_backend: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_backend() as a, make_backend() as b:
+        recorder = Recorder()
+        await b.subscribe("r", recorder)
+        assert await a.add_presence("r", "alice")
+        assert await a.add_presence("r", "bob")
+        real = a._remove_presence_script
+
+        async def unreachable(*args: object, **kwargs: object) -> object:
+            raise RedisConnectionError("Connection reset by peer")
+
+        monkeypatch.setattr(a, "_remove_presence_script", unreachable)
+        with pytest.raises(BackendUnavailable):
+            await a.remove_presence("r", "alice")
+        monkeypatch.setattr(a, "_remove_presence_script", real)
+        with anyio.fail_after(5):
+            # Redis still counts alice on a; a's next heartbeat finds the stale entry.
+            await recorder.wait_for(1)
+            await eventually(lambda: a.health()["status"] == "ok")
+        assert [(e.type, e.client_id) for e in recorder.envelopes] == [("leave", "alice")]
+        assert await b.presence("r") == ["bob"]
+        assert not await a.remove_presence("r", "alice")
+        assert await a.remove_presence("r", "bob")

@@ -1,4 +1,4 @@
-"""The Redis backend is asyncio-only and says so on trio instead of failing obscurely."""
+"""Outside asyncio: refused on trio with a clear error, and buildable with no loop at all."""
 
 from __future__ import annotations
 
@@ -14,3 +14,9 @@ async def test_refuses_trio_with_a_clear_error(redis_server: RedisServer) -> Non
     with pytest.raises(RuntimeError, match="asyncio only"):
         async with RedisBackend(redis_server.url):
             pass
+
+
+def test_builds_outside_an_event_loop() -> None:
+    """Applications build backends from configuration before any loop runs."""
+    backend = RedisBackend("redis://127.0.0.1:1/0")
+    assert backend.health()["status"] == "degraded"

@@ -26,7 +26,8 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
@@ -302,6 +303,10 @@ class RedisBackend(Backend):
         self._connected = False
         self._ever_connected = False
         self._outage_logged = False
+        self._resync_pending = False
+        self._resyncing: anyio.Event | None = None
+        self._presence_changes = 0
+        self._presence_idle: anyio.Event | None = None
         self._reconnects = 0
         self._last_error: str | None = None
         self._data_losses = 0
@@ -446,6 +451,7 @@ class RedisBackend(Backend):
 
     def _mark_down(self, exc: BaseException) -> None:
         self._last_error = f"{type(exc).__name__}: {exc}"
+        self._resync_pending = True
         if not self._outage_logged:
             self._outage_logged = True
             logger.warning("Redis unreachable (%s); retrying with backoff", self._last_error)
@@ -699,33 +705,79 @@ class RedisBackend(Backend):
     async def add_presence(self, room: str, client_id: str) -> bool:
         """Count a connection of ``client_id`` on this node; true if no live node had one."""
         client = self._client()
-        try:
-            first = await self._add_presence_script(
-                keys=self._presence_keys(room, client_id),
-                args=self._presence_args(room, client_id),
-                client=client,
-            )
-        except _UNREACHABLE as exc:
-            raise self._unavailable(f"add presence in {room!r}", exc) from exc
-        self._presence[room, client_id] += 1
+        async with self._presence_change():
+            # Counted locally first, so that a resync never takes it for a stale entry.
+            self._presence[room, client_id] += 1
+            try:
+                first = await self._add_presence_script(
+                    keys=self._presence_keys(room, client_id),
+                    args=self._presence_args(room, client_id),
+                    client=client,
+                )
+            except BaseException as exc:
+                self._discount(room, client_id)
+                if isinstance(exc, _UNREACHABLE):
+                    raise self._unavailable(f"add presence in {room!r}", exc) from exc
+                raise
         return bool(first)
 
     async def remove_presence(self, room: str, client_id: str) -> bool:
-        """Count one connection less on this node; true if no live node holds one any more."""
+        """Count one connection less on this node; true if no live node holds one any more.
+
+        The local count drops even if Redis cannot be reached (the connection is gone); the
+        resync after the outage removes what Redis still holds and announces the leave.
+        """
         client = self._client()
-        if self._presence[room, client_id] > 0:
-            self._presence[room, client_id] -= 1
-            if not self._presence[room, client_id]:
-                del self._presence[room, client_id]
-        try:
-            last = await self._remove_presence_script(
-                keys=self._presence_keys(room, client_id),
-                args=self._presence_args(room, client_id),
-                client=client,
-            )
-        except _UNREACHABLE as exc:
-            raise self._unavailable(f"remove presence in {room!r}", exc) from exc
+        async with self._presence_change():
+            if not self._discount(room, client_id):
+                return False
+            try:
+                last = await self._remove_presence_script(
+                    keys=self._presence_keys(room, client_id),
+                    args=self._presence_args(room, client_id),
+                    client=client,
+                )
+            except _UNREACHABLE as exc:
+                raise self._unavailable(f"remove presence in {room!r}", exc) from exc
         return bool(last)
+
+    def _discount(self, room: str, client_id: str) -> bool:
+        key = (room, client_id)
+        if self._presence[key] <= 0:
+            del self._presence[key]
+            return False
+        self._presence[key] -= 1
+        if not self._presence[key]:
+            del self._presence[key]
+        return True
+
+    @asynccontextmanager
+    async def _presence_change(self) -> AsyncIterator[None]:
+        """Let presence changes run concurrently with each other, but not with a resync."""
+        while self._resyncing is not None:
+            await self._resyncing.wait()
+        self._presence_changes += 1
+        try:
+            yield
+        finally:
+            self._presence_changes -= 1
+            if not self._presence_changes and self._presence_idle is not None:
+                self._presence_idle.set()
+
+    @asynccontextmanager
+    async def _presence_resync(self) -> AsyncIterator[None]:
+        """Hold presence changes off, and wait for those in flight, while resyncing."""
+        while self._resyncing is not None:
+            await self._resyncing.wait()
+        done = self._resyncing = anyio.Event()
+        try:
+            while self._presence_changes:
+                idle = self._presence_idle = anyio.Event()
+                await idle.wait()
+            yield
+        finally:
+            self._resyncing = None
+            done.set()
 
     async def presence(self, room: str) -> list[str]:
         """The clients with a connection on a node whose heartbeat has not expired."""
@@ -755,22 +807,42 @@ class RedisBackend(Backend):
             await anyio.sleep(self.heartbeat_interval)
             try:
                 if await self._heartbeat():
-                    await self._restore_presence()
+                    self._resync_pending = True
+                if self._resync_pending:
+                    await self._resync_presence()
+                    self._resync_pending = False
                 await self._reap_dead_nodes()
             except _UNREACHABLE as exc:
                 self._mark_down(exc)
             except (BackendError, RedisError) as exc:
                 logger.warning("heartbeat of node %s failed: %r", self.node_id, exc)
 
-    async def _restore_presence(self) -> None:
-        """Write this node's presence again after its heartbeat expired or Redis lost it."""
-        if not self._presence:
-            return
-        logger.warning(
-            "node %s was missing from Redis; restoring %d presence entries",
-            self.node_id,
-            len(self._presence),
-        )
+    async def _resync_presence(self) -> None:
+        """Make Redis hold exactly this node's connections again, after an outage.
+
+        A ``remove_presence`` that failed while Redis was unreachable left a count behind,
+        and a heartbeat that expired (or a Redis that lost its data) dropped ours: entries
+        Redis has but this node does not are removed (announcing ``leave`` if the client is
+        gone everywhere), entries this node has are written back (announcing ``join`` if the
+        client was nowhere).
+        """
+        async with self._presence_resync():
+            await self._resync_presence_now()
+
+    async def _resync_presence_now(self) -> None:
+        assert self._redis is not None
+        index = self._key("node", self.node_id, "presence")
+        held = {str(entry) for entry in await self._redis.smembers(index)}
+        local = {f"{room} {client_id}" for room, client_id in self._presence}
+        for entry in sorted(held - local):
+            room, _, client_id = entry.partition(" ")
+            last = await self._reap_presence_script(
+                keys=self._presence_keys(room, client_id)[:2],
+                args=[self.node_id, client_id, self._key("node", "")],
+            )
+            await self._redis.srem(index, entry)
+            if last:
+                await self.publish(room, "leave", client_id)
         for (room, client_id), count in tuple(self._presence.items()):
             first = await self._restore_presence_script(
                 keys=self._presence_keys(room, client_id),
