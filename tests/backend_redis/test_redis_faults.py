@@ -29,19 +29,16 @@ async def test_reader_resumes_where_it_stopped_after_connections_drop(
             await b.publish("r", "message", "bob", 0)
             with anyio.fail_after(5):
                 await recorder.wait_for(1)
-                # Cut every connection but ours, then publish while a's reader reconnects.
+                # Cut every connection but ours, then publish while a's reader reconnects:
+                # b's publish finds its pooled connection dead and retries on a new one.
                 await admin.client_kill_filter(_type="normal", skipme=True)
-                sent = 1
-                while sent < 20:
-                    try:
-                        await b.publish("r", "message", "bob", sent)
-                    except BackendUnavailable:
-                        continue  # b's own pooled connection was cut: nothing was published
-                    sent += 1
+                for i in range(1, 20):
+                    await b.publish("r", "message", "bob", i)
                 await recorder.wait_for(20)
                 await eventually(lambda: a.health()["status"] == "ok")
         assert recorder.seqs == list(range(1, 21))
         assert [e.data for e in recorder.envelopes] == list(range(20))
+        assert b.health()["publish_failures"] == 0
     finally:
         await admin.aclose()
 
@@ -122,3 +119,26 @@ async def test_departure_that_failed_during_an_outage_is_resynced(
         assert await b.presence("r") == ["bob"]
         assert not await a.remove_presence("r", "alice")
         assert await a.remove_presence("r", "bob")
+
+
+async def test_retried_publish_is_not_published_twice(
+    make_backend: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_backend() as a:
+        real = a._publish_script
+        calls = 0
+
+        async def reply_lost(*args: object, **kwargs: object) -> object:
+            nonlocal calls
+            calls += 1
+            result = await real(*args, **kwargs)
+            if calls == 1:
+                raise RedisConnectionError("Connection closed by server.")
+            return result
+
+        monkeypatch.setattr(a, "_publish_script", reply_lost)
+        envelope = await a.publish("r", "message", "alice", "once")
+        assert calls == 2
+        history = await a.history("r", 0)
+        assert [e.id for e in history.envelopes] == [envelope.id]
+        assert envelope.seq == 1

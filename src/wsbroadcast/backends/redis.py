@@ -13,6 +13,7 @@ can never hand out the same or out-of-order numbers. Key layout (``P`` is the pr
     P node:<id>                       heartbeat, expires after ``presence_ttl``
     P node:<id>:presence              set of "<room> <client>" the node holds (for the reaper)
     P node:<id>:wake                  stream the node's reader blocks on to be re-armed
+    P receipt:<envelope id>           seq of a publish, for a few seconds: retries are no-ops
 
 One reader task per backend does a single blocking ``XREAD`` over the logs of the rooms with
 local listeners (and its wake stream), and calls the listeners in seq order. See
@@ -57,15 +58,19 @@ DEFAULT_PREFIX = "wsbroadcast:"
 
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
-# KEYS: generation, counter, log. ARGV: generation id, maxlen, "~" or "=", text head, tail.
-# The envelope text is spliced around the seq here, so the stored text is final.
+# KEYS: generation, counter, log, receipt. ARGV: generation id, maxlen, "~" or "=", text head,
+# text tail, receipt ttl (ms). The envelope text is spliced around the seq here, so the stored
+# text is final. The receipt (envelope id -> seq) makes a retried publish a no-op.
 _PUBLISH = """
+local done = redis.call('GET', KEYS[4])
+if done then return {'OK', done} end
 local gen = redis.call('HMGET', KEYS[1], 'id', 'base')
 if not gen[1] then return {'NOGEN'} end
 if gen[1] ~= ARGV[1] then return {'GEN'} end
 if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], gen[2]) end
 local seq = string.format('%d', redis.call('INCR', KEYS[2]))
 redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[3], ARGV[2], seq .. '-0', 'e', ARGV[4] .. seq .. ARGV[5])
+redis.call('SET', KEYS[4], seq, 'PX', ARGV[6])
 return {'OK', seq}
 """
 
@@ -515,9 +520,12 @@ class RedisBackend(Backend):
     ) -> Envelope:
         """Number and append the envelope in one Lua script; local delivery is the reader's.
 
-        Raises :class:`~wsbroadcast.exceptions.BackendUnavailable` if Redis cannot be reached.
-        If the connection fails after Redis ran the script, the envelope was published although
-        this raises: delivery is at most once from the caller's point of view, never silent.
+        A publish whose connection fails is retried once on a fresh connection; a receipt
+        keyed by the envelope id (kept ``2 * command_timeout`` seconds) makes the retry a
+        no-op if the first attempt did reach Redis, so nothing is published twice. Raises
+        :class:`~wsbroadcast.exceptions.BackendUnavailable` if both attempts fail. In the
+        rare case that both replies were lost after Redis ran the script, the envelope was
+        published although this raised: never silently lost, at worst reported lost.
         """
         client = self._client()
         fields: dict[str, Any] = {
@@ -534,17 +542,38 @@ class RedisBackend(Backend):
         assert sep
         head += '"seq":'
         tail = "," + tail
-        keys = [self._key("generation"), self._key("room", room, "seq"), self._log_key(room)]
+        keys = [
+            self._key("generation"),
+            self._key("room", room, "seq"),
+            self._log_key(room),
+            self._key("receipt", fields["id"]),
+        ]
         trim = "=" if self.exact_trim else "~"
+        receipt_ms = int(2000 * self.command_timeout)
+        unreachable: BaseException | None = None
+        result: Any = None
         try:
-            for _ in range(3):
-                if self._generation is None:
-                    await self._sync_generation()
-                result = await self._publish_script(
-                    keys=keys,
-                    args=[self._generation or "", self.history_size, trim, head, tail],
-                    client=client,
-                )
+            for _ in range(4):
+                try:
+                    if self._generation is None:
+                        await self._sync_generation()
+                    result = await self._publish_script(
+                        keys=keys,
+                        args=[
+                            self._generation or "",
+                            self.history_size,
+                            trim,
+                            head,
+                            tail,
+                            receipt_ms,
+                        ],
+                        client=client,
+                    )
+                except _UNREACHABLE as exc:
+                    if unreachable is not None:
+                        raise
+                    unreachable = exc
+                    continue
                 if result[0] == "OK":
                     break
                 await self._sync_generation()
