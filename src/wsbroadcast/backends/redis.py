@@ -149,12 +149,16 @@ return 1
 """
 )
 
-# Same KEYS as _ADD_PRESENCE, for a dead node. ARGV: dead node id, client, node prefix.
+# KEYS: client hash, members set, the reaped node's index and heartbeat. ARGV: reaped node id,
+# client, index entry, node prefix, "1" to back off if the node is alive after all. Each entry
+# is reaped once (whoever removes it from the index); returns 1 if the client is gone.
 _REAP_PRESENCE = (
     _OTHER_LIVE_NODE
     + """
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+if redis.call('SREM', KEYS[3], ARGV[3]) == 0 then return 0 end
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-if other_live_node(KEYS[1], ARGV[1], ARGV[3]) then return 0 end
+if other_live_node(KEYS[1], ARGV[1], ARGV[4]) then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[2])
 return 1
@@ -864,13 +868,8 @@ class RedisBackend(Backend):
         held = {str(entry) for entry in await self._redis.smembers(index)}
         local = {f"{room} {client_id}" for room, client_id in self._presence}
         for entry in sorted(held - local):
-            room, _, client_id = entry.partition(" ")
-            last = await self._reap_presence_script(
-                keys=self._presence_keys(room, client_id)[:2],
-                args=[self.node_id, client_id, self._key("node", "")],
-            )
-            await self._redis.srem(index, entry)
-            if last:
+            if await self._reap(self.node_id, entry, check_alive=False) == 1:
+                room, _, client_id = entry.partition(" ")
                 await self.publish(room, "leave", client_id)
         for (room, client_id), count in tuple(self._presence.items()):
             first = await self._restore_presence_script(
@@ -880,10 +879,21 @@ class RedisBackend(Backend):
             if first:
                 await self.publish(room, "join", client_id)
 
+    async def _reap(self, node: str, entry: str, *, check_alive: bool) -> int:
+        room, _, client_id = entry.partition(" ")
+        keys = self._presence_keys(room, client_id)[:2]
+        keys += [self._key("node", node, "presence"), self._key("node", node)]
+        result = await self._reap_presence_script(
+            keys=keys,
+            args=[node, client_id, entry, self._key("node", ""), "1" if check_alive else "0"],
+        )
+        return int(result)
+
     async def _reap_dead_nodes(self) -> None:
         """Remove what dead nodes held in presence and announce their clients' leaves.
 
-        Whichever node removes a dead node from the nodes set first does it, once.
+        Each entry is removed by one node only, so each leave is announced once; the node
+        that then removes the dead node from the nodes set counts it as reaped.
         """
         assert self._redis is not None
         nodes = sorted(str(node) for node in await self._redis.smembers(self._key("nodes")))
@@ -894,22 +904,30 @@ class RedisBackend(Backend):
             for node in others:
                 pipe.exists(self._key("node", node))
             flags = await pipe.execute()
-        for node, flag in zip(others, flags, strict=True):
-            if flag or not await self._redis.srem(self._key("nodes"), node):
+        for node, alive in zip(others, flags, strict=True):
+            if alive:
                 continue
-            self._reaped_nodes += 1
             index = self._key("node", node, "presence")
             entries = sorted(str(entry) for entry in await self._redis.smembers(index))
-            logger.warning("node %s is dead; removing its %d presence entries", node, len(entries))
+            leaves = 0
             for entry in entries:
-                room, _, client_id = entry.partition(" ")
-                keys = self._presence_keys(room, client_id)
-                last = await self._reap_presence_script(
-                    keys=keys[:2], args=[node, client_id, self._key("node", "")]
-                )
-                if last:
+                result = await self._reap(node, entry, check_alive=True)
+                if result == -1:
+                    break  # it beat again: alive after all
+                if result == 1:
+                    room, _, client_id = entry.partition(" ")
                     await self.publish(room, "leave", client_id)
-            await self._redis.delete(index, self._key("node", node, "wake"))
+                    leaves += 1
+            else:
+                if await self._redis.srem(self._key("nodes"), node):
+                    self._reaped_nodes += 1
+                    await self._redis.delete(index, self._key("node", node, "wake"))
+                    logger.log(
+                        logging.WARNING if entries else logging.INFO,
+                        "node %s stopped beating: removed its presence (%d leaves announced)",
+                        node,
+                        leaves,
+                    )
 
 
 def _entry_seq(entry_id: str) -> int:
