@@ -142,3 +142,31 @@ async def test_retried_publish_is_not_published_twice(
         history = await a.history("r", 0)
         assert [e.id for e in history.envelopes] == [envelope.id]
         assert envelope.seq == 1
+
+
+async def test_reader_cut_off_past_history_logs_a_gap(
+    make_backend: Make, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    trim = {"history_size": 3, "exact_trim": True}  # the publisher trims
+    async with make_backend(**trim) as a, make_backend(**trim) as b:
+        recorder = Recorder()
+        await a.subscribe("r", recorder)
+        await b.publish("r", "message", "bob", 1)
+        with anyio.fail_after(5):
+            await recorder.wait_for(1)
+            assert a._reader is not None
+            real = a._reader.pipeline
+
+            def cut(*args: object, **kwargs: object) -> object:
+                raise RedisConnectionError("Connection reset by peer")
+
+            monkeypatch.setattr(a._reader, "pipeline", cut)
+            await eventually(lambda: a.health()["status"] == "degraded")
+            for i in range(2, 11):
+                await b.publish("r", "message", "bob", i)
+            monkeypatch.setattr(a._reader, "pipeline", real)
+            await recorder.wait_for(4)
+        # Only the last 3 were still in the stream: the listener sees seq jump from 1 to 8.
+        assert recorder.seqs == [1, 8, 9, 10]
+        assert a.health()["gaps"] == 1
+        assert "envelopes 2 to 7 were trimmed" in caplog.text
