@@ -22,6 +22,7 @@ local listeners (and its wake stream), and calls the listeners in seq order. See
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -35,7 +36,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
-import sniffio
 from anyio.abc import TaskGroup
 from pydantic import JsonValue
 from redis.asyncio import Redis
@@ -363,8 +363,12 @@ class RedisBackend(Backend):
     async def __aenter__(self) -> RedisBackend:
         if self._task_group is not None:
             raise RuntimeError("a RedisBackend can only be entered once")
-        if sniffio.current_async_library() != "asyncio":
-            raise RuntimeError("RedisBackend runs on asyncio only (redis-py's client does)")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "RedisBackend runs on asyncio only (redis-py's client does)"
+            ) from None
         options: dict[str, Any] = {
             "decode_responses": True,
             "retry": Retry(NoBackoff(), 0),
