@@ -1,0 +1,172 @@
+"""Broker faults: dropped connections, Redis killed and restarted empty."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
+
+from wsbroadcast.backends.redis import RedisBackend
+from wsbroadcast.exceptions import BackendUnavailable
+
+pytestmark = [pytest.mark.anyio, ASYNCIO_ONLY]
+
+Make = Callable[..., RedisBackend]
+
+
+async def test_reader_resumes_where_it_stopped_after_connections_drop(
+    make_backend: Make, redis_server: RedisServer
+) -> None:
+    admin = Redis.from_url(redis_server.url)
+    try:
+        async with make_backend() as a, make_backend() as b:
+            recorder = Recorder()
+            await a.subscribe("r", recorder)
+            await b.publish("r", "message", "bob", 0)
+            with anyio.fail_after(5):
+                await recorder.wait_for(1)
+                # Cut every connection but ours, then publish while a's reader reconnects:
+                # b's publish finds its pooled connection dead and retries on a new one.
+                await admin.client_kill_filter(_type="normal", skipme=True)
+                for i in range(1, 20):
+                    await b.publish("r", "message", "bob", i)
+                await recorder.wait_for(20)
+                await eventually(lambda: a.health()["status"] == "ok")
+        assert recorder.seqs == list(range(1, 21))
+        assert [e.data for e in recorder.envelopes] == list(range(20))
+        assert b.health()["publish_failures"] == 0
+    finally:
+        await admin.aclose()
+
+
+async def test_redis_restarted_empty(make_backend: Make, redis_server: RedisServer) -> None:
+    async with make_backend() as a, make_backend() as b:
+        recorder = Recorder()
+        await a.subscribe("r", recorder)
+        await a.add_presence("r", "alice")
+        for i in range(3):
+            await b.publish("r", "message", "bob", i)
+        with anyio.fail_after(10):
+            await recorder.wait_for(3)
+
+            redis_server.kill()
+            with pytest.raises(BackendUnavailable):
+                await b.publish("r", "message", "bob", "lost?")
+            with pytest.raises(BackendUnavailable):
+                await b.history("r", 0)
+            await eventually(lambda: a.health()["status"] == "degraded")
+            await eventually(lambda: b.health()["status"] == "degraded")
+            assert a.health()["connected"] is False
+            assert "Error" in str(a.health()["last_error"])
+
+            await anyio.to_thread.run_sync(redis_server.start)
+            await eventually(lambda: a.health()["status"] == "ok")
+            await eventually(lambda: b.health()["status"] == "ok")
+            assert a.health()["reconnects"] == 1
+
+            # a notices the new generation and restores alice's presence (with a join).
+            await eventually(lambda: a.health()["data_losses"] == 1)
+            await recorder.wait_for(4)
+            assert await b.presence("r") == ["alice"]
+            after = await b.publish("r", "message", "bob", "after")
+            await recorder.wait_for(5)
+
+        join = recorder.envelopes[3]
+        assert (join.type, join.client_id) == ("join", "alice")
+        assert recorder.envelopes[4].id == after.id
+        # The room continues above every number handed out before the loss ...
+        assert join.seq > 1_000_000_000_000_000
+        assert after.seq == join.seq + 1
+        # ... so no old position can be mistaken for a new one: resuming is refused.
+        for node in (a, b):
+            for since in (0, 2, 3):
+                history = await node.history("r", since)
+                assert not history.complete, since
+                assert history.envelopes == ()
+        resumed = await a.history("r", join.seq)
+        assert resumed.complete
+        assert [e.id for e in resumed.envelopes] == [after.id]
+        assert b.health()["data_losses"] == 1
+        assert b.health()["publish_failures"] == 1
+
+
+async def test_departure_that_failed_during_an_outage_is_resynced(
+    make_backend: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_backend() as a, make_backend() as b:
+        recorder = Recorder()
+        await b.subscribe("r", recorder)
+        assert await a.add_presence("r", "alice")
+        assert await a.add_presence("r", "bob")
+        real = a._remove_presence_script
+
+        async def unreachable(*args: object, **kwargs: object) -> object:
+            raise RedisConnectionError("Connection reset by peer")
+
+        monkeypatch.setattr(a, "_remove_presence_script", unreachable)
+        with pytest.raises(BackendUnavailable):
+            await a.remove_presence("r", "alice")
+        monkeypatch.setattr(a, "_remove_presence_script", real)
+        with anyio.fail_after(5):
+            # Redis still counts alice on a; a's next heartbeat finds the stale entry.
+            await recorder.wait_for(1)
+            await eventually(lambda: a.health()["status"] == "ok")
+        assert [(e.type, e.client_id) for e in recorder.envelopes] == [("leave", "alice")]
+        assert await b.presence("r") == ["bob"]
+        assert not await a.remove_presence("r", "alice")
+        assert await a.remove_presence("r", "bob")
+
+
+async def test_retried_publish_is_not_published_twice(
+    make_backend: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_backend() as a:
+        real = a._publish_script
+        calls = 0
+
+        async def reply_lost(*args: object, **kwargs: object) -> object:
+            nonlocal calls
+            calls += 1
+            result = await real(*args, **kwargs)
+            if calls == 1:
+                raise RedisConnectionError("Connection closed by server.")
+            return result
+
+        monkeypatch.setattr(a, "_publish_script", reply_lost)
+        envelope = await a.publish("r", "message", "alice", "once")
+        assert calls == 2
+        history = await a.history("r", 0)
+        assert [e.id for e in history.envelopes] == [envelope.id]
+        assert envelope.seq == 1
+
+
+async def test_reader_cut_off_past_history_logs_a_gap(
+    make_backend: Make, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    trim = {"history_size": 3, "exact_trim": True}  # the publisher trims
+    async with make_backend(**trim) as a, make_backend(**trim) as b:
+        recorder = Recorder()
+        await a.subscribe("r", recorder)
+        await b.publish("r", "message", "bob", 1)
+        with anyio.fail_after(5):
+            await recorder.wait_for(1)
+            assert a._reader is not None
+            real = a._reader.pipeline
+
+            def cut(*args: object, **kwargs: object) -> object:
+                raise RedisConnectionError("Connection reset by peer")
+
+            monkeypatch.setattr(a._reader, "pipeline", cut)
+            await eventually(lambda: a.health()["status"] == "degraded")
+            for i in range(2, 11):
+                await b.publish("r", "message", "bob", i)
+            monkeypatch.setattr(a._reader, "pipeline", real)
+            await recorder.wait_for(4)
+        # Only the last 3 were still in the stream: the listener sees seq jump from 1 to 8.
+        assert recorder.seqs == [1, 8, 9, 10]
+        assert a.health()["gaps"] == 1
+        assert "envelopes 2 to 7 were trimmed" in caplog.text
