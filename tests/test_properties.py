@@ -145,7 +145,7 @@ def check(run: Run, backend: MemoryBackend, policy: str) -> None:
     canonical = {
         room: {e.seq: e.text for e in state.history} for room, state in backend._rooms.items()
     }
-    for room, sent in run.sent.items():
+    for sent in run.sent.values():
         # Per-sender FIFO: a sender's broadcasts take increasing seqs in the order issued.
         for sender in CLIENTS:
             seqs = [seq for who, _, seq in sent if who == sender]
