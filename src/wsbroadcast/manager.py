@@ -175,6 +175,11 @@ class ConnectionManager:
         finally:
             await self.backend.__aexit__(exc_type, exc, tb)
 
+    @property
+    def running(self) -> bool:
+        """True inside ``async with manager:``, until shutdown begins (for health checks)."""
+        return self._running
+
     def _check_running(self) -> TaskGroup:
         if not self._running or self._task_group is None:
             raise ManagerNotRunning("use the ConnectionManager inside 'async with manager:'")
@@ -296,16 +301,18 @@ class ConnectionManager:
         """Current gauges and counters, for health checks and metrics."""
         delivered = self._delivered
         dropped = self._dropped
+        slow = self._slow
         for connection in self._connections:
             delivered += connection._delivered
             dropped += connection._dropped
+            slow += connection.overflowed
         return ManagerStats(
             connections=len(self._connections),
             rooms=len(self._rooms),
             published=self._published,
             delivered=delivered,
             dropped=dropped,
-            slow_consumer_disconnects=self._slow,
+            slow_consumer_disconnects=slow,
             send_failures=self._send_failures,
         )
 
@@ -361,28 +368,39 @@ class ConnectionManager:
         connection._abort(CloseCode.GOING_AWAY, f"send failed: {type(exc).__name__}")
 
     async def _finish(self, connection: Connection) -> None:
-        """Close the socket, leave room and presence, announce leave; once per connection."""
-        if connection.state is ConnectionState.CLOSED or connection._closed.is_set():
+        """Leave room and presence, announce leave, close the socket; once per connection.
+
+        The departure is announced before the socket is closed, so that the room learns of
+        it at once even when the close frame waits behind a stalled client's full buffer.
+        """
+        if connection._finishing:
+            await connection.wait_closed()
             return
+        connection._finishing = True
         with anyio.CancelScope(shield=True):
             try:
                 await self._leave_room(connection)
-                if not connection._transport_dead:
-                    with anyio.move_on_after(self.close_timeout):
-                        try:
-                            await connection.transport.close(
-                                connection.close_code or CloseCode.NORMAL,
-                                connection.close_reason,
-                            )
-                        except Exception as exc:
-                            logger.debug("closing %r failed: %r", connection, exc)
                 with anyio.move_on_after(self.close_timeout) as scope:
-                    if await self.backend.remove_presence(connection.room, connection.client_id):
-                        await self._publish(connection.room, "leave", connection.client_id, None)
+                    try:
+                        if await self.backend.remove_presence(
+                            connection.room, connection.client_id
+                        ):
+                            await self._publish(
+                                connection.room, "leave", connection.client_id, None
+                            )
+                    except Exception as exc:
+                        logger.warning(
+                            "could not announce the departure of %r: %r", connection, exc
+                        )
                 if scope.cancelled_caught:
                     logger.warning("announcing the departure of %r timed out", connection)
+                if not connection._transport_dead:
+                    with anyio.move_on_after(self.close_timeout):
+                        await connection.transport.close(
+                            connection.close_code or CloseCode.NORMAL, connection.close_reason
+                        )
             except Exception as exc:
-                logger.warning("could not announce the departure of %r: %r", connection, exc)
+                logger.debug("closing %r failed: %r", connection, exc)
             finally:
                 if connection.overflowed:
                     self._slow += 1
