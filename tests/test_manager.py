@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from wsbroadcast import (
+    BackendUnavailable,
     CloseCode,
     ConnectionManager,
     ConnectionState,
@@ -369,3 +370,56 @@ def test_the_core_imports_no_web_framework_or_broker_client() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+class FlakyBackend(MemoryBackend):
+    """A memory backend whose next operations can be made to fail, as a broker outage would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_add_presence = False
+        self.fail_publish = False
+
+    async def add_presence(self, room: str, client_id: str) -> bool:
+        if self.fail_add_presence:
+            raise BackendUnavailable("presence store unreachable")
+        return await super().add_presence(room, client_id)
+
+    async def publish(self, room: str, type: str, client_id: str, data: Any = None) -> Any:
+        if self.fail_publish:
+            raise BackendUnavailable("broker unreachable")
+        return await super().publish(room, type, client_id, data)
+
+
+async def test_a_failed_connect_leaves_the_clients_other_tabs_present() -> None:
+    backend = FlakyBackend()
+    async with ConnectionManager(backend) as manager:
+        watcher = MemoryTransport()
+        await manager.connect(watcher, "watcher")
+        await manager.connect(MemoryTransport(), "alice")
+        backend.fail_add_presence = True
+        refused = MemoryTransport()
+        with pytest.raises(BackendUnavailable):
+            await manager.connect(refused, "alice")
+        assert refused.close_code == CloseCode.INTERNAL_ERROR
+        backend.fail_add_presence = False
+        assert await manager.presence("lobby") == ["alice", "watcher"]
+        await manager.broadcast("lobby", "still here", "watcher")
+        await watcher.wait_until(lambda t: t.envelopes()[-1]["data"] == "still here")
+        assert [e["type"] for e in watcher.envelopes()] == ["join", "join", "message"]
+        assert manager.stats().connections == 2
+
+
+async def test_a_broadcast_the_backend_refuses_raises_and_delivers_nothing() -> None:
+    backend = FlakyBackend()
+    async with ConnectionManager(backend) as manager:
+        watcher = MemoryTransport()
+        await manager.connect(watcher, "watcher")
+        backend.fail_publish = True
+        with pytest.raises(BackendUnavailable):
+            await manager.broadcast("lobby", "lost?", "watcher")
+        backend.fail_publish = False
+        envelope = await manager.broadcast("lobby", "next", "watcher")
+        assert envelope.seq == 2
+        await watcher.wait_for_frames(2)
+        assert [e["data"] for e in watcher.envelopes()] == [None, "next"]

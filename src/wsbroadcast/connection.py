@@ -96,6 +96,7 @@ class Connection:
         self._scope: anyio.CancelScope | None = None
         self._transport_dead = False
         self._finishing = False
+        self._present = False
         self._closed = anyio.Event()
         self._delivered = 0
         self._dropped = 0

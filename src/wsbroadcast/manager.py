@@ -32,7 +32,7 @@ from ._validation import check_data, check_name
 from .backend import Backend, History, Subscription, backend_from_url
 from .connection import Connection, ConnectionState, SlowConsumerPolicy
 from .envelope import Envelope
-from .exceptions import InvalidInput, ManagerNotRunning
+from .exceptions import BackendError, InvalidInput, ManagerNotRunning
 from .protocol import CloseCode, control_frame
 from .transport import Transport
 
@@ -218,13 +218,18 @@ class ConnectionManager:
         self._connections.add(connection)
         try:
             await self._enter_room(connection)
-            if await self.backend.add_presence(room, client_id):
+            first = await self.backend.add_presence(room, client_id)
+            connection._present = True
+            if first:
                 await self._publish(room, "join", client_id, None)
             after = 0
             if since is not None:
                 after = await self._recover(connection, since)
-        except BaseException:
-            connection._abort(CloseCode.INTERNAL_ERROR, "backend unavailable")
+        except BaseException as exc:
+            unavailable = isinstance(exc, BackendError)
+            connection._abort(
+                CloseCode.INTERNAL_ERROR, "backend unavailable" if unavailable else "connect failed"
+            )
             with anyio.CancelScope(shield=True):
                 await self._finish(connection)
             raise
@@ -382,7 +387,7 @@ class ConnectionManager:
                 await self._leave_room(connection)
                 with anyio.move_on_after(self.close_timeout) as scope:
                     try:
-                        if await self.backend.remove_presence(
+                        if connection._present and await self.backend.remove_presence(
                             connection.room, connection.client_id
                         ):
                             await self._publish(
