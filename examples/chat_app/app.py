@@ -379,7 +379,11 @@ class ChatServer:
         return Response(self.html, media_type="text/html; charset=utf-8", headers=self.html_headers)
 
     async def healthz(self, request: Request) -> JSONResponse:
-        """``GET /healthz``: 200 ``{"status": "ok", ...}`` while the manager runs, else 503."""
+        """``GET /healthz``: 200 ``{"status": "ok", ...}``, or 503 with ``"degraded"``.
+
+        Degraded while the backend's ``health()`` is not ok (Redis unreachable): meant for a
+        readiness check, since the process keeps its connections and recovers by itself.
+        """
         manager = self.manager
         if manager is None:
             return JSONResponse({"status": "unavailable"}, status_code=503)
