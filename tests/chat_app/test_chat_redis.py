@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx
 import pytest
+from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -314,3 +315,31 @@ async def _outage_and_recovery(
         with anyio.fail_after(10):
             await eventually(lambda: sorted(room_info(node_a, room)["online"]) == ["ann", "ben"])
     assert "Redis unreachable" in node_a.stderr()
+
+
+async def test_redis_refusing_writes(start_server: StartServer) -> None:
+    """Redis up but answering errors (out of memory): the same answers as an outage."""
+    redis = _start_redis()
+    admin = Redis.from_url(redis.url)
+    try:
+        node = start_server("--backend", redis.url, "--rate-limit", "0")
+        try:
+            async with client(node, "ann", "full") as ann:
+                await recv(ann)
+                await admin.config_set("maxmemory", 1)
+                await send(ann, "no room for this")
+                error = await recv(ann)
+                assert (error["type"], error["data"]["code"]) == ("error", "unavailable")
+                await _refused(node, "bob", "full")  # presence refused
+                await _refused(node, "bob", "other")  # subscribe refused
+                assert httpx.get(f"{node.url}/rooms/full", timeout=5).status_code == 503
+                await admin.config_set("maxmemory", 0)
+                await send(ann, "room again")
+                assert [f["type"] for f in await recv_until(ann, "room again")] == ["message"]
+            _assert_no_traceback(node)
+        finally:
+            node.stop()
+    finally:
+        await admin.aclose()
+        redis.kill()
+    _assert_no_traceback(node)
