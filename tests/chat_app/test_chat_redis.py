@@ -61,9 +61,9 @@ def nodes(start_server: StartServer) -> Iterator[Nodes]:
     try:
         pair = _start_nodes(start_server, redis)
         yield pair
-        _assert_no_traceback(*pair)
         for node in pair:
             node.stop()
+        _assert_no_traceback(*pair)  # shutting down included
     finally:
         redis.kill()
 
