@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 from pydantic import JsonValue
@@ -41,7 +41,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from wsbroadcast import (
     DEFAULT_QUEUE_SIZE,
-    BackendUnavailable,
+    BackendError,
     CloseCode,
     Connection,
     ConnectionManager,
@@ -93,16 +93,24 @@ class ErrorCode:
     """The client sent a binary frame; the protocol is text (JSON) only."""
     RATE_LIMITED: Final = "rate_limited"
     """The client sent more frames per second than ``rate_limit`` allows."""
-    BACKEND_UNAVAILABLE: Final = "backend_unavailable"
-    """The message could not be published right now (not the client's fault; may retry)."""
+    UNAVAILABLE: Final = "unavailable"
+    """The message could not be published: the backend (Redis) cannot be reached or refused
+    it. Not the client's fault; nothing was broadcast, and the client may retry."""
 
 
 ERROR_CODES: Final = tuple(
     sorted(value for name, value in vars(ErrorCode).items() if name.isupper())
 )
 """Every error code, for metrics."""
-REFUSALS: Final = ("bad_name", "bad_since", "forbidden_origin", "message_too_big")
-"""Why a handshake was refused or a connection closed for breaking a rule, for metrics."""
+REFUSALS: Final = (
+    "bad_name",
+    "bad_since",
+    "forbidden_origin",
+    "message_too_big",
+    "unavailable",
+)
+"""Why a handshake was refused or a connection closed for breaking a rule (or, for
+``unavailable``, because the backend could not be reached), for metrics."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +266,16 @@ def origin_allowed(
     return any(normalized == _normalize_origin(other) for other in allowed)
 
 
+def _redact(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for the log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
 def _inline_hashes(html: str, tag: str) -> list[str]:
     """CSP source expressions (``'sha256-...'``) for each inline ``<tag>`` of ``html``."""
     hashes = []
@@ -265,6 +283,42 @@ def _inline_hashes(html: str, tag: str) -> list[str]:
         digest = hashlib.sha256(body.encode()).digest()
         hashes.append(f"'sha256-{base64.b64encode(digest).decode()}'")
     return hashes
+
+
+_BACKEND_METRICS: Final = (
+    ("reconnects", "chat_backend_reconnects_total", "counter",
+     "Times the backend reached its broker again after an outage."),
+    ("publish_failures", "chat_backend_publish_failures_total", "counter",
+     "Publishes the broker could not take (the sender got an 'unavailable' error)."),
+    ("data_losses", "chat_backend_data_losses_total", "counter",
+     "Times the broker came back without its data (resuming clients get history_lost)."),
+    ("gaps", "chat_backend_gaps_total", "counter",
+     "Times this node found envelopes trimmed from history before it could read them."),
+    ("reaped_nodes", "chat_backend_reaped_nodes_total", "counter",
+     "Dead nodes whose presence this node removed."),
+    ("rooms", "chat_backend_rooms", "gauge", "Rooms this node reads from the broker."),
+)  # fmt: skip
+"""``health()`` keys exported when the backend reports them: (key, metric, type, help)."""
+
+_Family = tuple[str, str, str, list[tuple[str, int]]]
+
+
+def _backend_families(health: dict[str, JsonValue]) -> list[_Family]:
+    """Metric families for the backend's state: ``chat_backend_connected`` always, the
+    counters of :data:`_BACKEND_METRICS` when ``health()`` has them (the Redis backend)."""
+    families: list[_Family] = [
+        (
+            "chat_backend_connected",
+            "gauge",
+            "1 while the backend is healthy (Redis: reachable), else 0.",
+            [("", int(health.get("status") == "ok"))],
+        )
+    ]
+    for key, name, kind, help in _BACKEND_METRICS:
+        value = health.get(key)
+        if isinstance(value, int):
+            families.append((name, kind, help, [("", int(value))]))
+    return families
 
 
 @dataclass
@@ -312,7 +366,7 @@ class ChatServer:
         )
         async with manager:
             self.manager = manager
-            logger.info("chat app running with backend %s", settings.backend_url())
+            logger.info("chat app running with backend %s", _redact(settings.backend_url()))
             try:
                 yield
             finally:
@@ -325,7 +379,11 @@ class ChatServer:
         return Response(self.html, media_type="text/html; charset=utf-8", headers=self.html_headers)
 
     async def healthz(self, request: Request) -> JSONResponse:
-        """``GET /healthz``: 200 ``{"status": "ok", ...}`` while the manager runs, else 503."""
+        """``GET /healthz``: 200 ``{"status": "ok", ...}``, or 503 with ``"degraded"``.
+
+        Degraded while the backend's ``health()`` is not ok (Redis unreachable): meant for a
+        readiness check, since the process keeps its connections and recovers by itself.
+        """
         manager = self.manager
         if manager is None:
             return JSONResponse({"status": "unavailable"}, status_code=503)
@@ -344,10 +402,11 @@ class ChatServer:
         """``GET /metrics``: counters and gauges in the Prometheus text format."""
         manager = self.manager
         counters = self.counters
-        families: list[tuple[str, str, str, list[tuple[str, int]]]] = [
+        families: list[_Family] = [
             ("chat_up", "gauge", "1 while the manager runs.", [("", int(manager is not None))])
         ]
         if manager is not None:
+            families += _backend_families(manager.backend.health())
             stats = manager.stats()
             families += [
                 (
@@ -431,7 +490,8 @@ class ChatServer:
             online = await manager.presence(name)
             # A since beyond any seq reads no envelopes but still reports the last seq.
             history = await manager.backend.history(name, 2**62)
-        except BackendUnavailable:
+        except BackendError as exc:
+            logger.warning("GET /rooms/%s: %s", name, exc)
             return JSONResponse({"error": "backend unavailable"}, status_code=503)
         return JSONResponse({"room": name, "online": online, "seq": history.last_seq})
 
@@ -473,8 +533,10 @@ class ChatServer:
             connection = await manager.connect(
                 _ChatTransport(websocket), client_id, room, since=since
             )
-        except BackendUnavailable:
-            logger.warning("backend unavailable: refused %s in room %s", client_id, room)
+        except BackendError as exc:
+            self.counters.refused["unavailable"] += 1
+            logger.warning("refused %s in room %s: %s", client_id, room, exc)
+            await self._close_unavailable(websocket)
             return
         except InvalidInput as exc:  # checked above already; kept as a safety net
             logger.info("refused WebSocket: %s", exc)
@@ -490,6 +552,18 @@ class ChatServer:
         finally:
             with anyio.CancelScope(shield=True):
                 await manager.disconnect(connection)
+
+    @staticmethod
+    async def _close_unavailable(websocket: WebSocket) -> None:
+        """Close with 1011 after accepting (unless the manager closed the socket already).
+
+        Accepting first makes it a WebSocket close the client can read, not an HTTP 403
+        that would read as "forbidden".
+        """
+        transport = _ChatTransport(websocket)
+        with contextlib.suppress(OSError, RuntimeError, WebSocketDisconnect):
+            await transport.accept()
+            await transport.close(CloseCode.INTERNAL_ERROR, "backend unavailable")
 
     async def _check_stream(
         self, manager: ConnectionManager, websocket: WebSocket, room: str, since: int | None
@@ -561,10 +635,10 @@ class ChatServer:
                 continue
             try:
                 await manager.broadcast(connection.room, {"message": result}, connection.client_id)
-            except BackendUnavailable:
-                logger.warning("backend unavailable: message from %r dropped", connection)
-                detail = "the message could not be published; try again"
-                self._error(connection, ClientError(ErrorCode.BACKEND_UNAVAILABLE, detail))
+            except BackendError as exc:
+                logger.warning("message from %r not published: %s", connection, exc)
+                detail = "the message could not be published (backend unavailable); try again"
+                self._error(connection, ClientError(ErrorCode.UNAVAILABLE, detail))
             except WSBroadcastError as exc:
                 logger.warning("message from %r not published: %s", connection, exc)
             else:

@@ -11,7 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 
 from wsbroadcast.backends.redis import RedisBackend
-from wsbroadcast.exceptions import BackendUnavailable
+from wsbroadcast.exceptions import BackendError, BackendUnavailable
 
 pytestmark = [pytest.mark.anyio, ASYNCIO_ONLY]
 
@@ -170,3 +170,31 @@ async def test_reader_cut_off_past_history_logs_a_gap(
         assert recorder.seqs == [1, 8, 9, 10]
         assert a.health()["gaps"] == 1
         assert "envelopes 2 to 7 were trimmed" in caplog.text
+
+
+async def test_redis_refusing_writes_raises_backend_errors(
+    make_backend: Make, redis_server: RedisServer
+) -> None:
+    """A Redis that answers with an error (here out of memory) raises BackendError from every
+    call, never redis-py's own exceptions, so an application can answer its client."""
+    admin = Redis.from_url(redis_server.url)
+    try:
+        async with make_backend() as a:
+            await a.add_presence("r", "alice")
+            await admin.config_set("maxmemory", 1)
+            with anyio.fail_after(10):
+                with pytest.raises(BackendError):
+                    await a.publish("r", "message", "bob", 1)
+                with pytest.raises(BackendError):
+                    await a.subscribe("new", Recorder())
+                with pytest.raises(BackendError):
+                    await a.add_presence("r", "bob")
+                with pytest.raises(BackendError):
+                    await a.history("r", 0)  # MULTI is refused too
+                assert await a.presence("r") == ["alice"]
+                assert await a.remove_presence("r", "alice")  # deleting is allowed
+                assert await a.presence("r") == []
+            await admin.config_set("maxmemory", 0)
+            assert a.health()["publish_failures"] == 1
+    finally:
+        await admin.aclose()

@@ -212,3 +212,20 @@ def test_the_command_line_refuses_bad_settings_before_serving(argv: list[str]) -
     with pytest.raises(SystemExit) as exited:
         main(argv)
     assert "error" in str(exited.value.code)
+
+
+def test_history_reaches_the_redis_backend_and_the_log_hides_passwords() -> None:
+    from examples.chat_app.app import _redact
+    from wsbroadcast import backend_from_url
+    from wsbroadcast.backends.redis import RedisBackend
+
+    settings = Settings(backend="redis://:s3cret@127.0.0.1:6390/2?prefix=chat%3A", history=7)
+    backend = backend_from_url(settings.backend_url())
+    assert isinstance(backend, RedisBackend)
+    assert (backend.history_size, backend.prefix) == (7, "chat:")
+    assert backend.url == "redis://:s3cret@127.0.0.1:6390/2"
+    assert (
+        _redact(settings.backend_url()) == "redis://:***@127.0.0.1:6390/2?prefix=chat%3A&history=7"
+    )
+    assert _redact("redis://u:p@h:1/0") == "redis://u:***@h:1/0"
+    assert _redact("memory://?history=5") == "memory://?history=5"

@@ -629,6 +629,8 @@ class RedisBackend(Backend):
             current = int(await client.get(self._key("room", room, "seq")) or 0)
         except _UNREACHABLE as exc:
             raise self._unavailable(f"subscribe to {room!r}", exc) from exc
+        except RedisError as exc:
+            raise BackendError(f"Redis refused to subscribe to {room!r}: {exc}") from exc
         state = self._rooms.get(room)
         created = state is None
         if state is None:
@@ -641,6 +643,9 @@ class RedisBackend(Backend):
             except _UNREACHABLE as exc:
                 self._unsubscribe(room, subscriber)
                 raise self._unavailable(f"subscribe to {room!r}", exc) from exc
+            except RedisError as exc:
+                self._unsubscribe(room, subscriber)
+                raise BackendError(f"Redis refused to subscribe to {room!r}: {exc}") from exc
         return _RedisSubscription(self, room, subscriber)
 
     def _unsubscribe(self, room: str, subscriber: _Subscriber) -> None:
@@ -755,6 +760,8 @@ class RedisBackend(Backend):
                 self._discount(room, client_id)
                 if isinstance(exc, _UNREACHABLE):
                     raise self._unavailable(f"add presence in {room!r}", exc) from exc
+                if isinstance(exc, RedisError):
+                    raise BackendError(f"Redis refused presence in {room!r}: {exc}") from exc
                 raise
         return bool(first)
 
@@ -776,6 +783,8 @@ class RedisBackend(Backend):
                 )
             except _UNREACHABLE as exc:
                 raise self._unavailable(f"remove presence in {room!r}", exc) from exc
+            except RedisError as exc:
+                raise BackendError(f"Redis refused presence in {room!r}: {exc}") from exc
         return bool(last)
 
     def _discount(self, room: str, client_id: str) -> bool:
@@ -827,6 +836,8 @@ class RedisBackend(Backend):
             )
         except _UNREACHABLE as exc:
             raise self._unavailable(f"read presence in {room!r}", exc) from exc
+        except RedisError as exc:
+            raise BackendError(f"Redis refused presence in {room!r}: {exc}") from exc
         return sorted(str(member) for member in members)
 
     async def _heartbeat(self) -> bool:

@@ -1,0 +1,345 @@
+"""Two chat-app processes on one real redis-server, driven by ``websockets`` clients on each.
+
+What a deployment of N nodes behind a load balancer (no sticky sessions) relies on: one
+order for every receiver on every node, resume through another node, presence across nodes,
+and a Redis outage that degrades the nodes without closing their connections or losing a
+message silently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+import pytest
+from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.backend_redis.redis_helpers import RedisServer, eventually
+
+if TYPE_CHECKING:
+    from conftest import ChatServer, StartServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+HISTORY = 50
+Nodes = tuple["ChatServer", "ChatServer"]
+
+
+def _start_redis() -> RedisServer:
+    executable = shutil.which("redis-server")
+    if executable is None:
+        pytest.fail("redis-server is not installed (scripts/test installs it)")
+    server = RedisServer(executable)
+    server.start()
+    return server
+
+
+def _start_nodes(start_server: StartServer, redis: RedisServer) -> Nodes:
+    # Heartbeats in tenths of seconds so that presence resyncs quickly after an outage.
+    url = f"{redis.url}?heartbeat=0.2&presence_ttl=2"
+    args = ("--backend", url, "--history", str(HISTORY), "--rate-limit", "0")
+    return start_server(*args), start_server(*args)
+
+
+def _assert_no_traceback(*nodes: ChatServer) -> None:
+    for node in nodes:
+        assert "Traceback" not in node.stderr(), node.stderr()
+
+
+@pytest.fixture(scope="module")
+def nodes(start_server: StartServer) -> Iterator[Nodes]:
+    """Two nodes on one Redis, shared by the tests that do not break Redis."""
+    redis = _start_redis()
+    try:
+        pair = _start_nodes(start_server, redis)
+        yield pair
+        for node in pair:
+            node.stop()
+        _assert_no_traceback(*pair)  # shutting down included
+    finally:
+        redis.kill()
+
+
+@asynccontextmanager
+async def client(
+    node: ChatServer, client_id: str, room: str, since: int | None = None
+) -> AsyncIterator[ClientConnection]:
+    url = f"{node.ws_url}/ws/{client_id}?room={room}"
+    if since is not None:
+        url += f"&since={since}"
+    async with connect(url) as ws:
+        yield ws
+
+
+async def recv(ws: ClientConnection) -> Any:
+    """The next frame, parsed; fails the test rather than hang."""
+    with anyio.fail_after(10):
+        return json.loads(await ws.recv())
+
+
+async def recv_until(ws: ClientConnection, message: str) -> list[Any]:
+    """Frames up to and including the chat message whose text is ``message``."""
+    frames = []
+    while True:
+        frame = await recv(ws)
+        frames.append(frame)
+        if frame["type"] == "message" and frame["data"] == {"message": message}:
+            return frames
+
+
+async def send(ws: ClientConnection, message: str) -> None:
+    await ws.send(json.dumps({"message": message}))
+
+
+def room_info(node: ChatServer, room: str) -> Any:
+    response = httpx.get(f"{node.url}/rooms/{room}", timeout=5)
+    assert response.status_code == 200
+    return response.json()
+
+
+def metric(node: ChatServer, name: str) -> int:
+    text = httpx.get(f"{node.url}/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(name)} (\d+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return int(match.group(1))
+
+
+def health(node: ChatServer) -> tuple[int, Any]:
+    response = httpx.get(f"{node.url}/healthz", timeout=5)
+    return response.status_code, response.json()
+
+
+async def test_concurrent_senders_on_both_nodes_share_one_order(nodes: Nodes) -> None:
+    room, per_sender = "order", 25
+    names = [("a0", 0), ("a1", 0), ("la", 0), ("b0", 1), ("b1", 1), ("lb", 1)]
+    senders = ["a0", "a1", "b0", "b1"]
+    async with AsyncExitStack() as stack:
+        sockets: dict[str, ClientConnection] = {}
+        frames: dict[str, list[Any]] = {}
+        for name, node in names:
+            ws = sockets[name] = await stack.enter_async_context(client(nodes[node], name, room))
+            frames[name] = [await recv(ws)]  # its own join
+            assert frames[name][0]["type"] == "join"
+
+        async def collect(name: str) -> None:
+            count = 0
+            while count < len(senders) * per_sender:
+                frame = await recv(sockets[name])
+                frames[name].append(frame)
+                count += frame["type"] == "message"
+
+        async def send_all(name: str) -> None:
+            for i in range(per_sender):
+                await send(sockets[name], f"{name}-{i}")
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as task_group:
+                for name, _ in names:
+                    task_group.start_soon(collect, name)
+                for name in senders:
+                    task_group.start_soon(send_all, name)
+
+    reference = [f for f in frames["la"] if f["type"] == "message"]
+    for name, received in frames.items():
+        seqs = [frame["seq"] for frame in received]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"{name}: gap in {seqs}"
+        assert [f for f in received if f["type"] == "message"] == reference, name
+    assert [f["seq"] for f in reference] == list(
+        range(reference[0]["seq"], reference[0]["seq"] + len(reference))
+    )
+    for sender in senders:
+        texts = [f["data"]["message"] for f in reference if f["client_id"] == sender]
+        assert texts == [f"{sender}-{i}" for i in range(per_sender)]
+    _assert_no_traceback(*nodes)
+
+
+async def test_resume_through_the_other_node(nodes: Nodes) -> None:
+    node_a, node_b = nodes
+    room = "resume"
+    async with client(node_b, "yan", room) as yan:
+        assert (await recv(yan))["type"] == "join"
+        async with client(node_a, "xia", room) as xia:
+            assert (await recv(xia))["client_id"] == "xia"
+            assert (await recv(yan))["client_id"] == "xia"
+            await send(yan, "m0")
+            last_seen = (await recv_until(xia, "m0"))[-1]["seq"]
+            await recv_until(yan, "m0")
+        missed = [await recv(yan)]  # xia's leave
+        assert (missed[0]["type"], missed[0]["client_id"]) == ("leave", "xia")
+        for i in range(1, 5):
+            await send(yan, f"m{i}")
+            missed += await recv_until(yan, f"m{i}")
+        async with client(node_b, "xia", room, since=last_seen) as xia:
+            join = await recv(yan)
+            assert (join["type"], join["client_id"]) == ("join", "xia")
+            replay = [await recv(xia) for _ in range(len(missed) + 1)]
+            assert replay == [*missed, join]
+            assert [f["seq"] for f in replay] == list(range(last_seen + 1, join["seq"] + 1))
+            await send(yan, "live")
+            assert await recv_until(xia, "live") == await recv_until(yan, "live")
+    _assert_no_traceback(*nodes)
+
+
+async def test_presence_across_nodes(nodes: Nodes) -> None:
+    node_a, node_b = nodes
+    room = "presence"
+    async with client(node_a, "pia", room) as pia:
+        await recv(pia)
+        async with client(node_b, "quin", room) as quin:
+            await recv(quin)
+            assert (await recv(pia))["client_id"] == "quin"  # a join seen across nodes
+            for node in nodes:
+                assert room_info(node, room)["online"] == ["pia", "quin"]
+            # A second tab of quin on the other node: presence is per client id, no join.
+            async with client(node_a, "quin", room) as quin_tab:
+                await send(quin_tab, "from the tab")
+                for ws in (pia, quin, quin_tab):
+                    frames = await recv_until(ws, "from the tab")
+                    assert [f["type"] for f in frames] == ["message"]
+                for node in nodes:
+                    assert room_info(node, room)["online"] == ["pia", "quin"]
+            # Closing the tab leaves quin online on node B: no leave. Once node A counts only
+            # pia's connection, it has handled the tab's departure, so a leave would come
+            # before this message.
+            with anyio.fail_after(10):
+                await eventually(lambda: metric(node_a, "chat_connections") == 1)
+            await send(pia, "tab closed")
+            frames = await recv_until(quin, "tab closed")
+            assert [f["type"] for f in frames] == ["message"]
+            await recv_until(pia, "tab closed")
+        leave = await recv(pia)  # a leave seen across nodes
+        assert (leave["type"], leave["client_id"]) == ("leave", "quin")
+        for node in nodes:
+            assert room_info(node, room)["online"] == ["pia"]
+    with anyio.fail_after(10):
+        await eventually(lambda: all(room_info(n, room)["online"] == [] for n in nodes))
+    _assert_no_traceback(*nodes)
+
+
+async def test_redis_killed_and_restarted_empty(start_server: StartServer) -> None:
+    room = "fault"
+    redis = _start_redis()
+    try:
+        node_a, node_b = pair = _start_nodes(start_server, redis)
+        try:
+            await _outage_and_recovery(redis, node_a, node_b, room)
+            _assert_no_traceback(*pair)
+        finally:
+            for node in pair:
+                node.stop()
+    finally:
+        redis.kill()
+    _assert_no_traceback(*pair)
+
+
+async def _refused(node: ChatServer, client_id: str, room: str, since: int | None = None) -> None:
+    """A connect while Redis is down: accepted, then closed with 1011."""
+    async with client(node, client_id, room, since) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            await recv(ws)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1011
+
+
+async def _outage_and_recovery(
+    redis: RedisServer, node_a: ChatServer, node_b: ChatServer, room: str
+) -> None:
+    async with AsyncExitStack() as stack:
+        ann = await stack.enter_async_context(client(node_a, "ann", room))
+        assert (await recv(ann))["client_id"] == "ann"
+        ben = await stack.enter_async_context(client(node_b, "ben", room))
+        assert (await recv(ben))["client_id"] == "ben"
+        assert (await recv(ann))["client_id"] == "ben"
+        await send(ann, "before")
+        old_seq = (await recv_until(ben, "before"))[-1]["seq"]
+        await recv_until(ann, "before")
+
+        redis.kill()
+        await send(ann, "during")
+        error = await recv(ann)
+        assert error["type"] == "error"
+        assert error["data"]["code"] == "unavailable"
+        with anyio.fail_after(10):
+            await eventually(lambda: health(node_a)[0] == 503 and health(node_b)[0] == 503)
+        for node in (node_a, node_b):
+            body = health(node)[1]
+            assert body["status"] == "degraded"
+            assert body["backend"]["connected"] is False
+            assert metric(node, "chat_backend_connected") == 0
+        assert metric(node_a, "chat_backend_publish_failures_total") >= 1
+        assert metric(node_a, 'chat_errors_total{code="unavailable"}') == 1
+        assert httpx.get(f"{node_b.url}/rooms/{room}", timeout=5).status_code == 503
+        await _refused(node_b, "cat", room)  # a room the node reads: presence fails
+        await _refused(node_a, "cat", "elsewhere")  # a new room: subscribe fails
+        await _refused(node_a, "cat", room, since=old_seq)  # resume: history fails
+        assert metric(node_a, 'chat_connections_refused_total{reason="unavailable"}') == 2
+        # The nodes kept their local connections open through the outage.
+        for ws in (ann, ben):
+            with anyio.fail_after(10):
+                await ws.ping()
+
+        await anyio.to_thread.run_sync(redis.start)
+        with anyio.fail_after(15):
+            await eventually(lambda: health(node_a)[0] == 200 and health(node_b)[0] == 200)
+        await send(ben, "after")
+        after_ann = await recv_until(ann, "after")
+        after_ben = await recv_until(ben, "after")
+        # Both read the new stream from its start: the same frames, gap-free, numbered
+        # above anything handed out before Redis lost its data.
+        assert after_ann == after_ben
+        seqs = [f["seq"] for f in after_ann]
+        assert seqs[0] > old_seq
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        for node in (node_a, node_b):
+            assert health(node)[1]["status"] == "ok"
+            assert metric(node, "chat_backend_connected") == 1
+            assert metric(node, "chat_backend_reconnects_total") == 1
+            assert metric(node, "chat_backend_data_losses_total") == 1
+
+        async with client(node_b, "cat", room, since=old_seq) as cat:
+            lost = await recv(cat)
+            assert lost["type"] == "history_lost"
+            assert lost["data"]["since"] == old_seq
+            assert lost["data"]["first_seq"] > old_seq
+            join = await recv(cat)
+            assert (join["type"], join["client_id"]) == ("join", "cat")
+            assert join["seq"] > old_seq
+        with anyio.fail_after(10):
+            await eventually(lambda: sorted(room_info(node_a, room)["online"]) == ["ann", "ben"])
+    assert "Redis unreachable" in node_a.stderr()
+
+
+async def test_redis_refusing_writes(start_server: StartServer) -> None:
+    """Redis up but answering errors (out of memory): the same answers as an outage."""
+    redis = _start_redis()
+    admin = Redis.from_url(redis.url)
+    try:
+        node = start_server("--backend", redis.url, "--rate-limit", "0")
+        try:
+            async with client(node, "ann", "full") as ann:
+                await recv(ann)
+                await admin.config_set("maxmemory", 1)
+                await send(ann, "no room for this")
+                error = await recv(ann)
+                assert (error["type"], error["data"]["code"]) == ("error", "unavailable")
+                await _refused(node, "bob", "full")  # presence refused
+                await _refused(node, "bob", "other")  # subscribe refused
+                assert httpx.get(f"{node.url}/rooms/full", timeout=5).status_code == 503
+                await admin.config_set("maxmemory", 0)
+                await send(ann, "room again")
+                assert [f["type"] for f in await recv_until(ann, "room again")] == ["message"]
+            _assert_no_traceback(node)
+        finally:
+            node.stop()
+    finally:
+        await admin.aclose()
+        redis.kill()
+    _assert_no_traceback(node)
