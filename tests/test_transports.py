@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
@@ -12,8 +15,9 @@ from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from wsbroadcast import CloseCode, ConnectionManager, Transport
+from wsbroadcast import CloseCode, Connection, ConnectionManager, ConnectionState, Transport
 from wsbroadcast.testing import MemoryTransport
+from wsbroadcast.transport import BatchTransport
 from wsbroadcast.transports.starlette import StarletteTransport
 from wsbroadcast.transports.websockets import WebsocketsTransport
 
@@ -21,7 +25,7 @@ from wsbroadcast.transports.websockets import WebsocketsTransport
 def test_transports_satisfy_the_protocol() -> None:
     assert isinstance(MemoryTransport(), Transport)
     assert issubclass(StarletteTransport, Transport)
-    assert issubclass(WebsocketsTransport, Transport)
+    assert issubclass(WebsocketsTransport, BatchTransport)
     assert issubclass(WebSocket, Transport)
 
 
@@ -72,3 +76,72 @@ def test_starlette_adapter_accepts_once_and_closes_tolerantly() -> None:
         assert ws.receive_text() == "one"
         message = ws.receive()
         assert message == {"type": "websocket.close", "code": 1001, "reason": "bye"}
+
+
+async def _fast_path_round(compression: str | None) -> tuple[list[Any], list[bool]]:
+    """Serve with or without permessage-deflate; return what a client got and the modes used."""
+    used_raw_writes: list[bool] = []
+    received: list[Any] = []
+    async with ConnectionManager(queue_size=4096) as manager:
+
+        async def handler(websocket: ServerConnection) -> None:
+            used_raw_writes.append(not websocket.protocol.extensions)
+            connection = await manager.connect(WebsocketsTransport(websocket), "reader")
+            await websocket.wait_closed()
+            await manager.disconnect(connection)
+
+        async with serve(handler, "127.0.0.1", 0, compression=compression) as server:
+            port = server.sockets[0].getsockname()[1]
+            async with connect(f"ws://127.0.0.1:{port}/", compression="deflate") as client:
+                received.append(json.loads(await client.recv()))
+                for n in range(300):
+                    await manager.broadcast("lobby", {"n": n, "pad": "é" * (n * 7)}, "writer")
+                for _ in range(300):
+                    received.append(json.loads(await client.recv()))
+    return received, used_raw_writes
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("compression", [None, "deflate"])
+async def test_websockets_batches_prepared_frames_or_falls_back_per_connection(
+    compression: str | None,
+) -> None:
+    received, raw = await _fast_path_round(compression)
+    assert raw == [compression is None]
+    assert received[0]["type"] == "join"
+    assert [m["seq"] for m in received] == list(range(1, 302))
+    assert [m["data"]["n"] for m in received[1:]] == list(range(300))
+    assert received[-1]["data"]["pad"] == "é" * (299 * 7)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_client_that_stops_reading_is_shed_on_the_fast_path() -> None:
+    # Short close timeouts: the closing handshake cannot get through a full buffer.
+    async with ConnectionManager(queue_size=8, close_timeout=1) as manager:
+        closed: list[Connection] = []
+
+        async def handler(websocket: ServerConnection) -> None:
+            connection = await manager.connect(WebsocketsTransport(websocket), "stalled")
+            closed.append(connection)
+            await connection.wait_closed()
+
+        async with serve(handler, "127.0.0.1", 0, compression=None, close_timeout=1) as server:
+            port = server.sockets[0].getsockname()[1]
+            # max_queue=1: the client library stops reading the socket after one message.
+            async with connect(
+                f"ws://127.0.0.1:{port}/", max_queue=1, compression=None, close_timeout=1
+            ) as c:
+                assert json.loads(await c.recv())["type"] == "join"
+                big = "x" * 65536
+                with anyio.fail_after(30):
+                    # Bounded: 2,000 frames of 64 KiB at most, on loopback.
+                    for _ in range(2000):
+                        await manager.broadcast("lobby", big, "writer")
+                        await anyio.lowlevel.checkpoint()
+                        if closed and closed[0].state is not ConnectionState.OPEN:
+                            break
+                    await closed[0].wait_closed()
+                assert closed[0].close_code == CloseCode.SLOW_CONSUMER
+                assert manager.stats().slow_consumer_disconnects == 1

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import anyio
 from pydantic import JsonValue
 
+from .envelope import Envelope
 from .protocol import CloseCode, control_frame, error_frame
 from .transport import Transport
 
@@ -90,8 +91,8 @@ class Connection:
         """The seq of the newest envelope queued for this client (0 before the first)."""
         self._queue_size = queue_size
         self._policy = policy
-        self._queue: deque[str] = deque()
-        self._pending: deque[tuple[int, str]] = deque()
+        self._queue: deque[Envelope | str] = deque()
+        self._pending: deque[Envelope | str] = deque()
         self._wakeup: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
         self._transport_dead = False
@@ -137,19 +138,20 @@ class Connection:
 
     # The methods below belong to the manager.
 
-    def _push(self, seq: int, text: str) -> None:
-        """Queue one envelope's shared text; called by the room's fan-out, never blocks."""
+    def _push(self, envelope: Envelope) -> None:
+        """Queue one shared envelope; called by the room's fan-out, never blocks."""
         state = self.state
         if state is ConnectionState.OPEN:
+            seq = envelope.seq
             if seq <= self.last_seq:
                 return
             self.last_seq = seq
-            self._append(text)
+            self._append(envelope)
         elif state is ConnectionState.RECOVERING:
             pending = self._pending
             if len(pending) >= self._queue_size and not self._make_room(pending):
                 return
-            pending.append((seq, text))
+            pending.append(envelope)
 
     def _push_text(self, text: str) -> bool:
         if self.state is ConnectionState.OPEN:
@@ -159,21 +161,21 @@ class Connection:
             pending = self._pending
             if len(pending) >= self._queue_size and not self._make_room(pending):
                 return False
-            pending.append((0, text))
+            pending.append(text)
             return True
         return False
 
-    def _append(self, text: str) -> None:
+    def _append(self, item: Envelope | str) -> None:
         queue = self._queue
         if len(queue) >= self._queue_size and not self._make_room(queue):
             return
-        queue.append(text)
+        queue.append(item)
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
             wakeup.set()
 
-    def _make_room(self, queue: deque[str] | deque[tuple[int, str]]) -> bool:
+    def _make_room(self, queue: deque[Envelope | str]) -> bool:
         """Apply the slow-consumer policy to a full queue; true if there is now room."""
         if self._policy is SlowConsumerPolicy.DROP_OLDEST:
             queue.popleft()
@@ -208,19 +210,33 @@ class Connection:
         self.state = ConnectionState.OPEN
         self.last_seq = max(self.last_seq, after_seq)
         pending, self._pending = self._pending, deque()
-        for seq, text in pending:
-            if seq == 0:
-                self._append(text)
+        for item in pending:
+            if isinstance(item, str):
+                self._append(item)
             else:
-                self._push(seq, text)
+                self._push(item)
 
     async def _drain(self) -> None:
-        """The writer: send queued frames in order until cancelled or the socket fails."""
+        """The writer: send queued frames in order until cancelled or the socket fails.
+
+        A :class:`~wsbroadcast.transport.BatchTransport` gets everything waiting in one call;
+        any other transport gets one ``send_text`` per frame.
+        """
+        send_batch = getattr(self.transport, "send_batch", None)
+        if send_batch is not None:
+            while True:
+                while not self._queue:
+                    wakeup = self._wakeup = anyio.Event()
+                    await wakeup.wait()
+                batch, self._queue = self._queue, deque()
+                await send_batch(batch)
+                self._delivered += len(batch)
         queue = self._queue
         send = self.transport.send_text
         while True:
             while not queue:
                 wakeup = self._wakeup = anyio.Event()
                 await wakeup.wait()
-            await send(queue.popleft())
+            item = queue.popleft()
+            await send(item if isinstance(item, str) else item.text)
             self._delivered += 1

@@ -7,6 +7,8 @@ from functools import cached_property
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_serializer
 
+from .frames import text_frame
+
 __all__ = ["Envelope"]
 
 
@@ -16,7 +18,7 @@ class Envelope(BaseModel):
     Envelopes are made by a :class:`~wsbroadcast.backend.Backend`'s ``publish``, which is the
     single source of order: it assigns ``seq`` (1, 2, 3, ... per room, gap-free) and the server
     ``timestamp``. Envelopes are immutable, and :attr:`text` encodes one to JSON exactly once,
-    however many connections receive it.
+    however many connections receive it (as :attr:`frame` builds its WebSocket frame once).
 
     The wire form (``text``) is a JSON object with the fields in this order:
     ``type, room, seq, id, client_id, timestamp, data``. See ``docs/protocol.md``.
@@ -40,6 +42,11 @@ class Envelope(BaseModel):
     def text(self) -> str:
         """The JSON text sent on the wire, encoded on first use and then shared by everyone."""
         return self.model_dump_json()
+
+    @cached_property
+    def frame(self) -> bytes:
+        """The whole WebSocket text frame for :attr:`text`, built once, for raw transports."""
+        return text_frame(self.text.encode())
 
     @classmethod
     def from_text(cls, text: str) -> Envelope:

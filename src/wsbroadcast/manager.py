@@ -80,10 +80,9 @@ class _Room:
         self.entering = 0
 
     def fan_out(self, envelope: Envelope) -> None:
-        text = envelope.text
-        seq = envelope.seq
+        envelope.text  # noqa: B018 -- encode once here, not in the first recipient's writer
         for connection in self.snapshot:
-            connection._push(seq, text)
+            connection._push(envelope)
 
     def add(self, connection: Connection) -> None:
         self.members.add(connection)

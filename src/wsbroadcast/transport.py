@@ -9,9 +9,13 @@ concurrent sends.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-__all__ = ["Transport"]
+if TYPE_CHECKING:
+    from .envelope import Envelope
+
+__all__ = ["BatchTransport", "Transport"]
 
 
 @runtime_checkable
@@ -34,4 +38,22 @@ class Transport(Protocol):
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         """Start the closing handshake with ``code`` and ``reason``."""
+        ...
+
+
+@runtime_checkable
+class BatchTransport(Transport, Protocol):
+    """A transport that can write several frames at once: the fast path.
+
+    When a transport has ``send_batch``, the connection's writer hands it every frame that
+    is waiting, in order, instead of calling ``send_text`` once per frame. Items are
+    :class:`~wsbroadcast.Envelope` objects (whose :attr:`~wsbroadcast.Envelope.frame` is the
+    WebSocket frame built once per publish, shared by every recipient) and ``str`` (one-off
+    frames such as errors). An implementation writes them in one go when it can, and must
+    fall back to per-frame encoding when its connection negotiated an extension such as
+    permessage-deflate, which makes frames differ per connection.
+    """
+
+    async def send_batch(self, frames: Sequence[Envelope | str], /) -> None:
+        """Send ``frames`` in order, as text frames; raise if the peer is gone."""
         ...

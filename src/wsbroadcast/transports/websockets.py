@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from ..envelope import Envelope
+from ..frames import text_frame
 
 __all__ = ["WebsocketsTransport"]
 
 
 class WebsocketsTransport:
-    """Wraps a ``websockets.asyncio.server.ServerConnection``.
+    """Wraps a ``websockets.asyncio.server.ServerConnection``; the library's fast path.
+
+    It is a :class:`~wsbroadcast.transport.BatchTransport`: the connection's writer hands it
+    every waiting frame at once, and when the connection negotiated no extension it writes
+    each envelope's prepared frame (built once per publish, shared by every recipient) in a
+    single write to the socket, then waits for the socket's buffer to drain below its limit.
+    With permessage-deflate negotiated, frames differ per connection, so it sends them one by
+    one through ``websockets``. Serve with ``compression=None`` to get the fast path.
 
     ``websockets.serve`` has completed the handshake before the handler runs, so ``accept`` is
     a no-op. Runs on asyncio only, as the ``websockets`` library does.
@@ -26,6 +38,23 @@ class WebsocketsTransport:
     async def send_text(self, data: str, /) -> None:
         """Send one text frame; raises ``ConnectionClosed`` if the client is gone."""
         await self.connection.send(data, text=True)
+
+    async def send_batch(self, frames: Sequence[Envelope | str], /) -> None:
+        """Send ``frames`` in order, in one socket write when no extension is in use."""
+        connection = self.connection
+        if connection.protocol.extensions:
+            for item in frames:
+                await connection.send(item if isinstance(item, str) else item.text, text=True)
+            return
+        if connection.protocol.state is not State.OPEN or connection.transport.is_closing():
+            raise ConnectionError("the WebSocket connection is not open")
+        connection.transport.write(
+            b"".join(
+                text_frame(item.encode()) if isinstance(item, str) else item.frame
+                for item in frames
+            )
+        )
+        await connection.drain()
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         """Run the closing handshake (bounded by the connection's ``close_timeout``)."""
