@@ -215,7 +215,7 @@ def test_the_command_line_refuses_bad_settings_before_serving(argv: list[str]) -
 
 
 def test_history_reaches_the_redis_backend_and_the_log_hides_passwords() -> None:
-    from examples.chat_app.app import _redact
+    from examples.chat_app.service import _redact
     from wsbroadcast import backend_from_url
     from wsbroadcast.backends.redis import RedisBackend
 
