@@ -110,6 +110,11 @@ class WebsocketsFrontEnd:
         """Answer ``GET /``, ``/healthz``, ``/metrics`` and ``/rooms/{room}``; refuse a bad
         ``/ws/{client_id}`` handshake with 403; None lets a good one proceed."""
         service = self.service
+        # Older websockets parse GET requests only and have no Request.method.
+        if getattr(request, "method", "GET") != "GET":
+            response = _plain(HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n")
+            response.headers["Allow"] = "GET"
+            return response
         url = urlsplit(request.path)
         path = url.path
         if path == "/":

@@ -69,6 +69,8 @@ ENVELOPE_KEYS = ["type", "room", "seq", "id", "client_id", "timestamp", "data"]
 async def test_join_message_leave_and_envelope_shape(server: ChatServer) -> None:
     room = "shape"
     async with client(server, "alice", room) as alice:
+        # No permessage-deflate: one frame's bytes serve every recipient (the fast path).
+        assert "Sec-WebSocket-Extensions" not in alice.response.headers
         own = await recv(alice)
         assert list(own) == ENVELOPE_KEYS
         assert (own["type"], own["room"], own["client_id"], own["data"]) == (
@@ -126,6 +128,10 @@ def test_http_routes(server: ChatServer) -> None:
     ):  # fmt: skip
         assert re.search(rf"^{re.escape(name)} \d+$", metrics.text, re.MULTILINE), name
     assert httpx.get(f"{server.url}/rooms/bad%20room").status_code == 400
+    for nowhere in ("/nowhere", "/rooms/a/b", "/rooms/", "/healthz/x"):
+        assert httpx.get(f"{server.url}{nowhere}").status_code == 404, nowhere
+    for route in ("/", "/healthz", "/rooms/lobby"):
+        assert httpx.post(f"{server.url}{route}").status_code == 405, route
     assert httpx.get(f"{server.url}/rooms/never-used").json() == {
         "room": "never-used", "online": [], "seq": 0
     }  # fmt: skip
