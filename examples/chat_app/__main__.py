@@ -1,8 +1,13 @@
-"""Run the chat app: ``python -m examples.chat_app --host 127.0.0.1 --port 8000``."""
+"""Run the chat app: ``python -m examples.chat_app --host 127.0.0.1 --port 8000``.
+
+``--server uvicorn`` (the default) serves the Starlette app; ``--server websockets`` serves
+the same routes and protocol on the ``websockets`` library's server, wsbroadcast's fast path.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import socket
 import sys
@@ -13,6 +18,7 @@ import uvicorn
 from wsbroadcast import DEFAULT_QUEUE_SIZE, backend_from_url
 
 from .app import Settings, create_app
+from .service import ChatService
 
 __all__ = ["main", "parse_args"]
 
@@ -69,7 +75,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see ``--help``)."""
     parser = argparse.ArgumentParser(
         prog="python -m examples.chat_app",
-        description="The wsbroadcast reference chat app (Starlette + uvicorn).",
+        description="The wsbroadcast reference chat app (Starlette + uvicorn, or websockets).",
+    )
+    parser.add_argument(
+        "--server",
+        choices=["uvicorn", "websockets"],
+        default="uvicorn",
+        help="uvicorn: the Starlette app; websockets: the websockets library's server, which"
+        " writes each broadcast frame once for all clients (default %(default)s)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default %(default)s)")
@@ -137,7 +150,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Build the app from the command line and serve it with uvicorn."""
+    """Build the app from the command line and serve it with uvicorn or websockets."""
     args = parse_args(argv)
     try:
         settings = Settings(
@@ -152,6 +165,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         backend_from_url(settings.backend_url())  # fail now, not at startup, on a bad URL
     except ValueError as exc:  # InvalidBackendURL is a ValueError too
         sys.exit(f"python -m examples.chat_app: error: {exc}")
+    if args.server == "websockets":
+        _run_websockets(args, settings)
+    else:
+        _run_uvicorn(args, settings)
+
+
+def _run_websockets(args: argparse.Namespace, settings: Settings) -> None:
+    from .websockets_server import run
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(run(ChatService(settings), args.host, args.port, args.send_buffer))
+    except OSError as exc:  # the address is in use, say
+        logging.getLogger("examples.chat_app").error("cannot serve: %s", exc)
+        sys.exit(3)
+
+
+def _run_uvicorn(args: argparse.Namespace, settings: Settings) -> None:
     config = uvicorn.Config(
         create_app(settings),
         host=args.host,

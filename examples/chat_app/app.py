@@ -1,56 +1,39 @@
-"""The chat app: a Starlette application around one :class:`wsbroadcast.ConnectionManager`.
+"""The chat app on Starlette (served by uvicorn): a thin front end over :class:`ChatService`.
 
-Routes (documented in ``docs/protocol.md``, "The chat app's WebSocket protocol")::
-
-    GET  /              chat.html
-    GET  /healthz       {"status": "ok", ...}
-    GET  /metrics       Prometheus text format
-    GET  /rooms/{room}  {"room", "online", "seq"}
-    WS   /ws/{client_id}?room=NAME&since=SEQ
-
-Everything a client sends is checked at the edge before it reaches the manager: names and
-``since`` at the handshake (refused with HTTP 403), the ``Origin`` header against cross-site
-WebSocket hijacking, and every frame for size, rate, JSON shape and text length. A client's
-mistake gets an unsequenced error frame on its own connection, never a traceback in the log.
+The routes, their checks and the WebSocket protocol live in :mod:`examples.chat_app.service`;
+this module maps Starlette's requests and ``WebSocket`` onto them.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import json
-import logging
-import math
-import re
-import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
-from pydantic import JsonValue
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from wsbroadcast import (
-    DEFAULT_QUEUE_SIZE,
-    BackendError,
-    CloseCode,
-    Connection,
-    ConnectionManager,
-    ConnectionState,
-    InvalidInput,
-    WSBroadcastError,
-    control_frame,
-)
+from wsbroadcast import CloseCode
 from wsbroadcast.transports.starlette import StarletteTransport
+
+from .service import (
+    CLOSE_WAIT,
+    ChatService,
+    ClientError,
+    ErrorCode,
+    Handshake,
+    HttpResponse,
+    RateLimiter,
+    Refusal,
+    Settings,
+    origin_allowed,
+    parse_client_frame,
+    valid_name,
+)
 
 __all__ = [
     "ClientError",
@@ -63,586 +46,6 @@ __all__ = [
     "parse_client_frame",
     "valid_name",
 ]
-
-logger = logging.getLogger("examples.chat_app")
-
-CHAT_HTML: Final = Path(__file__).with_name("static") / "chat.html"
-_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-_SINCE = re.compile(r"[0-9]{1,18}")
-CLOSE_WAIT: Final = 1.0
-"""Seconds to wait for a close frame to be written before giving up on the socket."""
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-
-
-class ErrorCode:
-    """The ``code`` of every error frame the chat app sends (``data.code``)."""
-
-    INVALID_JSON: Final = "invalid_json"
-    """The text frame is not valid JSON."""
-    NOT_AN_OBJECT: Final = "not_an_object"
-    """The JSON value is not an object."""
-    MISSING_MESSAGE: Final = "missing_message"
-    """The object has no ``message`` field."""
-    MESSAGE_NOT_A_STRING: Final = "message_not_a_string"
-    """``message`` is not a string."""
-    EMPTY_MESSAGE: Final = "empty_message"
-    """``message`` is empty or only whitespace."""
-    MESSAGE_TOO_LONG: Final = "message_too_long"
-    """``message`` has more than ``max_text`` characters."""
-    BINARY_FRAME: Final = "binary_frame"
-    """The client sent a binary frame; the protocol is text (JSON) only."""
-    RATE_LIMITED: Final = "rate_limited"
-    """The client sent more frames per second than ``rate_limit`` allows."""
-    UNAVAILABLE: Final = "unavailable"
-    """The message could not be published: the backend (Redis) cannot be reached or refused
-    it. Not the client's fault; nothing was broadcast, and the client may retry."""
-
-
-ERROR_CODES: Final = tuple(
-    sorted(value for name, value in vars(ErrorCode).items() if name.isupper())
-)
-"""Every error code, for metrics."""
-REFUSALS: Final = (
-    "bad_name",
-    "bad_since",
-    "forbidden_origin",
-    "message_too_big",
-    "unavailable",
-)
-"""Why a handshake was refused or a connection closed for breaking a rule (or, for
-``unavailable``, because the backend could not be reached), for metrics."""
-
-
-@dataclass(frozen=True)
-class ClientError:
-    """Why a client's frame was refused: becomes ``{"type": "error", "data": {code, detail}}``."""
-
-    code: str
-    detail: str
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the command line can set; :func:`create_app` builds an app from it."""
-
-    backend: str = "memory://"
-    """Backend URL for :func:`wsbroadcast.backend_from_url`."""
-    rate_limit: float = 20
-    """Frames per second per connection (burst ``2 * rate_limit``); 0 turns it off."""
-    max_message_bytes: int = 65536
-    """Largest frame accepted (UTF-8 bytes); a larger one closes the connection with 1009."""
-    max_text: int = 4000
-    """Most characters in a chat message."""
-    queue_size: int = DEFAULT_QUEUE_SIZE
-    """Frames each connection may have waiting before it is closed as a slow consumer."""
-    history: int | None = None
-    """Envelopes kept per room for resume (``history=N`` in the backend URL); None: default."""
-    allowed_origins: tuple[str, ...] = ()
-    """Origins besides the server's own that may open a WebSocket (``scheme://host[:port]``)."""
-    slow_consumer: str = "disconnect"
-    """The manager's slow-consumer policy."""
-
-    def __post_init__(self) -> None:
-        if not (self.rate_limit >= 0 and math.isfinite(self.rate_limit)):
-            raise ValueError(f"rate_limit must be a finite number >= 0, not {self.rate_limit}")
-        for name in ("max_message_bytes", "max_text", "queue_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
-        if self.history is not None and self.history < 0:
-            raise ValueError(f"history must be >= 0, not {self.history}")
-        for origin in self.allowed_origins:
-            if _normalize_origin(origin) is None:
-                raise ValueError(f"allowed_origins: {origin!r} is not scheme://host[:port]")
-
-    def backend_url(self) -> str:
-        """The backend URL, with ``history=N`` added when :attr:`history` is set."""
-        if self.history is None:
-            return self.backend
-        base, _, query = self.backend.partition("?")
-        options = [(k, v) for k, v in parse_qsl(query) if k != "history"]
-        options.append(("history", str(self.history)))
-        return f"{base}?{urlencode(options)}"
-
-
-def valid_name(value: str) -> bool:
-    """Whether ``value`` is a valid client id or room: 1-64 of ``A-Z a-z 0-9 _ . -``."""
-    return _NAME.fullmatch(value) is not None
-
-
-def parse_client_frame(text: str, max_text: int) -> str | ClientError:
-    """Return the chat text of one client frame ``{"message": text}``, or why it is refused.
-
-    Only ``message`` is read: any other field (``client_id``, ``seq``, ``timestamp``...) is
-    ignored, because the server sets those itself.
-    """
-    try:
-        value = json.loads(text)
-    except ValueError as exc:  # JSONDecodeError, and recursion or number-size limits
-        return ClientError(ErrorCode.INVALID_JSON, f"the frame is not valid JSON: {exc}")
-    except RecursionError:
-        return ClientError(ErrorCode.INVALID_JSON, "the frame is nested too deeply")
-    if not isinstance(value, dict):
-        kind = type(value).__name__ if value is not None else "null"
-        return ClientError(
-            ErrorCode.NOT_AN_OBJECT, f'send a JSON object {{"message": ...}}, not {kind}'
-        )
-    if "message" not in value:
-        return ClientError(ErrorCode.MISSING_MESSAGE, 'the object has no "message" field')
-    message = value["message"]
-    if not isinstance(message, str):
-        return ClientError(ErrorCode.MESSAGE_NOT_A_STRING, '"message" must be a string')
-    if not message.strip():
-        return ClientError(ErrorCode.EMPTY_MESSAGE, '"message" must not be empty')
-    if len(message) > max_text:
-        return ClientError(
-            ErrorCode.MESSAGE_TOO_LONG,
-            f'"message" has {len(message)} characters; the most is {max_text}',
-        )
-    return message
-
-
-class RateLimiter:
-    """A token bucket: ``rate`` frames per second on average, bursts of ``2 * rate``.
-
-    :param clock: a monotonic clock in seconds (injectable for tests).
-    """
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        if not rate > 0:
-            raise ValueError(f"rate must be positive, not {rate}")
-        self.rate = rate
-        self.burst = 2 * rate
-        self._clock = clock
-        self._tokens = self.burst
-        self._last = clock()
-
-    def allow(self) -> bool:
-        """Take one token if there is one; false means the frame must be refused."""
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
-
-def _normalize_origin(origin: str) -> str | None:
-    """``scheme://host:port`` in lower case with the port made explicit, or None if malformed."""
-    try:
-        parts = urlsplit(origin.strip().lower())
-        port = parts.port
-    except ValueError:
-        return None
-    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/"):
-        return None
-    if parts.query or parts.fragment or parts.username is not None:
-        return None
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    host = parts.hostname
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{port or _DEFAULT_PORTS[scheme]}"
-
-
-def origin_allowed(
-    origin: str | None, host: str | None, secure: bool, allowed: tuple[str, ...] = ()
-) -> bool:
-    """Whether a WebSocket handshake with this ``Origin`` header may proceed.
-
-    No ``Origin`` (a non-browser client) is allowed. Otherwise the origin must be the server's
-    own (``http[s]://`` + the ``Host`` header) or one of ``allowed``.
-    """
-    if origin is None:
-        return True
-    normalized = _normalize_origin(origin)
-    if normalized is None:
-        return False
-    if host:
-        own = _normalize_origin(f"{'https' if secure else 'http'}://{host}")
-        if own is not None and normalized == own:
-            return True
-    return any(normalized == _normalize_origin(other) for other in allowed)
-
-
-def _redact(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``, for the log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
-
-
-def _inline_hashes(html: str, tag: str) -> list[str]:
-    """CSP source expressions (``'sha256-...'``) for each inline ``<tag>`` of ``html``."""
-    hashes = []
-    for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL):
-        digest = hashlib.sha256(body.encode()).digest()
-        hashes.append(f"'sha256-{base64.b64encode(digest).decode()}'")
-    return hashes
-
-
-_BACKEND_METRICS: Final = (
-    ("reconnects", "chat_backend_reconnects_total", "counter",
-     "Times the backend reached its broker again after an outage."),
-    ("publish_failures", "chat_backend_publish_failures_total", "counter",
-     "Publishes the broker could not take (the sender got an 'unavailable' error)."),
-    ("data_losses", "chat_backend_data_losses_total", "counter",
-     "Times the broker came back without its data (resuming clients get history_lost)."),
-    ("gaps", "chat_backend_gaps_total", "counter",
-     "Times this node found envelopes trimmed from history before it could read them."),
-    ("reaped_nodes", "chat_backend_reaped_nodes_total", "counter",
-     "Dead nodes whose presence this node removed."),
-    ("rooms", "chat_backend_rooms", "gauge", "Rooms this node reads from the broker."),
-)  # fmt: skip
-"""``health()`` keys exported when the backend reports them: (key, metric, type, help)."""
-
-_Family = tuple[str, str, str, list[tuple[str, int]]]
-
-
-def _backend_families(health: dict[str, JsonValue]) -> list[_Family]:
-    """Metric families for the backend's state: ``chat_backend_connected`` always, the
-    counters of :data:`_BACKEND_METRICS` when ``health()`` has them (the Redis backend)."""
-    families: list[_Family] = [
-        (
-            "chat_backend_connected",
-            "gauge",
-            "1 while the backend is healthy (Redis: reachable), else 0.",
-            [("", int(health.get("status") == "ok"))],
-        )
-    ]
-    for key, name, kind, help in _BACKEND_METRICS:
-        value = health.get(key)
-        if isinstance(value, int):
-            families.append((name, kind, help, [("", int(value))]))
-    return families
-
-
-@dataclass
-class _Counters:
-    messages: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-    refused: Counter[str] = field(default_factory=Counter)
-
-
-class ChatServer:
-    """The state behind one app: settings, the running manager and the app's counters."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.manager: ConnectionManager | None = None
-        self.counters = _Counters()
-        html = CHAT_HTML.read_text(encoding="utf-8")
-        self.html = html.encode()
-        csp = [
-            "default-src 'none'",
-            f"script-src {' '.join(_inline_hashes(html, 'script'))}",
-            f"style-src {' '.join(_inline_hashes(html, 'style'))}",
-            "connect-src 'self'",
-            "img-src 'self' data:",
-            "base-uri 'none'",
-            "form-action 'none'",
-            "frame-ancestors 'none'",
-        ]
-        self.html_headers = {
-            "Content-Security-Policy": "; ".join(csp),
-            "X-Content-Type-Options": "nosniff",
-            "X-Frame-Options": "DENY",
-            "Referrer-Policy": "no-referrer",
-            "Cache-Control": "no-cache",
-        }
-
-    @contextlib.asynccontextmanager
-    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        """Run a fresh manager for as long as the app serves."""
-        settings = self.settings
-        manager = ConnectionManager(
-            settings.backend_url(),
-            queue_size=settings.queue_size,
-            slow_consumer=settings.slow_consumer,
-        )
-        async with manager:
-            self.manager = manager
-            logger.info("chat app running with backend %s", _redact(settings.backend_url()))
-            try:
-                yield
-            finally:
-                self.manager = None
-
-    # HTTP routes
-
-    async def index(self, request: Request) -> Response:
-        """``GET /``: the chat page."""
-        return Response(self.html, media_type="text/html; charset=utf-8", headers=self.html_headers)
-
-    async def healthz(self, request: Request) -> JSONResponse:
-        """``GET /healthz``: 200 ``{"status": "ok", ...}``, or 503 with ``"degraded"``.
-
-        Degraded while the backend's ``health()`` is not ok (Redis unreachable): meant for a
-        readiness check, since the process keeps its connections and recovers by itself.
-        """
-        manager = self.manager
-        if manager is None:
-            return JSONResponse({"status": "unavailable"}, status_code=503)
-        backend = manager.backend.health()
-        stats = manager.stats()
-        ok = backend.get("status") == "ok"
-        body = {
-            "status": "ok" if ok else "degraded",
-            "backend": backend,
-            "connections": stats.connections,
-            "rooms": stats.rooms,
-        }
-        return JSONResponse(body, status_code=200 if ok else 503)
-
-    async def metrics(self, request: Request) -> PlainTextResponse:
-        """``GET /metrics``: counters and gauges in the Prometheus text format."""
-        manager = self.manager
-        counters = self.counters
-        families: list[_Family] = [
-            ("chat_up", "gauge", "1 while the manager runs.", [("", int(manager is not None))])
-        ]
-        if manager is not None:
-            families += _backend_families(manager.backend.health())
-            stats = manager.stats()
-            families += [
-                (
-                    "chat_connections",
-                    "gauge",
-                    "Open WebSocket connections.",
-                    [("", stats.connections)],
-                ),
-                ("chat_rooms", "gauge", "Rooms with at least one connection.", [("", stats.rooms)]),
-                (
-                    "chat_envelopes_published_total",
-                    "counter",
-                    "Envelopes published (messages, joins and leaves).",
-                    [("", stats.published)],
-                ),
-                (
-                    "chat_deliveries_total",
-                    "counter",
-                    "Frames written to sockets.",
-                    [("", stats.delivered)],
-                ),
-                (
-                    "chat_drops_total",
-                    "counter",
-                    "Frames queued for a client but never written.",
-                    [("", stats.dropped)],
-                ),
-                (
-                    "chat_slow_consumer_disconnects_total",
-                    "counter",
-                    "Connections closed with 4008 because their queue was full.",
-                    [("", stats.slow_consumer_disconnects)],
-                ),
-                (
-                    "chat_send_failures_total",
-                    "counter",
-                    "Connections closed because a send to them failed.",
-                    [("", stats.send_failures)],
-                ),
-            ]
-        families += [
-            (
-                "chat_messages_published_total",
-                "counter",
-                "Chat messages accepted and broadcast.",
-                [("", counters.messages)],
-            ),
-            (
-                "chat_errors_total",
-                "counter",
-                "Error frames sent to clients, by code.",
-                [(f'{{code="{code}"}}', counters.errors[code]) for code in ERROR_CODES],
-            ),
-            (
-                "chat_connections_refused_total",
-                "counter",
-                "Handshakes refused, and connections closed for breaking a rule, by reason.",
-                [(f'{{reason="{reason}"}}', counters.refused[reason]) for reason in REFUSALS],
-            ),
-        ]
-        lines: list[str] = []
-        for name, kind, help, samples in families:
-            lines.append(f"# HELP {name} {help}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
-        return PlainTextResponse(
-            "\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
-
-    async def room(self, request: Request) -> JSONResponse:
-        """``GET /rooms/{room}``: who is online and the room's last seq."""
-        name: str = request.path_params["room"]
-        if not valid_name(name):
-            return JSONResponse(
-                {"error": "room must be 1-64 characters of A-Z a-z 0-9 _ . -"}, status_code=400
-            )
-        manager = self.manager
-        if manager is None:
-            return JSONResponse({"error": "server not running"}, status_code=503)
-        try:
-            online = await manager.presence(name)
-            # A since beyond any seq reads no envelopes but still reports the last seq.
-            history = await manager.backend.history(name, 2**62)
-        except BackendError as exc:
-            logger.warning("GET /rooms/%s: %s", name, exc)
-            return JSONResponse({"error": "backend unavailable"}, status_code=503)
-        return JSONResponse({"room": name, "online": online, "seq": history.last_seq})
-
-    # The WebSocket route
-
-    async def _refuse(self, websocket: WebSocket, reason: str, detail: str) -> None:
-        """Refuse the handshake: a close before accept is an HTTP 403 on uvicorn."""
-        self.counters.refused[reason] += 1
-        logger.info("refused WebSocket %s: %s", websocket.url.path, detail)
-        await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=reason)
-
-    async def chat_socket(self, websocket: WebSocket) -> None:
-        """``WS /ws/{client_id}?room=NAME&since=SEQ``: one client in one room."""
-        client_id: str = websocket.path_params["client_id"]
-        room = websocket.query_params.get("room", "lobby")
-        since_text = websocket.query_params.get("since")
-        if not valid_name(client_id) or not valid_name(room):
-            await self._refuse(websocket, "bad_name", "bad client id or room")
-            return
-        since: int | None = None
-        if since_text is not None:
-            if _SINCE.fullmatch(since_text) is None:
-                await self._refuse(websocket, "bad_since", "since must be an integer >= 0")
-                return
-            since = int(since_text)
-        origin = websocket.headers.get("origin")
-        secure = websocket.url.scheme == "wss"
-        if not origin_allowed(
-            origin, websocket.headers.get("host"), secure, self.settings.allowed_origins
-        ):
-            await self._refuse(websocket, "forbidden_origin", f"origin {origin!r} not allowed")
-            return
-        manager = self.manager
-        if manager is None:
-            await websocket.close(code=CloseCode.GOING_AWAY)
-            return
-        try:
-            since = await self._check_stream(manager, websocket, room, since)
-            connection = await manager.connect(
-                _ChatTransport(websocket), client_id, room, since=since
-            )
-        except BackendError as exc:
-            self.counters.refused["unavailable"] += 1
-            logger.warning("refused %s in room %s: %s", client_id, room, exc)
-            await self._close_unavailable(websocket)
-            return
-        except InvalidInput as exc:  # checked above already; kept as a safety net
-            logger.info("refused WebSocket: %s", exc)
-            await _ChatTransport(websocket).close(CloseCode.POLICY_VIOLATION, "invalid name")
-            return
-        except (OSError, WebSocketDisconnect):  # the client left during the handshake
-            return
-        try:
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._cancel_when_closed, connection, task_group.cancel_scope)
-                await self._receive(manager, websocket, connection)
-                task_group.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await manager.disconnect(connection)
-
-    @staticmethod
-    async def _close_unavailable(websocket: WebSocket) -> None:
-        """Close with 1011 after accepting (unless the manager closed the socket already).
-
-        Accepting first makes it a WebSocket close the client can read, not an HTTP 403
-        that would read as "forbidden".
-        """
-        transport = _ChatTransport(websocket)
-        with contextlib.suppress(OSError, RuntimeError, WebSocketDisconnect):
-            await transport.accept()
-            await transport.close(CloseCode.INTERNAL_ERROR, "backend unavailable")
-
-    async def _check_stream(
-        self, manager: ConnectionManager, websocket: WebSocket, room: str, since: int | None
-    ) -> int | None:
-        """Handle a ``since`` that is ahead of the room: the stream restarted under the client.
-
-        That happens when the server restarted with the memory backend. The core would report
-        ``history_lost`` but then skip the new stream up to ``since``; instead the client is
-        told first and then gets the new stream from its start (``since=0``).
-        """
-        if not since:
-            return since
-        history = await manager.backend.history(room, 2**62)
-        if since <= history.last_seq:
-            return since
-        await websocket.accept()
-        lost: dict[str, JsonValue] = {
-            "since": since,
-            "first_seq": history.first_seq,
-            "last_seq": history.last_seq,
-        }
-        await websocket.send_text(control_frame("history_lost", room, lost))
-        return 0
-
-    @staticmethod
-    async def _cancel_when_closed(connection: Connection, scope: anyio.CancelScope) -> None:
-        """Stop receiving once the manager closed the connection (slow consumer, shutdown)."""
-        await connection.wait_closed()
-        scope.cancel()
-
-    def _error(self, connection: Connection, error: ClientError) -> None:
-        self.counters.errors[error.code] += 1
-        connection.send_error(error.code, error.detail)
-
-    async def _receive(
-        self, manager: ConnectionManager, websocket: WebSocket, connection: Connection
-    ) -> None:
-        """Read the client's frames until it leaves; publish the good ones, answer the bad."""
-        settings = self.settings
-        limiter = RateLimiter(settings.rate_limit) if settings.rate_limit > 0 else None
-        max_bytes = settings.max_message_bytes
-        while connection.state is ConnectionState.OPEN:
-            message: Any = await websocket.receive()
-            if message["type"] != "websocket.receive":  # websocket.disconnect
-                return
-            text: str | None = message.get("text")
-            size = len(text.encode()) if text is not None else len(message.get("bytes") or b"")
-            if size > max_bytes:
-                self.counters.refused["message_too_big"] += 1
-                await manager.disconnect(
-                    connection,
-                    CloseCode.MESSAGE_TOO_BIG,
-                    f"frames are limited to {max_bytes} bytes",
-                )
-                return
-            if limiter is not None and not limiter.allow():
-                detail = (
-                    f"at most {settings.rate_limit:g} messages per second; this one was dropped"
-                )
-                self._error(connection, ClientError(ErrorCode.RATE_LIMITED, detail))
-                continue
-            if text is None:
-                detail = 'send text frames holding JSON {"message": ...}'
-                self._error(connection, ClientError(ErrorCode.BINARY_FRAME, detail))
-                continue
-            result = parse_client_frame(text, settings.max_text)
-            if isinstance(result, ClientError):
-                self._error(connection, result)
-                continue
-            try:
-                await manager.broadcast(connection.room, {"message": result}, connection.client_id)
-            except BackendError as exc:
-                logger.warning("message from %r not published: %s", connection, exc)
-                detail = "the message could not be published (backend unavailable); try again"
-                self._error(connection, ClientError(ErrorCode.UNAVAILABLE, detail))
-            except WSBroadcastError as exc:
-                logger.warning("message from %r not published: %s", connection, exc)
-            else:
-                self.counters.messages += 1
 
 
 class _ChatTransport(StarletteTransport):
@@ -659,20 +62,94 @@ class _ChatTransport(StarletteTransport):
             await super().close(code, reason)
 
 
+class _StarletteSocket:
+    """A Starlette ``WebSocket`` as a :class:`~examples.chat_app.service.ChatSocket`."""
+
+    gone: tuple[type[Exception], ...] = (OSError, WebSocketDisconnect)
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self.transport = _ChatTransport(websocket)
+
+    async def receive(self) -> str | bytes | None:
+        """The next text or binary frame, or None once the client has left."""
+        message: Any = await self.websocket.receive()
+        if message["type"] != "websocket.receive":  # websocket.disconnect
+            return None
+        text: str | None = message.get("text")
+        return text if text is not None else bytes(message.get("bytes") or b"")
+
+
+def _response(response: HttpResponse) -> Response:
+    return Response(
+        response.body,
+        status_code=response.status,
+        headers=dict(response.headers),
+        media_type=response.content_type,
+    )
+
+
+class _StarletteFrontEnd:
+    """Starlette's endpoints, each a call into the shared :class:`ChatService`."""
+
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """Run the service's manager for as long as the app serves."""
+        async with self.service.running():
+            yield
+
+    async def index(self, request: Request) -> Response:
+        """``GET /``."""
+        return _response(self.service.index())
+
+    async def healthz(self, request: Request) -> Response:
+        """``GET /healthz``."""
+        return _response(self.service.healthz())
+
+    async def metrics(self, request: Request) -> Response:
+        """``GET /metrics``."""
+        return _response(self.service.metrics())
+
+    async def room(self, request: Request) -> Response:
+        """``GET /rooms/{room}``."""
+        return _response(await self.service.room(request.path_params["room"]))
+
+    async def chat_socket(self, websocket: WebSocket) -> None:
+        """``WS /ws/{client_id}?room=NAME&since=SEQ``."""
+        handshake = Handshake(
+            path=websocket.url.path,
+            client_id=websocket.path_params["client_id"],
+            query=websocket.query_params,
+            origin=websocket.headers.get("origin"),
+            host=websocket.headers.get("host"),
+            secure=websocket.url.scheme == "wss",
+        )
+        request = self.service.check_handshake(handshake)
+        if isinstance(request, Refusal):
+            # A close before accept is an HTTP 403 on uvicorn.
+            await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=request.reason)
+            return
+        await self.service.serve(request, _StarletteSocket(websocket))
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the chat app; its ``lifespan`` runs the connection manager."""
-    server = ChatServer(settings or Settings())
+    service = ChatService(settings or Settings())
+    front = _StarletteFrontEnd(service)
     app = Starlette(
         routes=[
-            Route("/", server.index, methods=["GET"]),
-            Route("/healthz", server.healthz, methods=["GET"]),
-            Route("/metrics", server.metrics, methods=["GET"]),
-            Route("/rooms/{room}", server.room, methods=["GET"]),
-            WebSocketRoute("/ws/{client_id}", server.chat_socket),
+            Route("/", front.index, methods=["GET"]),
+            Route("/healthz", front.healthz, methods=["GET"]),
+            Route("/metrics", front.metrics, methods=["GET"]),
+            Route("/rooms/{room}", front.room, methods=["GET"]),
+            WebSocketRoute("/ws/{client_id}", front.chat_socket),
         ],
-        lifespan=server.lifespan,
+        lifespan=front.lifespan,
     )
-    app.state.chat = server
+    app.state.chat = service
     return app
 
 

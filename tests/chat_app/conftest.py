@@ -15,6 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE = 30.0
+SERVER_KINDS = ("uvicorn", "websockets")
+READY_LINES = {"uvicorn": "Application startup complete", "websockets": "server listening on"}
+"""What each ``--server`` logs once it serves: proof that its log is really captured."""
 
 
 def free_port() -> int:
@@ -27,9 +30,10 @@ def free_port() -> int:
 class ChatServer:
     """``python -m examples.chat_app`` in a subprocess on 127.0.0.1, its output in files."""
 
-    def __init__(self, directory: Path, args: list[str]) -> None:
+    def __init__(self, directory: Path, args: list[str], kind: str = "uvicorn") -> None:
         self.port = free_port()
         self.args = args
+        self.kind = kind
         self.directory = directory
         self.process: subprocess.Popen[bytes] | None = None
         self.stdout_path = directory / "stdout.log"
@@ -46,7 +50,7 @@ class ChatServer:
     def start(self) -> None:
         """Start the server and wait until ``/healthz`` answers (bounded by a deadline)."""
         command = [sys.executable, "-m", "examples.chat_app", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), *self.args]
+        command += ["--port", str(self.port), "--server", self.kind, *self.args]
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
             self.process = subprocess.Popen(
                 command,
@@ -86,8 +90,13 @@ class ChatServer:
         self.start()
 
     def stderr(self) -> str:
-        """Everything the server wrote to stderr so far (uvicorn's log goes there)."""
+        """Everything the server wrote to stderr so far (the server's log goes there)."""
         return self.stderr_path.read_text(errors="replace")
+
+    @property
+    def ready_line(self) -> str:
+        """A line the server logs once it serves."""
+        return READY_LINES[self.kind]
 
 
 StartServer = Callable[..., ChatServer]
@@ -98,8 +107,8 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServ
     """Start chat app subprocesses with the given flags; all are killed at teardown."""
     servers: list[ChatServer] = []
 
-    def start(*args: str) -> ChatServer:
-        server = ChatServer(tmp_path_factory.mktemp("chat-server"), list(args))
+    def start(*args: str, kind: str = "uvicorn") -> ChatServer:
+        server = ChatServer(tmp_path_factory.mktemp("chat-server"), list(args), kind)
         servers.append(server)
         server.start()
         return server
@@ -107,3 +116,9 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServ
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server_kind(request: pytest.FixtureRequest) -> str:
+    """``--server``: each test that uses it runs on uvicorn and on websockets."""
+    return str(request.param)

@@ -31,8 +31,9 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debia
 
 
 @pytest.fixture(scope="module")
-def server(start_server: StartServer) -> ChatServer:
-    return start_server()
+def server(start_server: StartServer, server_kind: str) -> ChatServer:
+    """The app on each ``--server``: the page works the same on both."""
+    return start_server(kind=server_kind)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,12 @@
 """The chat app's protocol end to end: ``python -m examples.chat_app`` in a subprocess, real
-WebSocket clients (the ``websockets`` library) over loopback."""
+WebSocket clients (the ``websockets`` library) over loopback; every test on both servers
+(``--server uvicorn`` and ``--server websockets``)."""
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -27,7 +29,7 @@ asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 
 
 @pytest.fixture(scope="module")
-def server(start_server: StartServer) -> ChatServer:
+def server(start_server: StartServer, server_kind: str) -> ChatServer:
     return start_server(
         "--max-text", str(MAX_TEXT),
         "--max-message-bytes", str(MAX_BYTES),
@@ -35,6 +37,7 @@ def server(start_server: StartServer) -> ChatServer:
         "--rate-limit", "200",
         "--allowed-origin", ALLOWED,
         "--allowed-origin", "https://other.example:8443",
+        kind=server_kind,
     )  # fmt: skip
 
 
@@ -66,6 +69,8 @@ ENVELOPE_KEYS = ["type", "room", "seq", "id", "client_id", "timestamp", "data"]
 async def test_join_message_leave_and_envelope_shape(server: ChatServer) -> None:
     room = "shape"
     async with client(server, "alice", room) as alice:
+        # No permessage-deflate: one frame's bytes serve every recipient (the fast path).
+        assert "Sec-WebSocket-Extensions" not in alice.response.headers
         own = await recv(alice)
         assert list(own) == ENVELOPE_KEYS
         assert (own["type"], own["room"], own["client_id"], own["data"]) == (
@@ -123,6 +128,10 @@ def test_http_routes(server: ChatServer) -> None:
     ):  # fmt: skip
         assert re.search(rf"^{re.escape(name)} \d+$", metrics.text, re.MULTILINE), name
     assert httpx.get(f"{server.url}/rooms/bad%20room").status_code == 400
+    for nowhere in ("/nowhere", "/rooms/a/b", "/rooms/", "/healthz/x"):
+        assert httpx.get(f"{server.url}{nowhere}").status_code == 404, nowhere
+    for route in ("/", "/healthz", "/rooms/lobby"):
+        assert httpx.post(f"{server.url}{route}").status_code == 405, route
     assert httpx.get(f"{server.url}/rooms/never-used").json() == {
         "room": "never-used", "online": [], "seq": 0
     }  # fmt: skip
@@ -439,8 +448,8 @@ async def test_concurrent_senders_one_order_for_everyone(server: ChatServer) -> 
 
 
 @pytest.fixture(scope="module")
-def limited(start_server: StartServer) -> ChatServer:
-    return start_server("--rate-limit", "2")
+def limited(start_server: StartServer, server_kind: str) -> ChatServer:
+    return start_server("--rate-limit", "2", kind=server_kind)
 
 
 @pytest.mark.anyio
@@ -464,6 +473,28 @@ def test_no_traceback_in_the_server_log(server: ChatServer, limited: ChatServer)
     """Runs last in this module: every bad input above left no traceback in stderr."""
     for each in (server, limited):
         log = each.stderr()
-        assert "Application startup complete" in log  # the log is really captured
+        assert each.ready_line in log  # the log is really captured
         assert "Traceback" not in log
         assert "ERROR" not in log
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_sigterm_closes_the_connections_and_exits_cleanly(
+    start_server: StartServer, server_kind: str
+) -> None:
+    node = start_server(kind=server_kind)
+    process = node.process
+    assert process is not None
+    async with client(node, "stayer", "shutdown") as ws:
+        await recv(ws)
+        process.terminate()
+        with pytest.raises(ConnectionClosed):
+            await recv(ws)
+    # uvicorn closes WebSockets with 1012 itself before the app shuts down; on websockets
+    # the manager's exit closes them, with 1001.
+    assert ws.close_code == {"uvicorn": 1012, "websockets": 1001}[server_kind]
+    # uvicorn re-raises the signal once it has shut down.
+    expected = {"uvicorn": -signal.SIGTERM, "websockets": 0}[server_kind]
+    assert await anyio.to_thread.run_sync(process.wait, 15) == expected
+    assert "Traceback" not in node.stderr()

@@ -46,7 +46,8 @@ def _start_nodes(start_server: StartServer, redis: RedisServer) -> Nodes:
     # Heartbeats in tenths of seconds so that presence resyncs quickly after an outage.
     url = f"{redis.url}?heartbeat=0.2&presence_ttl=2"
     args = ("--backend", url, "--history", str(HISTORY), "--rate-limit", "0")
-    return start_server(*args), start_server(*args)
+    # One node on each server: they share rooms through Redis whatever serves them.
+    return start_server(*args), start_server(*args, kind="websockets")
 
 
 def _assert_no_traceback(*nodes: ChatServer) -> None:
@@ -56,7 +57,8 @@ def _assert_no_traceback(*nodes: ChatServer) -> None:
 
 @pytest.fixture(scope="module")
 def nodes(start_server: StartServer) -> Iterator[Nodes]:
-    """Two nodes on one Redis, shared by the tests that do not break Redis."""
+    """Two nodes on one Redis (uvicorn and websockets), shared by the tests that do not break
+    Redis."""
     redis = _start_redis()
     try:
         pair = _start_nodes(start_server, redis)
@@ -317,12 +319,12 @@ async def _outage_and_recovery(
     assert "Redis unreachable" in node_a.stderr()
 
 
-async def test_redis_refusing_writes(start_server: StartServer) -> None:
+async def test_redis_refusing_writes(start_server: StartServer, server_kind: str) -> None:
     """Redis up but answering errors (out of memory): the same answers as an outage."""
     redis = _start_redis()
     admin = Redis.from_url(redis.url)
     try:
-        node = start_server("--backend", redis.url, "--rate-limit", "0")
+        node = start_server("--backend", redis.url, "--rate-limit", "0", kind=server_kind)
         try:
             async with client(node, "ann", "full") as ann:
                 await recv(ann)

@@ -185,14 +185,17 @@ def test_settings_and_command_line() -> None:
             Settings(**kwargs)
     args = parse_args(["--rate-limit", "0", "--allowed-origin", "https://a.test"] * 1)
     assert (args.rate_limit, args.allowed_origins, args.port) == (0, ["https://a.test"], 8000)
+    assert args.server == "uvicorn"
+    assert parse_args(["--server", "websockets"]).server == "websockets"
     assert parse_args(
         ["--allowed-origin", "https://a", "--allowed-origin", "https://b"]
     ).allowed_origins == [
         "https://a",
         "https://b",
     ]
-    with pytest.raises(SystemExit):
-        parse_args(["--max-text", "0"])
+    for bad in (["--max-text", "0"], ["--server", "hypercorn"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
 
 
 def test_the_module_level_app_is_importable() -> None:
@@ -215,7 +218,7 @@ def test_the_command_line_refuses_bad_settings_before_serving(argv: list[str]) -
 
 
 def test_history_reaches_the_redis_backend_and_the_log_hides_passwords() -> None:
-    from examples.chat_app.app import _redact
+    from examples.chat_app.service import _redact
     from wsbroadcast import backend_from_url
     from wsbroadcast.backends.redis import RedisBackend
 

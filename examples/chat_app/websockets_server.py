@@ -1,0 +1,184 @@
+"""The chat app on the ``websockets`` library's asyncio server: wsbroadcast's fast path.
+
+``python -m examples.chat_app --server websockets`` runs it. The routes, their checks and the
+WebSocket protocol are :class:`~examples.chat_app.service.ChatService`'s, exactly as on
+Starlette; this module only maps ``websockets``' requests and connections onto them. Plain
+HTTP routes are answered from ``process_request``, before any WebSocket handshake.
+
+The server runs with ``compression=None``: without permessage-deflate every connection takes
+the same bytes for an envelope, so :class:`~wsbroadcast.transports.websockets.WebsocketsTransport`
+writes each envelope's frame, built once per publish, to all of them in one socket write per
+batch. Compression would redo the work per connection (and make ``max_size`` apply after
+decompression).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import signal
+import socket
+import weakref
+from http import HTTPStatus
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import anyio
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from wsbroadcast import CloseCode
+from wsbroadcast.transports.websockets import WebsocketsTransport
+
+from .service import CLOSE_WAIT, ChatRequest, ChatService, FrameTooBig, Handshake, HttpResponse
+
+__all__ = ["WebsocketsFrontEnd", "run"]
+
+
+class _ChatTransport(WebsocketsTransport):
+    """A ``websockets`` transport whose ``close`` drops the TCP connection after
+    :data:`~examples.chat_app.service.CLOSE_WAIT` seconds.
+
+    The close frame waits for the socket's buffer to drain: a client that stopped reading
+    (closed with 4008) would never drain it, and would hold the connection until the
+    keepalive ping timed out.
+    """
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        """Run the closing handshake; abort the connection if it takes over CLOSE_WAIT."""
+        with anyio.move_on_after(CLOSE_WAIT) as scope:
+            await super().close(code, reason)
+        if scope.cancelled_caught:
+            self.connection.transport.abort()
+
+
+class _WebsocketsSocket:
+    """A ``websockets`` server connection as a :class:`~examples.chat_app.service.ChatSocket`."""
+
+    gone: tuple[type[Exception], ...] = (OSError, ConnectionClosed)
+
+    def __init__(self, connection: ServerConnection) -> None:
+        self.connection = connection
+        self.transport = _ChatTransport(connection)
+
+    async def receive(self) -> str | bytes | None:
+        """The next text or binary frame, or None once the client has left."""
+        try:
+            return await self.connection.recv()
+        except ConnectionClosed as exc:
+            # max_size: websockets refused the frame and closed with 1009 itself.
+            if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
+                raise FrameTooBig from None
+            return None
+
+
+def _response(response: HttpResponse) -> Response:
+    headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Length", str(len(response.body))),
+            ("Content-Type", response.content_type),
+        ]
+    )
+    headers.update(response.headers)
+    status = HTTPStatus(response.status)
+    return Response(status.value, status.phrase, headers, response.body)
+
+
+def _plain(status: HTTPStatus, text: str) -> Response:
+    return _response(HttpResponse(status, "text/plain; charset=utf-8", text.encode()))
+
+
+class WebsocketsFrontEnd:
+    """The chat app's routes on ``websockets.asyncio.server.serve``, over one service.
+
+    :meth:`process_request` answers the HTTP routes and checks WebSocket handshakes (a refusal
+    is an HTTP 403, as on uvicorn); :meth:`handler` runs each accepted connection.
+    """
+
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+        self._accepted: weakref.WeakKeyDictionary[ServerConnection, ChatRequest] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        """Answer ``GET /``, ``/healthz``, ``/metrics`` and ``/rooms/{room}``; refuse a bad
+        ``/ws/{client_id}`` handshake with 403; None lets a good one proceed."""
+        service = self.service
+        # Older websockets parse GET requests only and have no Request.method.
+        if getattr(request, "method", "GET") != "GET":
+            response = _plain(HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n")
+            response.headers["Allow"] = "GET"
+            return response
+        url = urlsplit(request.path)
+        path = url.path
+        if path == "/":
+            return _response(service.index())
+        if path == "/healthz":
+            return _response(service.healthz())
+        if path == "/metrics":
+            return _response(service.metrics())
+        section, _, name = path[1:].partition("/")
+        if not name or "/" in name or section not in ("rooms", "ws"):
+            return _plain(HTTPStatus.NOT_FOUND, "Not Found\n")
+        if section == "rooms":
+            return _response(await service.room(unquote(name)))
+        handshake = Handshake(
+            path=path,
+            client_id=unquote(name),
+            query=dict(parse_qsl(url.query, keep_blank_values=True)),
+            origin=request.headers.get("Origin"),
+            host=request.headers.get("Host"),
+            secure=connection.transport.get_extra_info("sslcontext") is not None,
+        )
+        checked = service.check_handshake(handshake)
+        if not isinstance(checked, ChatRequest):
+            return _plain(HTTPStatus.FORBIDDEN, f"Forbidden: {checked.reason}\n")
+        self._accepted[connection] = checked
+        return None
+
+    async def handler(self, connection: ServerConnection) -> None:
+        """Run one accepted WebSocket with the service's protocol."""
+        request = self._accepted.pop(connection)
+        await self.service.serve(request, _WebsocketsSocket(connection))
+
+
+async def run(service: ChatService, host: str, port: int, send_buffer: int | None) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully.
+
+    Shutdown stops accepting, then leaves the manager, which closes every connection with
+    1001 (Going Away) after announcing its ``leave``; then waits for the handlers to return.
+    """
+    front = WebsocketsFrontEnd(service)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    listener: socket.socket | None = None
+    if send_buffer is not None:
+        listener = socket.create_server((host, port))
+        # Accepted sockets inherit it: it caps the kernel memory a client that stops reading
+        # can hold.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    async with service.running():
+        server = await serve(
+            front.handler,
+            None if listener else host,
+            None if listener else port,
+            sock=listener,
+            process_request=front.process_request,
+            compression=None,
+            # websockets refuses oversized frames itself (close 1009) before buffering them.
+            max_size=service.settings.max_message_bytes,
+            close_timeout=CLOSE_WAIT,
+        )
+        try:
+            await stop.wait()
+        finally:
+            server.close(close_connections=False)
+    await server.wait_closed()
