@@ -118,16 +118,16 @@ async def test_websockets_batches_prepared_frames_or_falls_back_per_connection(
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_client_that_stops_reading_is_shed_on_the_fast_path() -> None:
-    # Short close timeouts: the closing handshake cannot get through a full buffer.
-    async with ConnectionManager(queue_size=8, close_timeout=1) as manager:
+    async with ConnectionManager(queue_size=8) as manager:
         closed: list[Connection] = []
 
         async def handler(websocket: ServerConnection) -> None:
-            connection = await manager.connect(WebsocketsTransport(websocket), "stalled")
+            transport = WebsocketsTransport(websocket, close_timeout=0.5)
+            connection = await manager.connect(transport, "stalled")
             closed.append(connection)
             await connection.wait_closed()
 
-        async with serve(handler, "127.0.0.1", 0, compression=None, close_timeout=1) as server:
+        async with serve(handler, "127.0.0.1", 0, compression=None) as server:
             port = server.sockets[0].getsockname()[1]
             # max_queue=1: the client library stops reading the socket after one message.
             async with connect(
@@ -144,4 +144,9 @@ async def test_a_client_that_stops_reading_is_shed_on_the_fast_path() -> None:
                             break
                     await closed[0].wait_closed()
                 assert closed[0].close_code == CloseCode.SLOW_CONSUMER
+                # The close frame could not get through the full buffer: the TCP connection
+                # was dropped instead of waiting for keepalive to give up.
+                stalled_transport = closed[0].transport
+                assert isinstance(stalled_transport, WebsocketsTransport)
+                assert stalled_transport.connection.transport.is_closing()
                 assert manager.stats().slow_consumer_disconnects == 1

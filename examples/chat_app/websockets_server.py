@@ -22,7 +22,6 @@ import weakref
 from http import HTTPStatus
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import anyio
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -36,23 +35,6 @@ from .service import CLOSE_WAIT, ChatRequest, ChatService, FrameTooBig, Handshak
 __all__ = ["WebsocketsFrontEnd", "run"]
 
 
-class _ChatTransport(WebsocketsTransport):
-    """A ``websockets`` transport whose ``close`` drops the TCP connection after
-    :data:`~examples.chat_app.service.CLOSE_WAIT` seconds.
-
-    The close frame waits for the socket's buffer to drain: a client that stopped reading
-    (closed with 4008) would never drain it, and would hold the connection until the
-    keepalive ping timed out.
-    """
-
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        """Run the closing handshake; abort the connection if it takes over CLOSE_WAIT."""
-        with anyio.move_on_after(CLOSE_WAIT) as scope:
-            await super().close(code, reason)
-        if scope.cancelled_caught:
-            self.connection.transport.abort()
-
-
 class _WebsocketsSocket:
     """A ``websockets`` server connection as a :class:`~examples.chat_app.service.ChatSocket`."""
 
@@ -60,7 +42,7 @@ class _WebsocketsSocket:
 
     def __init__(self, connection: ServerConnection) -> None:
         self.connection = connection
-        self.transport = _ChatTransport(connection)
+        self.transport = WebsocketsTransport(connection, close_timeout=CLOSE_WAIT)
 
     async def receive(self) -> str | bytes | None:
         """The next text or binary frame, or None once the client has left."""

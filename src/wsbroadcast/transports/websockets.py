@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
+import anyio
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -27,10 +28,15 @@ class WebsocketsTransport:
 
     ``websockets.serve`` has completed the handshake before the handler runs, so ``accept`` is
     a no-op. Runs on asyncio only, as the ``websockets`` library does.
+
+    :param close_timeout: seconds ``close`` may take before the TCP connection is dropped.
+        A client that stopped reading (the one a slow-consumer close is for) never drains its
+        buffer, so the close frame could wait behind it until keepalive gave up.
     """
 
-    def __init__(self, connection: ServerConnection) -> None:
+    def __init__(self, connection: ServerConnection, *, close_timeout: float = 2.0) -> None:
         self.connection = connection
+        self.close_timeout = close_timeout
 
     async def accept(self) -> None:
         """Nothing to do: the handshake is complete when the handler runs."""
@@ -57,6 +63,9 @@ class WebsocketsTransport:
         await connection.drain()
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        """Run the closing handshake (bounded by the connection's ``close_timeout``)."""
-        with contextlib.suppress(ConnectionClosed):
-            await self.connection.close(code, reason or "")
+        """Run the closing handshake; drop the connection if it takes over ``close_timeout``."""
+        with anyio.move_on_after(self.close_timeout) as scope:
+            with contextlib.suppress(ConnectionClosed):
+                await self.connection.close(code, reason or "")
+        if scope.cancelled_caught:
+            self.connection.transport.abort()
