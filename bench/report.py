@@ -1,0 +1,227 @@
+"""The report: a Markdown table, a PNG plot and where we stand against the issue's targets."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from .runner import RunResult
+from .servers import SERVERS
+
+TARGET_CLIENTS = 500
+STALL_CLIENTS = 100
+
+
+def _num(value: float, fmt: str = ",.0f") -> str:
+    return (
+        "—"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else format(value, fmt)
+    )
+
+
+def _status(result: RunResult) -> str:
+    if result.error:
+        return result.error
+    notes = []
+    if result.froze:
+        notes.append(f"**froze** after {result.sent} sent")
+    if result.failed_connects:
+        notes.append(f"{result.failed_connects} failed connects")
+    if result.closed_early:
+        notes.append(f"{result.closed_early} closed early")
+    return "; ".join(notes) or "ok"
+
+
+def table(results: list[RunResult]) -> str:
+    head = (
+        "| scenario | server | N | sent | deliveries/s | p50 ms | p99 ms | lost | dup | out of"
+        " order | CPU s | CPU µs/delivery | peak RSS MiB | idle KiB/conn | status |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+    )
+    rows = []
+    for r in results:
+        scenario = r.scenario + (f" (+{r.stalled} stalled)" if r.stalled else "")
+        if r.error and not r.sent:
+            rows.append(f"| {scenario} | {r.server} | {r.clients} |" + " |" * 11 + f" {r.error} |")
+            continue
+        rows.append(
+            f"| {scenario} | {r.server} | {r.clients} | {r.sent} | {_num(r.deliveries_per_s)} |"
+            f" {_num(r.p50_ms, '.1f')} | {_num(r.p99_ms, '.1f')} | {r.lost} | {r.duplicates} |"
+            f" {r.out_of_order} | {r.cpu_s:.2f} | {_num(r.cpu_us_per_delivery, '.1f')} |"
+            f" {r.peak_rss_mib:.0f} | {_num(r.idle_kib_per_connection, '.1f')} | {_status(r)} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(results: list[RunResult], path: Path) -> bool:
+    """Deliveries/s and CPU per delivery against N, one line per server (fan-out runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fanout = [r for r in results if r.scenario == "fanout" and not r.error and r.deliveries]
+    if not fanout:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for server in dict.fromkeys(r.server for r in fanout):
+        runs = sorted((r for r in fanout if r.server == server), key=lambda r: r.clients)
+        xs = [r.clients for r in runs]
+        left.plot(xs, [r.deliveries_per_s for r in runs], marker="o", label=server)
+        right.plot(xs, [r.cpu_us_per_delivery for r in runs], marker="o", label=server)
+    left.set(title="Deliveries per second", xlabel="subscribers (N)", ylabel="deliveries/s")
+    right.set(
+        title="Server CPU per delivered message",
+        xlabel="subscribers (N)",
+        ylabel="CPU µs / delivery (lower is better)",
+    )
+    for axes in (left, right):
+        axes.set_xscale("log")
+        axes.set_ylim(bottom=0)
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _find(results: list[RunResult], server: str, scenario: str, clients: int, stalled: int = 0):
+    for r in results:
+        if (r.server, r.scenario, r.clients, r.stalled) == (server, scenario, clients, stalled):
+            return r if not r.error and r.sent else None
+    return None
+
+
+def targets(results: list[RunResult]) -> str:
+    """Where we stand against each target of issue 5, computed from this run's numbers."""
+    lines = []
+    naive = _find(results, "naive", "fanout", TARGET_CLIENTS)
+
+    def cpu_target(server: str, limit: float, label: str) -> None:
+        run = _find(results, server, "fanout", TARGET_CLIENTS)
+        if run is None or naive is None:
+            why = "not implemented yet" if not SERVERS[server].available else "not measured"
+            lines.append(
+                f"- **{label}** (CPU/delivery ≤ {limit}x naive at {TARGET_CLIENTS} clients, zero"
+                f" loss): **not measured in this run** ({why})."
+            )
+            return
+        ratio = run.cpu_us_per_delivery / naive.cpu_us_per_delivery
+        met_cpu = ratio <= limit
+        met_loss = run.lost == 0 and run.duplicates == 0
+        text = (
+            f"- **{label}**: CPU/delivery {run.cpu_us_per_delivery:.1f} µs vs naive"
+            f" {naive.cpu_us_per_delivery:.1f} µs = **{ratio:.2f}x** (target ≤ {limit}x):"
+            f" {'met' if met_cpu else '**missed**'}; lost {run.lost}, duplicated"
+            f" {run.duplicates}: {'met' if met_loss else '**missed**'}"
+        )
+        if server == "chat":
+            met_p99 = run.p99_ms <= naive.p99_ms
+            text += (
+                f"; p99 {run.p99_ms:.1f} ms vs naive {naive.p99_ms:.1f} ms:"
+                f" {'met' if met_p99 else '**missed**'}"
+            )
+        lines.append(text + ".")
+
+    cpu_target("chat", 0.8, "Chat app on uvicorn")
+    cpu_target("fastpath", 0.45, "Fast path")
+    for server in ("chat", "naive", "websockets"):
+        base = _find(results, server, "stall", STALL_CLIENTS, 0)
+        stall = _find(results, server, "stall", STALL_CLIENTS, 1)
+        if base is None or stall is None:
+            continue
+        ratio = stall.p99_ms / base.p99_ms if base.p99_ms else math.nan
+        met = stall.lost == 0 and not stall.froze and ratio <= 2
+        froze = f", **froze** after {stall.sent} of {stall.messages} sent" if stall.froze else ""
+        verdict = ("met" if met else "**missed**") if server == "chat" else "for comparison"
+        lines.append(
+            f"- **One stalled client among {STALL_CLIENTS}, {server}**: healthy clients lost"
+            f" {stall.lost}{froze}; p99 {_num(stall.p99_ms, '.1f')} ms vs"
+            f" {_num(base.p99_ms, '.1f')} ms without the stalled client"
+            f" ({_num(ratio, '.2f')}x, target ≤ 2x and zero loss): {verdict}."
+        )
+    for server in ("chat", "fastpath", "naive", "websockets"):
+        runs = [r for r in results if r.server == server and r.scenario == "fanout" and not r.error]
+        if not runs:
+            if server == "fastpath":
+                lines.append("- **Memory per idle connection, fast path**: not measured yet.")
+            continue
+        biggest = max(runs, key=lambda r: r.clients)
+        kib = biggest.idle_kib_per_connection
+        verdict = ("met" if kib <= 20 else "**missed**") if server == "chat" else "for comparison"
+        lines.append(
+            f"- **Memory per idle connection, {server}** (RSS growth / connections at"
+            f" N={biggest.clients}): {_num(kib, '.1f')} KiB (target ≤ 20 KiB): {verdict}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    out: Path,
+    results: list[RunResult],
+    machine: dict[str, str],
+    command: str,
+    elapsed: float,
+    args: argparse.Namespace,
+) -> None:
+    png = out.with_suffix(".png")
+    has_plot = plot(results, png)
+    servers = "\n".join(
+        f"- **{name}**: {SERVERS[name].description}" for name in dict.fromkeys(args.servers)
+    )
+    machine_lines = "\n".join(f"- {key}: {value}" for key, value in machine.items())
+    parts = [
+        "# Benchmarks\n",
+        f"Written by `{command}` in {elapsed:.0f} s; do not edit by hand (rerun it).\n",
+        "## Where we stand against the targets of issue 5\n",
+        targets(results),
+        "## Results\n",
+        table(results),
+    ]
+    if has_plot:
+        parts.append(f"![deliveries/s and CPU per delivery against N]({png.name})\n")
+    parts += [
+        "## Servers\n",
+        servers + "\n",
+        "## Machine\n",
+        machine_lines + "\n",
+        "## Method\n",
+        METHOD,
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts))
+
+
+METHOD = """\
+- Every server runs alone in its own subprocess on a free port of 127.0.0.1, started fresh for
+  every run; nothing leaves the loopback interface.
+- Subscribers are `websockets` asyncio clients in separate processes (one per 250
+  subscribers, at most one per core), all in one room; one sender connection in the harness
+  process. Subscribers share one client id, so the chat app broadcasts one `join` at setup
+  instead of N (setup is not measured either way).
+- The sender sends `{"message": "~K~T~pad"}`, K its own counter and T its send time, and keeps
+  at most `--window` (16) messages in flight: it waits for the server to send its own message
+  back before going further ahead (a closed loop that runs each server at its own speed). If
+  no echo comes for 3 s the server is stuck: the run stops and is marked **froze**.
+- Latency = receive time - T on the same machine clock. Lost = messages sent that a
+  subscriber never received; duplicates and out-of-order deliveries are judged on K, the same
+  way for every server (the naive and `websockets` servers have no sequence numbers).
+- Deliveries/s = frames received by subscribers / (last receive - first send).
+- **CPU per delivery** = the server process's own user + system CPU seconds
+  (`/proc/<pid>/stat`) over the measured window (first send to the last subscriber's report)
+  divided by the frames delivered to subscribers. It is the robust figure on a shared
+  machine: the clients run on the same cores and slow each other and the server down, which
+  moves deliveries/s and latency but hardly the server's own CPU per message.
+- Peak memory is the server's `VmHWM`; memory per idle connection is its `VmRSS` growth from
+  before the subscribers connected to after, once its CPU is idle, divided by the connections.
+- The stall scenario runs 100 healthy subscribers twice per server, without and with one
+  more client that completes the WebSocket handshake on a raw TCP socket with a 4 KiB
+  `SO_RCVBUF` and then never reads (it connects first, so it is first in the naive app's
+  list); messages are padded with 512 bytes so that the stalled client's buffers fill.
+- Not yet measured (issue 5, later steps): the fast path, encode/broadcaster, python-socketio
+  (needs its own client protocol), many rooms, two nodes on Redis, N = 5,000.
+"""

@@ -1,0 +1,214 @@
+"""One measured run: start a server, connect subscribers, send, tally, stop everything."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import multiprocessing
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .clients import (
+    SendResult,
+    WorkerReport,
+    open_stalled_client,
+    send_messages,
+    subscriber_process,
+)
+from .procfs import (
+    ServerProcess,
+    cpu_seconds,
+    free_port,
+    peak_rss_kib,
+    rss_kib,
+    wait_quiet,
+)
+from .servers import SERVERS, spec_command
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_CLIENTS = 10_000
+ROOM = "bench"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    server: str
+    scenario: str
+    clients: int
+    messages: int
+    window: int = 16
+    pad: int = 64
+    stalled: int = 0
+    client_procs: int = 0
+    """0: one process per 250 subscribers, at most the number of cores."""
+    run_timeout: float = 120.0
+    stall_timeout: float = 3.0
+
+
+@dataclass
+class RunResult:
+    server: str
+    scenario: str
+    clients: int
+    stalled: int
+    messages: int
+    sent: int = 0
+    froze: bool = False
+    expected: int = 0
+    deliveries: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+    closed_early: int = 0
+    failed_connects: int = 0
+    duration_s: float = 0.0
+    deliveries_per_s: float = 0.0
+    p50_ms: float = math.nan
+    p99_ms: float = math.nan
+    cpu_s: float = 0.0
+    cpu_us_per_delivery: float = math.nan
+    peak_rss_mib: float = 0.0
+    idle_kib_per_connection: float = math.nan
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _percentile(sorted_values: list[int], fraction: float) -> float:
+    if not sorted_values:
+        return math.nan
+    index = min(len(sorted_values) - 1, max(0, math.ceil(fraction * len(sorted_values)) - 1))
+    return float(sorted_values[index])
+
+
+def _client_procs(config: RunConfig) -> int:
+    if config.client_procs > 0:
+        return min(config.client_procs, config.clients)
+    cores = max(1, multiprocessing.cpu_count())
+    return max(1, min(cores, math.ceil(config.clients / 250)))
+
+
+def run_one(config: RunConfig, log_dir: Path) -> RunResult:
+    """Run one server through one scenario; never raises for the server's failures."""
+    spec = SERVERS[config.server]
+    result = RunResult(
+        config.server, config.scenario, config.clients, config.stalled, config.messages
+    )
+    if not spec.available:
+        result.error = "not implemented yet"
+        return result
+    if not 1 <= config.clients <= MAX_CLIENTS:
+        raise ValueError(f"clients must be 1..{MAX_CLIENTS}")
+    port = free_port()
+    label = f"{config.server}-{config.scenario}-{config.clients}"
+    server = ServerProcess(config.server, spec_command(spec, port), port, log_dir / f"{label}.log")
+    ctx = multiprocessing.get_context("spawn")
+    workers: list[Any] = []
+    pipes: list[Any] = []
+    stalled: list[socket.socket] = []
+    try:
+        server.start(ROOT)
+        wait_quiet(server.pid, limit=5)
+        rss_before = rss_kib(server.pid)
+        base = f"ws://127.0.0.1:{port}/ws"
+        for _ in range(config.stalled):
+            stalled.append(open_stalled_client("127.0.0.1", port, f"/ws/stalled?room={ROOM}"))
+        procs = _client_procs(config)
+        # Subscribers share one client id: presence is per client id, so the chat app sends
+        # one join, not N joins to N members (an O(N^2) storm at setup that is not measured).
+        urls = [f"{base}/sub?room={ROOM}" for _ in range(config.clients)]
+        for i in range(procs):
+            parent_end, child_end = ctx.Pipe()
+            worker = ctx.Process(
+                target=subscriber_process,
+                args=(child_end, urls[i::procs], config.messages, config.run_timeout),
+                daemon=True,
+            )
+            worker.start()
+            child_end.close()
+            workers.append(worker)
+            pipes.append(parent_end)
+        for pipe in pipes:
+            if not pipe.poll(config.run_timeout):
+                raise RuntimeError("subscribers did not connect within the run timeout")
+            _, _connected, failed = pipe.recv()
+            result.failed_connects += failed
+        connected_total = config.clients - result.failed_connects
+        wait_quiet(server.pid, limit=30)
+        rss_idle = rss_kib(server.pid)
+        if connected_total:
+            result.idle_kib_per_connection = (rss_idle - rss_before) / (
+                connected_total + config.stalled
+            )
+        cpu_before = cpu_seconds(server.pid)
+        sent: SendResult = asyncio.run(
+            asyncio.wait_for(
+                send_messages(
+                    f"{base}/sender?room={ROOM}",
+                    config.messages,
+                    window=config.window,
+                    pad=config.pad,
+                    stall_timeout=config.stall_timeout,
+                ),
+                config.run_timeout,
+            )
+        )
+        result.sent, result.froze = sent.sent, sent.froze
+        for pipe in pipes:
+            pipe.send(("finish", sent.sent, sent.last_send_ns))
+        reports: list[WorkerReport] = []
+        for pipe in pipes:
+            if not pipe.poll(config.run_timeout):
+                raise RuntimeError("subscribers did not report within the run timeout")
+            _, report = pipe.recv()
+            reports.append(report)
+        if server.alive():
+            result.cpu_s = cpu_seconds(server.pid) - cpu_before
+            result.peak_rss_mib = peak_rss_kib(server.pid) / 1024
+        else:
+            result.error = "server died"
+        _tally(result, reports, sent)
+    except Exception as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        for sock in stalled:
+            sock.close()
+        for worker in workers:
+            worker.join(timeout=5)
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+        for pipe in pipes:
+            pipe.close()
+        server.stop()
+    return result
+
+
+def _tally(result: RunResult, reports: list[WorkerReport], sent: SendResult) -> None:
+    connections = sum(r.connections for r in reports)
+    result.expected = connections * sent.sent
+    result.deliveries = sum(r.unique for r in reports)
+    result.lost = sum(r.lost for r in reports)
+    result.duplicates = sum(r.duplicates for r in reports)
+    result.out_of_order = sum(r.out_of_order for r in reports)
+    result.closed_early = sum(r.closed_early for r in reports)
+    last = max((r.last_receive_ns for r in reports), default=0)
+    if last > sent.first_send_ns:
+        result.duration_s = (last - sent.first_send_ns) / 1e9
+        result.deliveries_per_s = result.deliveries / result.duration_s
+    latencies = sorted(v for r in reports for v in r.latencies_us)
+    result.p50_ms = _percentile(latencies, 0.50) / 1000
+    result.p99_ms = _percentile(latencies, 0.99) / 1000
+    if result.deliveries:
+        result.cpu_us_per_delivery = result.cpu_s / result.deliveries * 1e6
+
+
+def wait_for(seconds: float) -> None:
+    """Sleep between runs so the previous server's sockets are gone (bounded)."""
+    with contextlib.suppress(KeyboardInterrupt):
+        time.sleep(seconds)
