@@ -17,6 +17,7 @@ from .servers import SERVERS
 SCENARIOS = ("fanout", "stall")
 DEFAULT_SERVERS = "chat,naive,websockets,fastpath"
 STALL_CLIENTS = 100
+STALL_PAD = 2048
 
 
 def _int_list(text: str) -> list[int]:
@@ -73,11 +74,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--stall-messages",
         type=int,
-        default=1500,
+        default=2000,
         help="messages per run of the stall scenario (default %(default)s)",
     )
     parser.add_argument(
-        "--window", type=int, default=16, help="messages in flight (default %(default)s)"
+        "--window", type=int, default=8, help="messages in flight (default %(default)s)"
     )
     parser.add_argument(
         "--client-procs",
@@ -140,7 +141,7 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
                         "stall",
                         STALL_CLIENTS,
                         args.stall_messages,
-                        pad=512,
+                        pad=STALL_PAD,
                         stalled=stalled,
                         **common,
                         **common_t,

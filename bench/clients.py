@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
@@ -28,6 +29,7 @@ CONNECT_CONCURRENCY = 50
 QUIET_AFTER_FINISH = 1.5
 """Seconds without a new frame after which a subscriber stops waiting for missing ones."""
 MAX_MESSAGES = 100_000
+POLL_INTERVAL = 0.0005
 
 
 @dataclass
@@ -43,6 +45,18 @@ class Tally:
 
     def unique(self) -> int:
         return self.received - self.duplicates
+
+
+@dataclass
+class Shared:
+    """Messages received so far (unique, all connections) per subscriber process.
+
+    A shared-memory array of signed 64-bit counters, one slot per process (one writer each),
+    that the sender reads to keep the end-to-end number of messages in flight bounded.
+    """
+
+    progress: Any
+    slot: int
 
 
 @dataclass
@@ -73,7 +87,7 @@ def _parse(text: str) -> tuple[int, int] | None:
 
 
 async def _receive(
-    ws: ClientConnection, tally: Tally, latencies: array[int], last: list[int]
+    ws: ClientConnection, tally: Tally, latencies: array[int], last: list[int], shared: Shared
 ) -> None:
     seen = tally.seen
     try:
@@ -93,6 +107,7 @@ async def _receive(
                 tally.duplicates += 1
                 continue
             seen[counter] = 1
+            shared.progress[shared.slot] += 1
             if counter < tally.highest:
                 tally.out_of_order += 1
             else:
@@ -118,7 +133,9 @@ async def _open(url: str, semaphore: asyncio.Semaphore) -> ClientConnection | No
             return None
 
 
-async def _subscriber_main(pipe: Pipe, urls: list[str], messages: int, deadline_s: float) -> None:
+async def _subscriber_main(
+    pipe: Pipe, urls: list[str], messages: int, deadline_s: float, shared: Shared
+) -> None:
     loop = asyncio.get_running_loop()
     semaphore = asyncio.Semaphore(CONNECT_CONCURRENCY)
     opened = await asyncio.gather(*(_open(url, semaphore) for url in urls))
@@ -127,7 +144,7 @@ async def _subscriber_main(pipe: Pipe, urls: list[str], messages: int, deadline_
     latencies: array[int] = array("q")
     last = [0]
     tasks = [
-        asyncio.create_task(_receive(ws, tally, latencies, last))
+        asyncio.create_task(_receive(ws, tally, latencies, last, shared))
         for ws, tally in zip(sockets, tallies, strict=True)
     ]
     pipe.send(("ready", len(sockets), len(urls) - len(sockets)))
@@ -171,14 +188,17 @@ async def _close(ws: ClientConnection) -> None:
         await asyncio.wait_for(ws.close(), 2)
 
 
-def subscriber_process(pipe: Pipe, urls: list[str], messages: int, deadline_s: float) -> None:
+def subscriber_process(
+    pipe: Pipe, urls: list[str], messages: int, deadline_s: float, shared: Shared
+) -> None:
     """Entry point of one subscriber process: hold ``urls`` open, tally, report, exit."""
+    main = _subscriber_main(pipe, urls, messages, deadline_s, shared)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_subscriber_main(pipe, urls, messages, deadline_s))
+        asyncio.run(main)
     else:
-        uvloop.run(_subscriber_main(pipe, urls, messages, deadline_s))
+        uvloop.run(main)
 
 
 @dataclass
@@ -193,43 +213,40 @@ class SendResult:
 
 
 async def send_messages(
-    url: str, messages: int, *, window: int, pad: int, stall_timeout: float
+    url: str,
+    messages: int,
+    *,
+    received: Callable[[], float],
+    window: int,
+    pad: int,
+    stall_timeout: float,
 ) -> SendResult:
-    """Send ``messages`` messages, at most ``window`` ahead of their echo to the sender.
+    """Send ``messages`` messages, at most ``window`` ahead of the subscribers.
 
-    The sender is in the room too, so the server sends it every message back; waiting for that
-    echo keeps a bounded number of messages in flight (a closed loop that adapts to the
-    server's speed). If no echo comes for ``stall_timeout`` seconds the server is stuck: stop.
+    ``received()`` is the number of messages the subscribers have received so far, on
+    average: waiting until it is within ``window`` of what was sent keeps a bounded number of
+    messages in flight end to end (a closed loop that runs at the speed of the server and its
+    clients). If it does not move for ``stall_timeout`` seconds the server is stuck: stop.
+    The sender is in the room too and reads (and discards) its own messages coming back.
     """
     messages = min(messages, MAX_MESSAGES)
     padding = "x" * pad
-    echoed = 0
-    progress = asyncio.Event()
     async with connect(
         url, compression=None, open_timeout=CONNECT_TIMEOUT, ping_interval=None, close_timeout=1
     ) as ws:
 
-        async def count_echoes() -> None:
-            nonlocal echoed
+        async def drain() -> None:
             with contextlib.suppress(ConnectionClosed):
-                async for text in ws:
-                    if isinstance(text, str) and _parse(text) is not None:
-                        echoed += 1
-                        progress.set()
+                async for _ in ws:
+                    pass
 
-        echo_task = asyncio.create_task(count_echoes())
+        echo_task = asyncio.create_task(drain())
         sent = 0
         froze = False
         first = time.time_ns()
         try:
             while sent < messages:
-                while sent - echoed >= window:
-                    progress.clear()
-                    try:
-                        await asyncio.wait_for(progress.wait(), stall_timeout)
-                    except asyncio.TimeoutError:
-                        froze = True
-                        break
+                froze = not await _wait_for_progress(received, sent - window + 1, stall_timeout)
                 if froze or echo_task.done():
                     froze = True
                     break
@@ -237,12 +254,8 @@ async def send_messages(
                 await ws.send(json.dumps({"message": text}))
                 sent += 1
             last = time.time_ns()
-            # Wait (bounded) for the last echoes so the sender leaves a quiet server.
-            end = time.monotonic() + (0 if froze else stall_timeout)
-            while echoed < sent and time.monotonic() < end and not echo_task.done():
-                progress.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(progress.wait(), 0.2)
+            if not froze:  # stay connected until the subscribers have (nearly) everything
+                await _wait_for_progress(received, sent - 0.5, stall_timeout)
         finally:
             echo_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -251,6 +264,20 @@ async def send_messages(
                 # A stuck server never answers the close handshake: don't wait for it.
                 ws.transport.abort()
     return SendResult(sent, first, last, froze)
+
+
+async def _wait_for_progress(received: Callable[[], float], goal: float, limit: float) -> bool:
+    """Wait until ``received() >= goal``; False if it stopped moving for ``limit`` seconds."""
+    value = received()
+    moved = time.monotonic()
+    while value < goal:
+        await asyncio.sleep(POLL_INTERVAL)
+        now = received()
+        if now != value:
+            value, moved = now, time.monotonic()
+        elif time.monotonic() - moved > limit:
+            return False
+    return True
 
 
 def open_stalled_client(host: str, port: int, path: str, rcvbuf: int = 4096) -> socket.socket:

@@ -221,7 +221,7 @@ METHOD = """\
 - The stall scenario runs 100 healthy subscribers twice per server, without and with one
   more client that completes the WebSocket handshake on a raw TCP socket with a 4 KiB
   `SO_RCVBUF` and then never reads (it connects first, so it is first in the naive app's
-  list); messages are padded with 512 bytes so that the stalled client's buffers fill.
+  list); messages are padded with 2 KiB so that the stalled client's buffers fill.
 - Not yet measured (issue 5, later steps): the fast path, encode/broadcaster, python-socketio
   (needs its own client protocol), many rooms, two nodes on Redis, N = 5,000.
 """

@@ -14,6 +14,7 @@ from typing import Any
 
 from .clients import (
     SendResult,
+    Shared,
     WorkerReport,
     open_stalled_client,
     send_messages,
@@ -40,7 +41,7 @@ class RunConfig:
     scenario: str
     clients: int
     messages: int
-    window: int = 16
+    window: int = 8
     pad: int = 64
     stalled: int = 0
     client_procs: int = 0
@@ -122,11 +123,18 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
         # Subscribers share one client id: presence is per client id, so the chat app sends
         # one join, not N joins to N members (an O(N^2) storm at setup that is not measured).
         urls = [f"{base}/sub?room={ROOM}" for _ in range(config.clients)]
+        progress = ctx.RawArray("q", procs)
         for i in range(procs):
             parent_end, child_end = ctx.Pipe()
             worker = ctx.Process(
                 target=subscriber_process,
-                args=(child_end, urls[i::procs], config.messages, config.run_timeout),
+                args=(
+                    child_end,
+                    urls[i::procs],
+                    config.messages,
+                    config.run_timeout,
+                    Shared(progress, i),
+                ),
                 daemon=True,
             )
             worker.start()
@@ -151,6 +159,7 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
                 send_messages(
                     f"{base}/sender?room={ROOM}",
                     config.messages,
+                    received=lambda: sum(progress) / max(1, connected_total),
                     window=config.window,
                     pad=config.pad,
                     stall_timeout=config.stall_timeout,
