@@ -56,14 +56,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--clients",
         type=_int_list,
-        default=[100, 500, 1000],
-        help="subscriber counts for the fan-out scenario, comma-separated (default 100,500,1000)",
+        default=[100, 500, 1000, 5000],
+        help="subscriber counts for the fan-out scenario, comma-separated"
+        " (default 100,500,1000,5000)",
     )
     parser.add_argument(
         "--messages",
         type=int,
-        default=300,
-        help="messages the sender sends per fan-out run (default %(default)s, at most 100000)",
+        default=1000,
+        help="messages the sender sends per fan-out run, fewer if that would exceed"
+        " --max-deliveries (default %(default)s, at most 100000)",
+    )
+    parser.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=300_000,
+        help="bound on messages x subscribers per fan-out run (default %(default)s)",
     )
     parser.add_argument(
         "--scenario",
@@ -127,10 +135,9 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
     common_t = {"run_timeout": args.run_timeout}
     if "fanout" in args.scenario:
         for clients in args.clients:
+            messages = min(args.messages, max(10, args.max_deliveries // clients))
             for server in args.servers:
-                runs.append(
-                    RunConfig(server, "fanout", clients, args.messages, **common, **common_t)
-                )
+                runs.append(RunConfig(server, "fanout", clients, messages, **common, **common_t))
     if "stall" in args.scenario:
         for server in args.servers:
             for stalled in (0, 1):

@@ -266,6 +266,26 @@ async def send_messages(
     return SendResult(sent, first, last, froze)
 
 
+async def warm_up(url: str) -> None:
+    """Connect, send one message, read it back and leave: code paths and pools warmed up.
+
+    Run before the idle-memory baseline so the first connection's one-off costs (lazy
+    imports, caches) are not counted as memory per connection.
+    """
+    async with connect(
+        url, compression=None, open_timeout=CONNECT_TIMEOUT, ping_interval=None, close_timeout=1
+    ) as ws:
+        await ws.send(json.dumps({"message": "~warm-up~0~"}))
+
+        async def echo() -> None:
+            async for text in ws:
+                if isinstance(text, str) and "warm-up" in text:
+                    return
+
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionClosed):
+            await asyncio.wait_for(echo(), 5)
+
+
 async def _wait_for_progress(received: Callable[[], float], goal: float, limit: float) -> bool:
     """Wait until ``received() >= goal``; False if it stopped moving for ``limit`` seconds."""
     value = received()

@@ -217,7 +217,8 @@ METHOD = """\
   machine: the clients run on the same cores and slow each other and the server down, which
   moves deliveries/s and latency but hardly the server's own CPU per message.
 - Peak memory is the server's `VmHWM`; memory per idle connection is its `VmRSS` growth from
-  before the subscribers connected to after, once its CPU is idle, divided by the connections.
+  before the subscribers connected to after, once its CPU is idle, divided by the connections
+  (after one warm-up connection has come and gone, so one-off costs are not counted).
 - The stall scenario runs 100 healthy subscribers twice per server, without and with one
   more client that completes the WebSocket handshake on a raw TCP socket with a 4 KiB
   `SO_RCVBUF` and then never reads (it connects first, so it is first in the naive app's

@@ -19,6 +19,7 @@ from .clients import (
     open_stalled_client,
     send_messages,
     subscriber_process,
+    warm_up,
 )
 from .procfs import (
     ServerProcess,
@@ -114,9 +115,10 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
     stalled: list[socket.socket] = []
     try:
         server.start(ROOT)
+        base = f"ws://127.0.0.1:{port}/ws"
+        asyncio.run(warm_up(f"{base}/warmup?room={ROOM}"))
         wait_quiet(server.pid, limit=5)
         rss_before = rss_kib(server.pid)
-        base = f"ws://127.0.0.1:{port}/ws"
         for _ in range(config.stalled):
             stalled.append(open_stalled_client("127.0.0.1", port, f"/ws/stalled?room={ROOM}"))
         procs = _client_procs(config)
