@@ -15,7 +15,7 @@ from .runner import MAX_CLIENTS, ROOT, RunConfig, RunResult, run_one, wait_for
 from .servers import SERVERS
 
 SCENARIOS = ("fanout", "stall")
-DEFAULT_SERVERS = "chat,naive,websockets,fastpath"
+DEFAULT_SERVERS = "chat,naive,websockets,broadcaster,fastpath"
 STALL_CLIENTS = 100
 STALL_PAD = 2048
 
@@ -63,14 +63,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--messages",
         type=int,
-        default=1000,
+        default=5000,
         help="messages the sender sends per fan-out run, fewer if that would exceed"
         " --max-deliveries (default %(default)s, at most 100000)",
     )
     parser.add_argument(
         "--max-deliveries",
         type=int,
-        default=300_000,
+        default=1_000_000,
         help="bound on messages x subscribers per fan-out run (default %(default)s)",
     )
     parser.add_argument(

@@ -129,14 +129,20 @@ def targets(results: list[RunResult]) -> str:
 
     cpu_target("chat", 0.8, "Chat app on uvicorn")
     cpu_target("fastpath", 0.45, "Fast path")
-    for server in ("chat", "naive", "websockets"):
+    present = list(dict.fromkeys(r.server for r in results))
+    for server in present:
         base = _find(results, server, "stall", STALL_CLIENTS, 0)
         stall = _find(results, server, "stall", STALL_CLIENTS, 1)
         if base is None or stall is None:
             continue
         ratio = stall.p99_ms / base.p99_ms if base.p99_ms else math.nan
         met = stall.lost == 0 and not stall.froze and ratio <= 2
-        froze = f", **froze** after {stall.sent} of {stall.messages} sent" if stall.froze else ""
+        froze = (
+            f", **froze** after {stall.sent} of {stall.messages} sent (p99 is of the messages"
+            " delivered before that)"
+            if stall.froze
+            else ""
+        )
         verdict = ("met" if met else "**missed**") if server == "chat" else "for comparison"
         lines.append(
             f"- **One stalled client among {STALL_CLIENTS}, {server}**: healthy clients lost"
@@ -144,7 +150,7 @@ def targets(results: list[RunResult]) -> str:
             f" {_num(base.p99_ms, '.1f')} ms without the stalled client"
             f" ({_num(ratio, '.2f')}x, target ≤ 2x and zero loss): {verdict}."
         )
-    for server in ("chat", "fastpath", "naive", "websockets"):
+    for server in dict.fromkeys(["chat", "fastpath", *present]):
         runs = [r for r in results if r.server == server and r.scenario == "fanout" and not r.error]
         if not runs:
             if server == "fastpath":
@@ -187,6 +193,8 @@ def write_report(
     parts += [
         "## Servers\n",
         servers + "\n",
+        "## How to run\n",
+        HOW_TO_RUN,
         "## Machine\n",
         machine_lines + "\n",
         "## Method\n",
@@ -196,9 +204,26 @@ def write_report(
     out.write_text("\n".join(parts))
 
 
+HOW_TO_RUN = """\
+```sh
+pip install -e ".[bench]"       # the servers, the websockets client, matplotlib
+python -m bench                 # everything (a few minutes): rewrites this file and its PNG
+python -m bench --servers chat,naive --clients 100,500 --scenario fanout --out /tmp/b.md
+python -m bench --smoke         # a few seconds; what CI runs (tests/test_bench_smoke.py)
+```
+
+`python -m bench --help` lists every flag (`--messages`, `--max-deliveries`, `--window`,
+`--stall-messages`, `--client-procs`, `--run-timeout`, `--time-budget`). Raw numbers of the
+last run are in `bench/results/latest.json` and server logs in `bench/results/logs/` (not
+committed). Everything is bounded: at most 10,000 subscribers and 100,000 messages per run,
+a hard timeout per run (120 s) and a time budget after which no new run starts (600 s).
+"""
+
 METHOD = """\
 - Every server runs alone in its own subprocess on a free port of 127.0.0.1, started fresh for
-  every run; nothing leaves the loopback interface.
+  every run; nothing leaves the loopback interface. The chat app and the naive app run on
+  uvicorn with the same settings (uvicorn's default WebSocket protocol, `websockets-sansio`
+  when `websockets` is installed; uvloop and httptools when installed; no compression).
 - Subscribers are `websockets` asyncio clients in separate processes (one per 250
   subscribers, at most one per core), all in one room; one sender connection in the harness
   process. Subscribers share one client id, so the chat app broadcasts one `join` at setup
@@ -223,6 +248,7 @@ METHOD = """\
   more client that completes the WebSocket handshake on a raw TCP socket with a 4 KiB
   `SO_RCVBUF` and then never reads (it connects first, so it is first in the naive app's
   list); messages are padded with 2 KiB so that the stalled client's buffers fill.
-- Not yet measured (issue 5, later steps): the fast path, encode/broadcaster, python-socketio
-  (needs its own client protocol), many rooms, two nodes on Redis, N = 5,000.
+- Not yet measured (issue 5, later steps): the fast path (its slot is `fastpath`),
+  python-socketio (it needs its own client protocol, Engine.IO framing, in the subscriber
+  processes), many rooms, two nodes on Redis.
 """

@@ -54,6 +54,12 @@ SERVERS: dict[str, ServerSpec] = {
             " (bench/servers/ws_broadcast.py)",
             "bench.servers.ws_broadcast",
         ),
+        ServerSpec(
+            "broadcaster",
+            "encode/broadcaster (memory backend) in a Starlette app on uvicorn, as in its"
+            " README: an unbounded queue per subscriber (bench/servers/broadcaster_app.py)",
+            "bench.servers.broadcaster_app",
+        ),
         # The slot for the library's fast path (prepared frames written without a per-message
         # await). It is a later step of issue 5: give it a module here when it exists.
         ServerSpec("fastpath", "the project's fast path (not implemented yet)", None),
