@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .procfs import machine_description
 from .report import write_report
-from .runner import MAX_CLIENTS, ROOT, RunConfig, RunResult, run_one, wait_for
+from .runner import MAX_CLIENTS, ROOT, RunConfig, RunResult, combine, run_one, wait_for
 from .servers import SERVERS
 
 SCENARIOS = ("fanout", "stall")
@@ -70,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-deliveries",
         type=int,
-        default=1_000_000,
+        default=500_000,
         help="bound on messages x subscribers per fan-out run (default %(default)s)",
     )
     parser.add_argument(
@@ -84,6 +84,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=2000,
         help="messages per run of the stall scenario (default %(default)s)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of everything, interleaved; the report shows medians (default %(default)s)",
     )
     parser.add_argument(
         "--window", type=int, default=8, help="messages in flight (default %(default)s)"
@@ -117,10 +123,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--messages and --stall-messages must be 1..100000")
     if not 1 <= args.window <= 1000:
         parser.error("--window must be 1..1000")
+    if not 1 <= args.repeat <= 10:
+        parser.error("--repeat must be 1..10")
     if args.smoke:
         args.servers, args.clients, args.messages = ["chat", "naive"], [5], 20
         args.scenario, args.client_procs, args.run_timeout = ["fanout"], 1, 30.0
-        args.time_budget = 60.0
+        args.time_budget, args.repeat = 60.0, 1
         if args.out is None:
             args.out = ROOT / "bench" / "results" / "smoke.md"
     if args.out is None:
@@ -162,8 +170,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.monotonic()
     results_dir = ROOT / "bench" / "results"
     log_dir = results_dir / "logs"
-    results: list[RunResult] = []
-    runs = plan(args)
+    configs = plan(args)
+    by_config: dict[RunConfig, list[RunResult]] = {config: [] for config in configs}
+    # Whole repetitions one after the other: a slow spell of the machine hits one of each
+    # run's repetitions, not all of one server's; the time budget drops whole repetitions last.
+    runs = [config for _ in range(args.repeat) for config in configs]
     for index, config in enumerate(runs, 1):
         label = f"[{index}/{len(runs)}] {config.server} {config.scenario} N={config.clients}"
         if config.stalled:
@@ -178,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             result = run_one(config, log_dir)
             if SERVERS[config.server].available:
                 wait_for(0.3)
-        results.append(result)
+        by_config[config].append(result)
         summary = result.error or (
             f"{result.deliveries_per_s:,.0f} deliveries/s, p99 {result.p99_ms:.1f} ms,"
             f" {result.cpu_us_per_delivery:.1f} us CPU/delivery, lost {result.lost}"
@@ -188,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     machine = machine_description()
     results_dir.mkdir(parents=True, exist_ok=True)
     raw = {"machine": machine, "args": sys.argv[1:], "elapsed_s": elapsed}
+    results = [combine(by_config[config]) for config in configs]
     raw["results"] = [r.to_dict() for r in results]
+    raw["runs"] = [r.to_dict() for group in by_config.values() for r in group]
     json_path = args.out.with_suffix(".json") if args.smoke else results_dir / "latest.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(raw, indent=1))

@@ -21,6 +21,13 @@ def _num(value: float, fmt: str = ",.0f") -> str:
     )
 
 
+def _cpu(result: RunResult) -> str:
+    text = _num(result.cpu_us_per_delivery, ".1f")
+    if result.runs > 1:
+        text += f" ({_num(result.cpu_us_min, '.1f')}-{_num(result.cpu_us_max, '.1f')})"
+    return text
+
+
 def _status(result: RunResult) -> str:
     if result.error:
         return result.error
@@ -31,25 +38,29 @@ def _status(result: RunResult) -> str:
         notes.append(f"{result.failed_connects} failed connects")
     if result.closed_early:
         notes.append(f"{result.closed_early} closed early")
+    if result.failed_runs:
+        notes.append(f"{result.failed_runs} failed runs left out (see the JSON)")
     return "; ".join(notes) or "ok"
 
 
 def table(results: list[RunResult]) -> str:
     head = (
-        "| scenario | server | N | sent | deliveries/s | p50 ms | p99 ms | lost | dup | out of"
-        " order | CPU s | CPU µs/delivery | peak RSS MiB | idle KiB/conn | status |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+        "| scenario | server | N | runs | sent | deliveries/s | p50 ms | p99 ms | lost | dup |"
+        " out of order | CPU s | CPU µs/delivery (min-max) | peak RSS MiB | idle KiB/conn |"
+        " status |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
     )
     rows = []
     for r in results:
         scenario = r.scenario + (f" (+{r.stalled} stalled)" if r.stalled else "")
         if r.error and not r.sent:
-            rows.append(f"| {scenario} | {r.server} | {r.clients} |" + " |" * 11 + f" {r.error} |")
+            rows.append(f"| {scenario} | {r.server} | {r.clients} |" + " |" * 12 + f" {r.error} |")
             continue
         rows.append(
-            f"| {scenario} | {r.server} | {r.clients} | {r.sent} | {_num(r.deliveries_per_s)} |"
+            f"| {scenario} | {r.server} | {r.clients} | {r.runs} | {r.sent} |"
+            f" {_num(r.deliveries_per_s)} |"
             f" {_num(r.p50_ms, '.1f')} | {_num(r.p99_ms, '.1f')} | {r.lost} | {r.duplicates} |"
-            f" {r.out_of_order} | {r.cpu_s:.2f} | {_num(r.cpu_us_per_delivery, '.1f')} |"
+            f" {r.out_of_order} | {r.cpu_s:.2f} | {_cpu(r)} |"
             f" {r.peak_rss_mib:.0f} | {_num(r.idle_kib_per_connection, '.1f')} | {_status(r)} |"
         )
     return head + "\n".join(rows) + "\n"
@@ -236,6 +247,10 @@ METHOD = """\
   subscriber never received; duplicates and out-of-order deliveries are judged on K, the same
   way for every server (the naive and `websockets` servers have no sequence numbers).
 - Deliveries/s = frames received by subscribers / (last receive - first send).
+- Everything runs `--repeat` times (3), whole repetitions one after the other; a row shows
+  the median of each measure over the repetitions, the worst (highest) count of lost,
+  duplicated and out-of-order deliveries, and the range of CPU per delivery. Every single
+  run is in `bench/results/latest.json`.
 - **CPU per delivery** = the server process's own user + system CPU seconds
   (`/proc/<pid>/stat`) over the measured window (first send to the last subscriber's report)
   divided by the frames delivered to subscribers. It is the robust figure on a shared

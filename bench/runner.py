@@ -7,6 +7,7 @@ import contextlib
 import math
 import multiprocessing
 import socket
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,9 +77,62 @@ class RunResult:
     peak_rss_mib: float = 0.0
     idle_kib_per_connection: float = math.nan
     error: str = ""
+    runs: int = 1
+    """Repetitions combined into this result (see :func:`combine`)."""
+    cpu_us_min: float = math.nan
+    cpu_us_max: float = math.nan
+    failed_runs: int = 0
+    """Repetitions that failed (an error) and are not in the figures."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_MEDIAN_FIELDS = (
+    "duration_s",
+    "deliveries_per_s",
+    "p50_ms",
+    "p99_ms",
+    "cpu_s",
+    "cpu_us_per_delivery",
+    "peak_rss_mib",
+    "idle_kib_per_connection",
+)
+_WORST_FIELDS = (
+    "lost",
+    "duplicates",
+    "out_of_order",
+    "closed_early",
+    "failed_connects",
+    "expected",
+    "deliveries",
+)
+
+
+def combine(results: list[RunResult]) -> RunResult:
+    """Repetitions of one run as one row: medians of the measures, the worst of the counts.
+
+    Runs that failed are left out; if all failed, the first one is returned as it is.
+    """
+    good = [r for r in results if not r.error and r.sent]
+    if not good:
+        return results[0]
+    combined = RunResult(**asdict(good[0]))
+    for name in _MEDIAN_FIELDS:
+        values = [getattr(r, name) for r in good if not math.isnan(getattr(r, name))]
+        setattr(combined, name, statistics.median(values) if values else math.nan)
+    for name in _WORST_FIELDS:
+        setattr(combined, name, max(getattr(r, name) for r in good))
+    combined.sent = min(r.sent for r in good)
+    combined.froze = any(r.froze for r in good)
+    combined.runs = len(good)
+    cpus = [r.cpu_us_per_delivery for r in good if not math.isnan(r.cpu_us_per_delivery)]
+    if cpus:
+        combined.cpu_us_min, combined.cpu_us_max = min(cpus), max(cpus)
+    failed = len(results) - len(good)
+    if failed:
+        combined.failed_runs = failed
+    return combined
 
 
 def _percentile(sorted_values: list[int], fraction: float) -> float:
@@ -217,6 +271,7 @@ def _tally(result: RunResult, reports: list[WorkerReport], sent: SendResult) -> 
     result.p99_ms = _percentile(latencies, 0.99) / 1000
     if result.deliveries:
         result.cpu_us_per_delivery = result.cpu_s / result.deliveries * 1e6
+        result.cpu_us_min = result.cpu_us_max = result.cpu_us_per_delivery
 
 
 def wait_for(seconds: float) -> None:

@@ -40,8 +40,8 @@ def test_bench_smoke_run_completes_without_loss(tmp_path: Path) -> None:
         assert result["lost"] == result["duplicates"] == result["out_of_order"] == 0
         assert result["p99_ms"] > 0
     report = out.read_text()
-    assert "| fanout | chat | 5 | 20 |" in report
-    assert "| fanout | naive | 5 | 20 |" in report
+    assert "| fanout | chat | 5 | 1 | 20 |" in report
+    assert "| fanout | naive | 5 | 1 | 20 |" in report
     assert "## Where we stand against the targets of issue 5" in report
     assert out.with_suffix(".png").stat().st_size > 0
 
