@@ -39,7 +39,7 @@ def _status(result: RunResult) -> str:
     if result.closed_early:
         notes.append(f"{result.closed_early} closed early")
     if result.failed_runs:
-        notes.append(f"{result.failed_runs} failed runs left out (see the JSON)")
+        notes.append(f"{result.failed_runs} runs failed or skipped, left out (see the JSON)")
     return "; ".join(notes) or "ok"
 
 
@@ -240,12 +240,16 @@ METHOD = """\
   process. Subscribers share one client id, so the chat app broadcasts one `join` at setup
   instead of N (setup is not measured either way).
 - The sender sends `{"message": "~K~T~pad"}`, K its own counter and T its send time, and keeps
-  at most `--window` (16) messages in flight: it waits for the server to send its own message
-  back before going further ahead (a closed loop that runs each server at its own speed). If
-  no echo comes for 3 s the server is stuck: the run stops and is marked **froze**.
-- Latency = receive time - T on the same machine clock. Lost = messages sent that a
-  subscriber never received; duplicates and out-of-order deliveries are judged on K, the same
-  way for every server (the naive and `websockets` servers have no sequence numbers).
+  at most `--window` (8) messages in flight end to end: each subscriber process counts what
+  it received in shared memory, and the sender goes on only when the subscribers have, on
+  average, every message but the last 8 (a closed loop that runs each server, with its
+  clients, at its own speed). If that count does not move for 3 s the server is stuck: the
+  run stops and is marked **froze**. The sender reads and discards its own messages.
+- Latency = receive time - T on the same machine clock. With a closed loop, p50 and p99
+  are mostly the window: about 8 fan-outs' worth of time, so they grow with N.
+- Lost = messages sent that a subscriber never received; duplicates and out-of-order
+  deliveries are judged on K, the same way for every server (only the chat app has sequence
+  numbers).
 - Deliveries/s = frames received by subscribers / (last receive - first send).
 - Everything runs `--repeat` times (3), whole repetitions one after the other; a row shows
   the median of each measure over the repetitions, the worst (highest) count of lost,
@@ -255,7 +259,8 @@ METHOD = """\
   (`/proc/<pid>/stat`) over the measured window (first send to the last subscriber's report)
   divided by the frames delivered to subscribers. It is the robust figure on a shared
   machine: the clients run on the same cores and slow each other and the server down, which
-  moves deliveries/s and latency but hardly the server's own CPU per message.
+  moves deliveries/s and latency but hardly the server's own CPU per message. On a 2-core
+  machine deliveries/s is bounded by the subscriber processes as much as by the server.
 - Peak memory is the server's `VmHWM`; memory per idle connection is its `VmRSS` growth from
   before the subscribers connected to after, once its CPU is idle, divided by the connections
   (after one warm-up connection has come and gone, so one-off costs are not counted).
