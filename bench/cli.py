@@ -14,10 +14,12 @@ from .report import write_report
 from .runner import MAX_CLIENTS, ROOT, RunConfig, RunResult, combine, run_one, wait_for
 from .servers import SERVERS
 
-SCENARIOS = ("fanout", "stall")
+SCENARIOS = ("fanout", "stall", "redis")
 DEFAULT_SERVERS = "chat,naive,websockets,broadcaster,fastpath"
 STALL_CLIENTS = 100
 STALL_PAD = 2048
+REDIS_CLIENTS = 500
+REDIS_CONNECT_CONCURRENCY = 4
 
 
 def _int_list(text: str) -> list[int]:
@@ -137,7 +139,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace) -> list[RunConfig]:
-    """Every run, in order: fan-out by N then server, then the stall scenario."""
+    """Every run, in order: fan-out by N then server, the stall scenario, then Redis."""
     runs: list[RunConfig] = []
     common = {"window": args.window, "client_procs": args.client_procs}
     common_t = {"run_timeout": args.run_timeout}
@@ -162,6 +164,28 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
                         **common_t,
                     )
                 )
+    if "redis" in args.scenario:
+        messages = min(args.messages, max(10, args.max_deliveries // REDIS_CLIENTS))
+        for server in args.servers:
+            if not SERVERS[server].redis:
+                continue
+            for nodes in (1, 2):
+                runs.append(
+                    RunConfig(
+                        server,
+                        "redis",
+                        REDIS_CLIENTS,
+                        messages,
+                        nodes=nodes,
+                        backend="redis",
+                        # redis-py 8's asyncio pool allows 100 connections and then fails
+                        # (MaxConnectionsError) instead of waiting: a burst of handshakes
+                        # past that makes the chat app refuse clients. See the report.
+                        connect_concurrency=REDIS_CONNECT_CONCURRENCY,
+                        **common,
+                        **common_t,
+                    )
+                )
     return runs
 
 
@@ -179,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         label = f"[{index}/{len(runs)}] {config.server} {config.scenario} N={config.clients}"
         if config.stalled:
             label += f" +{config.stalled} stalled"
+        if config.backend == "redis":
+            label += f" on {config.nodes} node(s)"
         if time.monotonic() - started > args.time_budget:
             result = RunResult(
                 config.server, config.scenario, config.clients, config.stalled, config.messages

@@ -49,14 +49,18 @@ class Tally:
 
 @dataclass
 class Shared:
-    """Messages received so far (unique, all connections) per subscriber process.
+    """Messages received so far (unique, open connections only) per subscriber process.
 
-    A shared-memory array of signed 64-bit counters, one slot per process (one writer each),
+    Shared-memory arrays of signed 64-bit counters, one slot per process (one writer each),
     that the sender reads to keep the end-to-end number of messages in flight bounded.
     """
 
     progress: Any
+    live: Any
+    """Open subscriber connections per process (same layout as ``progress``)."""
     slot: int
+    connect_concurrency: int = CONNECT_CONCURRENCY
+    """Handshakes this process runs at once."""
 
 
 @dataclass
@@ -115,7 +119,11 @@ async def _receive(
             latencies.append((now - sent_ns) // 1000)
     except (ConnectionClosed, OSError):
         pass
-    tally.closed = True
+    finally:
+        # A closed connection stops counting: the sender waits for the live ones only.
+        shared.progress[shared.slot] -= tally.unique()
+        shared.live[shared.slot] -= 1
+    tally.closed = True  # by the server or the network, not by the harness's cancel
 
 
 async def _open(url: str, semaphore: asyncio.Semaphore) -> ClientConnection | None:
@@ -137,10 +145,11 @@ async def _subscriber_main(
     pipe: Pipe, urls: list[str], messages: int, deadline_s: float, shared: Shared
 ) -> None:
     loop = asyncio.get_running_loop()
-    semaphore = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    semaphore = asyncio.Semaphore(shared.connect_concurrency)
     opened = await asyncio.gather(*(_open(url, semaphore) for url in urls))
     sockets = [ws for ws in opened if ws is not None]
     tallies = [Tally(bytearray(messages)) for _ in sockets]
+    shared.live[shared.slot] = len(sockets)
     latencies: array[int] = array("q")
     last = [0]
     tasks = [

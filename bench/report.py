@@ -38,6 +38,8 @@ def _status(result: RunResult) -> str:
         notes.append(f"{result.failed_connects} failed connects")
     if result.closed_early:
         notes.append(f"{result.closed_early} closed early")
+    if result.backend == "redis":
+        notes.append(f"+ redis-server {result.redis_cpu_s:.2f} CPU s")
     if result.failed_runs:
         notes.append(f"{result.failed_runs} runs failed or skipped, left out (see the JSON)")
     return "; ".join(notes) or "ok"
@@ -53,6 +55,8 @@ def table(results: list[RunResult]) -> str:
     rows = []
     for r in results:
         scenario = r.scenario + (f" (+{r.stalled} stalled)" if r.stalled else "")
+        if r.backend == "redis":
+            scenario = f"redis, {r.nodes} node{'s' if r.nodes > 1 else ''}"
         if r.error and not r.sent:
             rows.append(f"| {scenario} | {r.server} | {r.clients} |" + " |" * 12 + f" {r.error} |")
             continue
@@ -100,9 +104,17 @@ def plot(results: list[RunResult], path: Path) -> bool:
     return True
 
 
-def _find(results: list[RunResult], server: str, scenario: str, clients: int, stalled: int = 0):
+def _find(
+    results: list[RunResult],
+    server: str,
+    scenario: str,
+    clients: int,
+    stalled: int = 0,
+    nodes: int = 1,
+) -> RunResult | None:
     for r in results:
-        if (r.server, r.scenario, r.clients, r.stalled) == (server, scenario, clients, stalled):
+        key = (r.server, r.scenario, r.clients, r.stalled, r.nodes)
+        if key == (server, scenario, clients, stalled, nodes):
             return r if not r.error and r.sent else None
     return None
 
@@ -160,6 +172,29 @@ def targets(results: list[RunResult]) -> str:
             f" {stall.lost}{froze}; p99 {_num(stall.p99_ms, '.1f')} ms vs"
             f" {_num(base.p99_ms, '.1f')} ms without the stalled client"
             f" ({_num(ratio, '.2f')}x, target ≤ 2x and zero loss): {verdict}."
+        )
+    for server in present:
+        two = _find(results, server, "redis", TARGET_CLIENTS, nodes=2)
+        one = _find(results, server, "redis", TARGET_CLIENTS, nodes=1)
+        memory = _find(results, server, "fanout", TARGET_CLIENTS)
+        if two is None:
+            continue
+        text = (
+            f"- **Two nodes on Redis, {server}** ({TARGET_CLIENTS} subscribers dealt over both"
+            f" nodes, the sender on the first): lost {two.lost}, duplicated {two.duplicates},"
+            f" out of order {two.out_of_order}; CPU/delivery of both nodes"
+            f" {_num(two.cpu_us_per_delivery, '.1f')} µs"
+        )
+        if one is not None:
+            text += f" (one node on Redis: {_num(one.cpu_us_per_delivery, '.1f')} µs"
+        if memory is not None:
+            text += f"; one node, memory backend: {_num(memory.cpu_us_per_delivery, '.1f')} µs"
+        if one is not None:
+            text += ")"
+        deliveries = max(1, two.deliveries)
+        lines.append(
+            text + f", plus redis-server's {two.redis_cpu_s / deliveries * 1e6:.1f} µs;"
+            f" p99 {_num(two.p99_ms, '.1f')} ms. No target was set; for the record."
         )
     for server in dict.fromkeys(["chat", "fastpath", *present]):
         runs = [r for r in results if r.server == server and r.scenario == "fanout" and not r.error]
@@ -241,10 +276,11 @@ METHOD = """\
   instead of N (setup is not measured either way).
 - The sender sends `{"message": "~K~T~pad"}`, K its own counter and T its send time, and keeps
   at most `--window` (8) messages in flight end to end: each subscriber process counts what
-  it received in shared memory, and the sender goes on only when the subscribers have, on
-  average, every message but the last 8 (a closed loop that runs each server, with its
-  clients, at its own speed). If that count does not move for 3 s the server is stuck: the
-  run stops and is marked **froze**. The sender reads and discards its own messages.
+  it received in shared memory, and the sender goes on only when the subscribers still
+  connected have, on average, every message but the last 8 (a closed loop that runs each
+  server, with its clients, at its own speed). If that count does not move for 3 s the
+  server is stuck: the run stops and is marked **froze**. The sender reads and discards its
+  own messages.
 - Latency = receive time - T on the same machine clock. With a closed loop, p50 and p99
   are mostly the window: about 8 fan-outs' worth of time, so they grow with N.
 - Lost = messages sent that a subscriber never received; duplicates and out-of-order
@@ -268,7 +304,17 @@ METHOD = """\
   more client that completes the WebSocket handshake on a raw TCP socket with a 4 KiB
   `SO_RCVBUF` and then never reads (it connects first, so it is first in the naive app's
   list); messages are padded with 2 KiB so that the stalled client's buffers fill.
+- The Redis scenario runs the servers that have a Redis backend (the chat app) with
+  `--backend redis://` on a fresh `redis-server` (persistence off) as one node and as two
+  nodes, 500 subscribers dealt round-robin over the nodes and the sender on the first node.
+  CPU is the nodes' own, summed; redis-server's CPU is shown beside it, not included; memory
+  figures are summed over the nodes. Subscribers connect at most 4 at a time per client
+  process here (50 elsewhere): with redis-py 8's default asyncio pool (100 connections, and
+  `MaxConnectionsError` instead of waiting when they are all busy), 100 concurrent
+  handshakes, and even 32, made the chat app refuse clients ("backend unavailable"), and
+  500 clients leaving at once make it fail to remove presence ("Too many connections" in
+  the server log). That is a finding about the Redis backend, not a harness limit.
 - Not yet measured (issue 5, later steps): the fast path (its slot is `fastpath`),
   python-socketio (it needs its own client protocol, Engine.IO framing, in the subscriber
-  processes), many rooms, two nodes on Redis.
+  processes), many rooms.
 """

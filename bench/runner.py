@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import math
 import multiprocessing
+import shutil
 import socket
 import statistics
 import time
@@ -50,6 +51,11 @@ class RunConfig:
     """0: one process per 250 subscribers, at most the number of cores."""
     run_timeout: float = 120.0
     stall_timeout: float = 3.0
+    nodes: int = 1
+    """Server processes; more than one needs ``backend="redis"``."""
+    backend: str = "memory"
+    connect_concurrency: int = 50
+    """Handshakes each subscriber process runs at once."""
 
 
 @dataclass
@@ -82,6 +88,10 @@ class RunResult:
     cpu_us_min: float = math.nan
     cpu_us_max: float = math.nan
     failed_runs: int = 0
+    nodes: int = 1
+    backend: str = "memory"
+    redis_cpu_s: float = 0.0
+    """CPU seconds of redis-server over the measured window (not in ``cpu_s``)."""
     """Repetitions that failed (an error) and are not in the figures."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +107,7 @@ _MEDIAN_FIELDS = (
     "cpu_us_per_delivery",
     "peak_rss_mib",
     "idle_kib_per_connection",
+    "redis_cpu_s",
 )
 _WORST_FIELDS = (
     "lost",
@@ -149,37 +160,66 @@ def _client_procs(config: RunConfig) -> int:
     return max(1, min(cores, math.ceil(config.clients / 250)))
 
 
+def _redis_process(log_dir: Path, label: str) -> ServerProcess:
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise RuntimeError("redis-server is not installed")
+    port = free_port()
+    command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "no", "--maxmemory-policy", "noeviction"]
+    return ServerProcess("redis", command, port, log_dir / f"{label}-redis.log")
+
+
 def run_one(config: RunConfig, log_dir: Path) -> RunResult:
     """Run one server through one scenario; never raises for the server's failures."""
     spec = SERVERS[config.server]
     result = RunResult(
         config.server, config.scenario, config.clients, config.stalled, config.messages
     )
+    result.nodes, result.backend = config.nodes, config.backend
     if not spec.available:
         result.error = "not implemented yet"
         return result
-    if not 1 <= config.clients <= MAX_CLIENTS:
-        raise ValueError(f"clients must be 1..{MAX_CLIENTS}")
-    port = free_port()
-    label = f"{config.server}-{config.scenario}-{config.clients}"
-    server = ServerProcess(config.server, spec_command(spec, port), port, log_dir / f"{label}.log")
+    if not 1 <= config.clients <= MAX_CLIENTS or not 1 <= config.nodes <= 4:
+        raise ValueError(f"clients must be 1..{MAX_CLIENTS}, nodes 1..4")
+    label = f"{config.server}-{config.scenario}-{config.clients}-{config.nodes}"
     ctx = multiprocessing.get_context("spawn")
     workers: list[Any] = []
     pipes: list[Any] = []
     stalled: list[socket.socket] = []
+    redis: ServerProcess | None = None
+    servers: list[ServerProcess] = []
     try:
-        server.start(ROOT)
-        base = f"ws://127.0.0.1:{port}/ws"
-        asyncio.run(warm_up(f"{base}/warmup?room={ROOM}"))
-        wait_quiet(server.pid, limit=5)
-        rss_before = rss_kib(server.pid)
+        extra: list[str] = []
+        if config.backend == "redis":
+            if not spec.redis:
+                raise ValueError(f"{spec.name} has no Redis backend")
+            redis = _redis_process(log_dir, label)
+            redis.start(ROOT)
+            extra = ["--backend", f"redis://127.0.0.1:{redis.port}/0"]
+        for node in range(config.nodes):
+            port = free_port()
+            command = [*spec_command(spec, port), *extra]
+            log = log_dir / f"{label}-node{node}.log"
+            servers.append(ServerProcess(config.server, command, port, log))
+        for server in servers:
+            server.start(ROOT)
+        bases = [f"ws://127.0.0.1:{server.port}/ws" for server in servers]
+        for base in bases:
+            asyncio.run(warm_up(f"{base}/warmup?room={ROOM}"))
+        for server in servers:
+            wait_quiet(server.pid, limit=5)
+        rss_before = sum(rss_kib(server.pid) for server in servers)
         for _ in range(config.stalled):
-            stalled.append(open_stalled_client("127.0.0.1", port, f"/ws/stalled?room={ROOM}"))
+            stalled.append(
+                open_stalled_client("127.0.0.1", servers[0].port, f"/ws/stalled?room={ROOM}")
+            )
         procs = _client_procs(config)
         # Subscribers share one client id: presence is per client id, so the chat app sends
         # one join, not N joins to N members (an O(N^2) storm at setup that is not measured).
-        urls = [f"{base}/sub?room={ROOM}" for _ in range(config.clients)]
-        progress = ctx.RawArray("q", procs)
+        # With several nodes, subscribers are dealt round-robin; the sender is on the first.
+        urls = [f"{bases[i % len(bases)]}/sub?room={ROOM}" for i in range(config.clients)]
+        progress, live = ctx.RawArray("q", procs), ctx.RawArray("q", procs)
         for i in range(procs):
             parent_end, child_end = ctx.Pipe()
             worker = ctx.Process(
@@ -189,7 +229,7 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
                     urls[i::procs],
                     config.messages,
                     config.run_timeout,
-                    Shared(progress, i),
+                    Shared(progress, live, i, config.connect_concurrency),
                 ),
                 daemon=True,
             )
@@ -203,19 +243,21 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
             _, _connected, failed = pipe.recv()
             result.failed_connects += failed
         connected_total = config.clients - result.failed_connects
-        wait_quiet(server.pid, limit=30)
-        rss_idle = rss_kib(server.pid)
+        for server in servers:
+            wait_quiet(server.pid, limit=30)
+        rss_idle = sum(rss_kib(server.pid) for server in servers)
         if connected_total:
             result.idle_kib_per_connection = (rss_idle - rss_before) / (
                 connected_total + config.stalled
             )
-        cpu_before = cpu_seconds(server.pid)
+        cpu_before = sum(cpu_seconds(server.pid) for server in servers)
+        redis_before = cpu_seconds(redis.pid) if redis is not None else 0.0
         sent: SendResult = asyncio.run(
             asyncio.wait_for(
                 send_messages(
-                    f"{base}/sender?room={ROOM}",
+                    f"{bases[0]}/sender?room={ROOM}",
                     config.messages,
-                    received=lambda: sum(progress) / max(1, connected_total),
+                    received=lambda: sum(progress) / max(1, sum(live)),
                     window=config.window,
                     pad=config.pad,
                     stall_timeout=config.stall_timeout,
@@ -232,11 +274,13 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
                 raise RuntimeError("subscribers did not report within the run timeout")
             _, report = pipe.recv()
             reports.append(report)
-        if server.alive():
-            result.cpu_s = cpu_seconds(server.pid) - cpu_before
-            result.peak_rss_mib = peak_rss_kib(server.pid) / 1024
+        if all(server.alive() for server in servers):
+            result.cpu_s = sum(cpu_seconds(server.pid) for server in servers) - cpu_before
+            result.peak_rss_mib = sum(peak_rss_kib(server.pid) for server in servers) / 1024
         else:
             result.error = "server died"
+        if redis is not None and redis.alive():
+            result.redis_cpu_s = cpu_seconds(redis.pid) - redis_before
         _tally(result, reports, sent)
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
@@ -250,7 +294,10 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
                 worker.join(timeout=5)
         for pipe in pipes:
             pipe.close()
-        server.stop()
+        for server in servers:
+            server.stop()
+        if redis is not None:
+            redis.stop()
     return result
 
 

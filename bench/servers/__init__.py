@@ -22,6 +22,8 @@ class ServerSpec:
     module: str | None
     """``python -m MODULE --host 127.0.0.1 --port N [extra]``; None: not implemented yet."""
     extra: tuple[str, ...] = ()
+    redis: bool = False
+    """It takes ``--backend redis://...`` and runs as several nodes on one Redis."""
 
     @property
     def available(self) -> bool:
@@ -41,6 +43,7 @@ SERVERS: dict[str, ServerSpec] = {
             " rate limit off",
             "examples.chat_app",
             ("--rate-limit", "0", "--log-level", "warning"),
+            redis=True,
         ),
         ServerSpec(
             "naive",
