@@ -258,7 +258,7 @@ python -m bench --servers chat,naive --clients 100,500 --scenario fanout --out /
 python -m bench --smoke         # a few seconds; what CI runs (tests/test_bench_smoke.py)
 ```
 
-`python -m bench --help` lists every flag (`--messages`, `--max-deliveries`, `--window`,
+`python -m bench --help` lists every flag (`--repeat`, `--messages`, `--max-deliveries`, `--window`,
 `--stall-messages`, `--client-procs`, `--run-timeout`, `--time-budget`). Raw numbers of the
 last run are in `bench/results/latest.json` and server logs in `bench/results/logs/` (not
 committed). Everything is bounded: at most 10,000 subscribers and 100,000 messages per run,
