@@ -1,0 +1,236 @@
+"""The command line: which servers, which scenarios, how many clients and messages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .procfs import machine_description
+from .report import write_report
+from .runner import MAX_CLIENTS, ROOT, RunConfig, RunResult, combine, run_one, wait_for
+from .servers import SERVERS
+
+SCENARIOS = ("fanout", "stall", "redis")
+DEFAULT_SERVERS = "chat,naive,websockets,broadcaster,fastpath"
+STALL_CLIENTS = 100
+STALL_PAD = 2048
+REDIS_CLIENTS = 500
+REDIS_CONNECT_CONCURRENCY = 4
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not values or any(not 1 <= v <= MAX_CLIENTS for v in values):
+        raise argparse.ArgumentTypeError(f"each count must be 1..{MAX_CLIENTS}")
+    return values
+
+
+def _names(choices: Sequence[str]) -> object:
+    def parse(text: str) -> list[str]:
+        names = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [name for name in names if name not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}; not {unknown}")
+        return names
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark the broadcast servers side by side on 127.0.0.1 and write"
+        " a Markdown report with a PNG plot.",
+    )
+    parser.add_argument(
+        "--servers",
+        type=_names(list(SERVERS)),
+        default=DEFAULT_SERVERS.split(","),
+        help=f"comma-separated, from {', '.join(SERVERS)} (default {DEFAULT_SERVERS})",
+    )
+    parser.add_argument(
+        "--clients",
+        type=_int_list,
+        default=[100, 500, 1000, 5000],
+        help="subscriber counts for the fan-out scenario, comma-separated"
+        " (default 100,500,1000,5000)",
+    )
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=5000,
+        help="messages the sender sends per fan-out run, fewer if that would exceed"
+        " --max-deliveries (default %(default)s, at most 100000)",
+    )
+    parser.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=500_000,
+        help="bound on messages x subscribers per fan-out run (default %(default)s)",
+    )
+    parser.add_argument(
+        "--scenario",
+        type=_names(SCENARIOS),
+        default=list(SCENARIOS),
+        help=f"comma-separated, from {', '.join(SCENARIOS)} (default all)",
+    )
+    parser.add_argument(
+        "--stall-messages",
+        type=int,
+        default=2000,
+        help="messages per run of the stall scenario (default %(default)s)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of everything, interleaved; the report shows medians (default %(default)s)",
+    )
+    parser.add_argument(
+        "--window", type=int, default=8, help="messages in flight (default %(default)s)"
+    )
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=0,
+        help="subscriber processes per run (default: one per 250 subscribers, at most cores)",
+    )
+    parser.add_argument(
+        "--run-timeout", type=float, default=120.0, help="hard limit per run, s (default 120)"
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=600.0,
+        help="stop starting new runs after this many seconds (default 600)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="Markdown report (default docs/benchmarks.md)"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny run to check the harness works (chat and naive, 5 clients, 20 messages,"
+        " fan-out only; report in bench/results/smoke.md unless --out)",
+    )
+    args = parser.parse_args(argv)
+    if not 1 <= args.messages <= 100_000 or not 1 <= args.stall_messages <= 100_000:
+        parser.error("--messages and --stall-messages must be 1..100000")
+    if not 1 <= args.window <= 1000:
+        parser.error("--window must be 1..1000")
+    if not 1 <= args.repeat <= 10:
+        parser.error("--repeat must be 1..10")
+    if args.smoke:
+        args.servers, args.clients, args.messages = ["chat", "naive"], [5], 20
+        args.scenario, args.client_procs, args.run_timeout = ["fanout"], 1, 30.0
+        args.time_budget, args.repeat = 60.0, 1
+        if args.out is None:
+            args.out = ROOT / "bench" / "results" / "smoke.md"
+    if args.out is None:
+        args.out = ROOT / "docs" / "benchmarks.md"
+    return args
+
+
+def plan(args: argparse.Namespace) -> list[RunConfig]:
+    """Every run, in order: fan-out by N then server, the stall scenario, then Redis."""
+    runs: list[RunConfig] = []
+    common = {"window": args.window, "client_procs": args.client_procs}
+    common_t = {"run_timeout": args.run_timeout}
+    if "fanout" in args.scenario:
+        for clients in args.clients:
+            messages = min(args.messages, max(10, args.max_deliveries // clients))
+            for server in args.servers:
+                runs.append(RunConfig(server, "fanout", clients, messages, **common, **common_t))
+    if "stall" in args.scenario:
+        for server in args.servers:
+            for stalled in (0, 1):
+                # The stall scenario pads messages so the stalled client's buffers fill.
+                runs.append(
+                    RunConfig(
+                        server,
+                        "stall",
+                        STALL_CLIENTS,
+                        args.stall_messages,
+                        pad=STALL_PAD,
+                        stalled=stalled,
+                        **common,
+                        **common_t,
+                    )
+                )
+    if "redis" in args.scenario:
+        messages = min(args.messages, max(10, args.max_deliveries // REDIS_CLIENTS))
+        for server in args.servers:
+            if not SERVERS[server].redis:
+                continue
+            for nodes in (1, 2):
+                runs.append(
+                    RunConfig(
+                        server,
+                        "redis",
+                        REDIS_CLIENTS,
+                        messages,
+                        nodes=nodes,
+                        backend="redis",
+                        # redis-py 8's asyncio pool allows 100 connections and then fails
+                        # (MaxConnectionsError) instead of waiting: a burst of handshakes
+                        # past that makes the chat app refuse clients. See the report.
+                        connect_concurrency=REDIS_CONNECT_CONCURRENCY,
+                        **common,
+                        **common_t,
+                    )
+                )
+    return runs
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.monotonic()
+    results_dir = ROOT / "bench" / "results"
+    log_dir = results_dir / "logs"
+    configs = plan(args)
+    by_config: dict[RunConfig, list[RunResult]] = {config: [] for config in configs}
+    # Whole repetitions one after the other: a slow spell of the machine hits one of each
+    # run's repetitions, not all of one server's; the time budget drops whole repetitions last.
+    runs = [config for _ in range(args.repeat) for config in configs]
+    for index, config in enumerate(runs, 1):
+        label = f"[{index}/{len(runs)}] {config.server} {config.scenario} N={config.clients}"
+        if config.stalled:
+            label += f" +{config.stalled} stalled"
+        if config.backend == "redis":
+            label += f" on {config.nodes} node(s)"
+        if time.monotonic() - started > args.time_budget:
+            result = RunResult(
+                config.server, config.scenario, config.clients, config.stalled, config.messages
+            )
+            result.error = "skipped: time budget spent"
+        else:
+            print(label, "...", file=sys.stderr, flush=True)
+            result = run_one(config, log_dir)
+            if SERVERS[config.server].available:
+                wait_for(0.3)
+        by_config[config].append(result)
+        summary = result.error or (
+            f"{result.deliveries_per_s:,.0f} deliveries/s, p99 {result.p99_ms:.1f} ms,"
+            f" {result.cpu_us_per_delivery:.1f} us CPU/delivery, lost {result.lost}"
+        )
+        print(f"{label}: {summary}", file=sys.stderr, flush=True)
+    elapsed = time.monotonic() - started
+    machine = machine_description()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    raw = {"machine": machine, "args": sys.argv[1:], "elapsed_s": elapsed}
+    results = [combine(by_config[config]) for config in configs]
+    raw["results"] = [r.to_dict() for r in results]
+    raw["runs"] = [r.to_dict() for group in by_config.values() for r in group]
+    json_path = args.out.with_suffix(".json") if args.smoke else results_dir / "latest.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(raw, indent=1))
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_report(args.out, results, machine, command.strip(), elapsed, args)
+    print(f"wrote {args.out} ({elapsed:.0f} s)", file=sys.stderr)

@@ -1,0 +1,320 @@
+"""The report: a Markdown table, a PNG plot and where we stand against the issue's targets."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from .runner import RunResult
+from .servers import SERVERS
+
+TARGET_CLIENTS = 500
+STALL_CLIENTS = 100
+
+
+def _num(value: float, fmt: str = ",.0f") -> str:
+    return (
+        "—"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else format(value, fmt)
+    )
+
+
+def _cpu(result: RunResult) -> str:
+    text = _num(result.cpu_us_per_delivery, ".1f")
+    if result.runs > 1:
+        text += f" ({_num(result.cpu_us_min, '.1f')}-{_num(result.cpu_us_max, '.1f')})"
+    return text
+
+
+def _status(result: RunResult) -> str:
+    if result.error:
+        return result.error
+    notes = []
+    if result.froze:
+        notes.append(f"**froze** after {result.sent} sent")
+    if result.failed_connects:
+        notes.append(f"{result.failed_connects} failed connects")
+    if result.closed_early:
+        notes.append(f"{result.closed_early} closed early")
+    if result.backend == "redis":
+        notes.append(f"+ redis-server {result.redis_cpu_s:.2f} CPU s")
+    if result.failed_runs:
+        notes.append(f"{result.failed_runs} runs failed or skipped, left out (see the JSON)")
+    return "; ".join(notes) or "ok"
+
+
+def table(results: list[RunResult]) -> str:
+    head = (
+        "| scenario | server | N | runs | sent | deliveries/s | p50 ms | p99 ms | lost | dup |"
+        " out of order | CPU s | CPU µs/delivery (min-max) | peak RSS MiB | idle KiB/conn |"
+        " status |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+    )
+    rows = []
+    for r in results:
+        scenario = r.scenario + (f" (+{r.stalled} stalled)" if r.stalled else "")
+        if r.backend == "redis":
+            scenario = f"redis, {r.nodes} node{'s' if r.nodes > 1 else ''}"
+        if r.error and not r.sent:
+            rows.append(f"| {scenario} | {r.server} | {r.clients} |" + " |" * 12 + f" {r.error} |")
+            continue
+        rows.append(
+            f"| {scenario} | {r.server} | {r.clients} | {r.runs} | {r.sent} |"
+            f" {_num(r.deliveries_per_s)} |"
+            f" {_num(r.p50_ms, '.1f')} | {_num(r.p99_ms, '.1f')} | {r.lost} | {r.duplicates} |"
+            f" {r.out_of_order} | {r.cpu_s:.2f} | {_cpu(r)} |"
+            f" {r.peak_rss_mib:.0f} | {_num(r.idle_kib_per_connection, '.1f')} | {_status(r)} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(results: list[RunResult], path: Path) -> bool:
+    """Deliveries/s and CPU per delivery against N, one line per server (fan-out runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fanout = [r for r in results if r.scenario == "fanout" and not r.error and r.deliveries]
+    if not fanout:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for server in dict.fromkeys(r.server for r in fanout):
+        runs = sorted((r for r in fanout if r.server == server), key=lambda r: r.clients)
+        xs = [r.clients for r in runs]
+        left.plot(xs, [r.deliveries_per_s for r in runs], marker="o", label=server)
+        right.plot(xs, [r.cpu_us_per_delivery for r in runs], marker="o", label=server)
+    left.set(title="Deliveries per second", xlabel="subscribers (N)", ylabel="deliveries/s")
+    right.set(
+        title="Server CPU per delivered message",
+        xlabel="subscribers (N)",
+        ylabel="CPU µs / delivery (lower is better)",
+    )
+    for axes in (left, right):
+        axes.set_xscale("log")
+        axes.set_ylim(bottom=0)
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _find(
+    results: list[RunResult],
+    server: str,
+    scenario: str,
+    clients: int,
+    stalled: int = 0,
+    nodes: int = 1,
+) -> RunResult | None:
+    for r in results:
+        key = (r.server, r.scenario, r.clients, r.stalled, r.nodes)
+        if key == (server, scenario, clients, stalled, nodes):
+            return r if not r.error and r.sent else None
+    return None
+
+
+def targets(results: list[RunResult]) -> str:
+    """Where we stand against each target of issue 5, computed from this run's numbers."""
+    lines = []
+    naive = _find(results, "naive", "fanout", TARGET_CLIENTS)
+
+    def cpu_target(server: str, limit: float, label: str) -> None:
+        run = _find(results, server, "fanout", TARGET_CLIENTS)
+        if run is None or naive is None:
+            why = "not implemented yet" if not SERVERS[server].available else "not measured"
+            lines.append(
+                f"- **{label}** (CPU/delivery ≤ {limit}x naive at {TARGET_CLIENTS} clients, zero"
+                f" loss): **not measured in this run** ({why})."
+            )
+            return
+        ratio = run.cpu_us_per_delivery / naive.cpu_us_per_delivery
+        met_cpu = ratio <= limit
+        met_loss = run.lost == 0 and run.duplicates == 0
+        text = (
+            f"- **{label}**: CPU/delivery {run.cpu_us_per_delivery:.1f} µs vs naive"
+            f" {naive.cpu_us_per_delivery:.1f} µs = **{ratio:.2f}x** (target ≤ {limit}x):"
+            f" {'met' if met_cpu else '**missed**'}; lost {run.lost}, duplicated"
+            f" {run.duplicates}: {'met' if met_loss else '**missed**'}"
+        )
+        if server == "chat":
+            met_p99 = run.p99_ms <= naive.p99_ms
+            text += (
+                f"; p99 {run.p99_ms:.1f} ms vs naive {naive.p99_ms:.1f} ms:"
+                f" {'met' if met_p99 else '**missed**'}"
+            )
+        lines.append(text + ".")
+
+    cpu_target("chat", 0.8, "Chat app on uvicorn")
+    cpu_target("fastpath", 0.45, "Fast path")
+    present = list(dict.fromkeys(r.server for r in results))
+    for server in present:
+        base = _find(results, server, "stall", STALL_CLIENTS, 0)
+        stall = _find(results, server, "stall", STALL_CLIENTS, 1)
+        if base is None or stall is None:
+            continue
+        ratio = stall.p99_ms / base.p99_ms if base.p99_ms else math.nan
+        met = stall.lost == 0 and not stall.froze and ratio <= 2
+        froze = (
+            f", **froze** after {stall.sent} of {stall.messages} sent (p99 is of the messages"
+            " delivered before that)"
+            if stall.froze
+            else ""
+        )
+        verdict = ("met" if met else "**missed**") if server == "chat" else "for comparison"
+        lines.append(
+            f"- **One stalled client among {STALL_CLIENTS}, {server}**: healthy clients lost"
+            f" {stall.lost}{froze}; p99 {_num(stall.p99_ms, '.1f')} ms vs"
+            f" {_num(base.p99_ms, '.1f')} ms without the stalled client"
+            f" ({_num(ratio, '.2f')}x, target ≤ 2x and zero loss): {verdict}."
+        )
+    for server in present:
+        two = _find(results, server, "redis", TARGET_CLIENTS, nodes=2)
+        one = _find(results, server, "redis", TARGET_CLIENTS, nodes=1)
+        memory = _find(results, server, "fanout", TARGET_CLIENTS)
+        if two is None:
+            continue
+        text = (
+            f"- **Two nodes on Redis, {server}** ({TARGET_CLIENTS} subscribers dealt over both"
+            f" nodes, the sender on the first): lost {two.lost}, duplicated {two.duplicates},"
+            f" out of order {two.out_of_order}; CPU/delivery of both nodes"
+            f" {_num(two.cpu_us_per_delivery, '.1f')} µs"
+        )
+        if one is not None:
+            text += f" (one node on Redis: {_num(one.cpu_us_per_delivery, '.1f')} µs"
+        if memory is not None:
+            text += f"; one node, memory backend: {_num(memory.cpu_us_per_delivery, '.1f')} µs"
+        if one is not None:
+            text += ")"
+        deliveries = max(1, two.deliveries)
+        lines.append(
+            text + f", plus redis-server's {two.redis_cpu_s / deliveries * 1e6:.1f} µs;"
+            f" p99 {_num(two.p99_ms, '.1f')} ms. No target was set; for the record."
+        )
+    for server in dict.fromkeys(["chat", "fastpath", *present]):
+        runs = [r for r in results if r.server == server and r.scenario == "fanout" and not r.error]
+        if not runs:
+            if server == "fastpath":
+                lines.append("- **Memory per idle connection, fast path**: not measured yet.")
+            continue
+        biggest = max(runs, key=lambda r: r.clients)
+        kib = biggest.idle_kib_per_connection
+        verdict = ("met" if kib <= 20 else "**missed**") if server == "chat" else "for comparison"
+        lines.append(
+            f"- **Memory per idle connection, {server}** (RSS growth / connections at"
+            f" N={biggest.clients}): {_num(kib, '.1f')} KiB (target ≤ 20 KiB): {verdict}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    out: Path,
+    results: list[RunResult],
+    machine: dict[str, str],
+    command: str,
+    elapsed: float,
+    args: argparse.Namespace,
+) -> None:
+    png = out.with_suffix(".png")
+    has_plot = plot(results, png)
+    servers = "\n".join(
+        f"- **{name}**: {SERVERS[name].description}" for name in dict.fromkeys(args.servers)
+    )
+    machine_lines = "\n".join(f"- {key}: {value}" for key, value in machine.items())
+    parts = [
+        "# Benchmarks\n",
+        f"Written by `{command}` in {elapsed:.0f} s; do not edit by hand (rerun it).\n",
+        "## Where we stand against the targets of issue 5\n",
+        targets(results),
+        "## Results\n",
+        table(results),
+    ]
+    if has_plot:
+        parts.append(f"![deliveries/s and CPU per delivery against N]({png.name})\n")
+    parts += [
+        "## Servers\n",
+        servers + "\n",
+        "## How to run\n",
+        HOW_TO_RUN,
+        "## Machine\n",
+        machine_lines + "\n",
+        "## Method\n",
+        METHOD,
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts))
+
+
+HOW_TO_RUN = """\
+```sh
+pip install -e ".[bench]"       # the servers, the websockets client, matplotlib
+python -m bench                 # everything (a few minutes): rewrites this file and its PNG
+python -m bench --servers chat,naive --clients 100,500 --scenario fanout --out /tmp/b.md
+python -m bench --smoke         # a few seconds; what CI runs (tests/test_bench_smoke.py)
+```
+
+`python -m bench --help` lists every flag (`--repeat`, `--messages`, `--max-deliveries`, `--window`,
+`--stall-messages`, `--client-procs`, `--run-timeout`, `--time-budget`). Raw numbers of the
+last run are in `bench/results/latest.json` and server logs in `bench/results/logs/` (not
+committed). Everything is bounded: at most 10,000 subscribers and 100,000 messages per run,
+a hard timeout per run (120 s) and a time budget after which no new run starts (600 s).
+"""
+
+METHOD = """\
+- Every server runs alone in its own subprocess on a free port of 127.0.0.1, started fresh for
+  every run; nothing leaves the loopback interface. The chat app and the naive app run on
+  uvicorn with the same settings (uvicorn's default WebSocket protocol, `websockets-sansio`
+  when `websockets` is installed; uvloop and httptools when installed; no compression).
+- Subscribers are `websockets` asyncio clients in separate processes (one per 250
+  subscribers, at most one per core), all in one room; one sender connection in the harness
+  process. Subscribers share one client id, so the chat app broadcasts one `join` at setup
+  instead of N (setup is not measured either way).
+- The sender sends `{"message": "~K~T~pad"}`, K its own counter and T its send time, and keeps
+  at most `--window` (8) messages in flight end to end: each subscriber process counts what
+  it received in shared memory, and the sender goes on only when the subscribers still
+  connected have, on average, every message but the last 8 (a closed loop that runs each
+  server, with its clients, at its own speed). If that count does not move for 3 s the
+  server is stuck: the run stops and is marked **froze**. The sender reads and discards its
+  own messages.
+- Latency = receive time - T on the same machine clock. With a closed loop, p50 and p99
+  are mostly the window: about 8 fan-outs' worth of time, so they grow with N.
+- Lost = messages sent that a subscriber never received; duplicates and out-of-order
+  deliveries are judged on K, the same way for every server (only the chat app has sequence
+  numbers).
+- Deliveries/s = frames received by subscribers / (last receive - first send).
+- Everything runs `--repeat` times (3), whole repetitions one after the other; a row shows
+  the median of each measure over the repetitions, the worst (highest) count of lost,
+  duplicated and out-of-order deliveries, and the range of CPU per delivery. Every single
+  run is in `bench/results/latest.json`.
+- **CPU per delivery** = the server process's own user + system CPU seconds
+  (`/proc/<pid>/stat`) over the measured window (first send to the last subscriber's report)
+  divided by the frames delivered to subscribers. It is the robust figure on a shared
+  machine: the clients run on the same cores and slow each other and the server down, which
+  moves deliveries/s and latency but hardly the server's own CPU per message. On a 2-core
+  machine deliveries/s is bounded by the subscriber processes as much as by the server.
+- Peak memory is the server's `VmHWM`; memory per idle connection is its `VmRSS` growth from
+  before the subscribers connected to after, once its CPU is idle, divided by the connections
+  (after one warm-up connection has come and gone, so one-off costs are not counted).
+- The stall scenario runs 100 healthy subscribers twice per server, without and with one
+  more client that completes the WebSocket handshake on a raw TCP socket with a 4 KiB
+  `SO_RCVBUF` and then never reads (it connects first, so it is first in the naive app's
+  list); messages are padded with 2 KiB so that the stalled client's buffers fill.
+- The Redis scenario runs the servers that have a Redis backend (the chat app) with
+  `--backend redis://` on a fresh `redis-server` (persistence off) as one node and as two
+  nodes, 500 subscribers dealt round-robin over the nodes and the sender on the first node.
+  CPU is the nodes' own, summed; redis-server's CPU is shown beside it, not included; memory
+  figures are summed over the nodes. Subscribers connect at most 4 at a time per client
+  process here (50 elsewhere): with redis-py 8's default asyncio pool (100 connections, and
+  `MaxConnectionsError` instead of waiting when they are all busy), 100 concurrent
+  handshakes, and even 32, made the chat app refuse clients ("backend unavailable"), and
+  500 clients leaving at once make it fail to remove presence ("Too many connections" in
+  the server log). That is a finding about the Redis backend, not a harness limit.
+- Not yet measured (issue 5, later steps): the fast path (its slot is `fastpath`),
+  python-socketio (it needs its own client protocol, Engine.IO framing, in the subscriber
+  processes), many rooms.
+"""

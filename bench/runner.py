@@ -1,0 +1,327 @@
+"""One measured run: start a server, connect subscribers, send, tally, stop everything."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import multiprocessing
+import shutil
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .clients import (
+    SendResult,
+    Shared,
+    WorkerReport,
+    open_stalled_client,
+    send_messages,
+    subscriber_process,
+    warm_up,
+)
+from .procfs import (
+    ServerProcess,
+    cpu_seconds,
+    free_port,
+    peak_rss_kib,
+    rss_kib,
+    wait_quiet,
+)
+from .servers import SERVERS, spec_command
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_CLIENTS = 10_000
+ROOM = "bench"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    server: str
+    scenario: str
+    clients: int
+    messages: int
+    window: int = 8
+    pad: int = 64
+    stalled: int = 0
+    client_procs: int = 0
+    """0: one process per 250 subscribers, at most the number of cores."""
+    run_timeout: float = 120.0
+    stall_timeout: float = 3.0
+    nodes: int = 1
+    """Server processes; more than one needs ``backend="redis"``."""
+    backend: str = "memory"
+    connect_concurrency: int = 50
+    """Handshakes each subscriber process runs at once."""
+
+
+@dataclass
+class RunResult:
+    server: str
+    scenario: str
+    clients: int
+    stalled: int
+    messages: int
+    sent: int = 0
+    froze: bool = False
+    expected: int = 0
+    deliveries: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+    closed_early: int = 0
+    failed_connects: int = 0
+    duration_s: float = 0.0
+    deliveries_per_s: float = 0.0
+    p50_ms: float = math.nan
+    p99_ms: float = math.nan
+    cpu_s: float = 0.0
+    cpu_us_per_delivery: float = math.nan
+    peak_rss_mib: float = 0.0
+    idle_kib_per_connection: float = math.nan
+    error: str = ""
+    runs: int = 1
+    """Repetitions combined into this result (see :func:`combine`)."""
+    cpu_us_min: float = math.nan
+    cpu_us_max: float = math.nan
+    failed_runs: int = 0
+    nodes: int = 1
+    backend: str = "memory"
+    redis_cpu_s: float = 0.0
+    """CPU seconds of redis-server over the measured window (not in ``cpu_s``)."""
+    """Repetitions that failed (an error) and are not in the figures."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_MEDIAN_FIELDS = (
+    "duration_s",
+    "deliveries_per_s",
+    "p50_ms",
+    "p99_ms",
+    "cpu_s",
+    "cpu_us_per_delivery",
+    "peak_rss_mib",
+    "idle_kib_per_connection",
+    "redis_cpu_s",
+)
+_WORST_FIELDS = (
+    "lost",
+    "duplicates",
+    "out_of_order",
+    "closed_early",
+    "failed_connects",
+    "expected",
+    "deliveries",
+)
+
+
+def combine(results: list[RunResult]) -> RunResult:
+    """Repetitions of one run as one row: medians of the measures, the worst of the counts.
+
+    Runs that failed are left out; if all failed, the first one is returned as it is.
+    """
+    good = [r for r in results if not r.error and r.sent]
+    if not good:
+        return results[0]
+    combined = RunResult(**asdict(good[0]))
+    for name in _MEDIAN_FIELDS:
+        values = [getattr(r, name) for r in good if not math.isnan(getattr(r, name))]
+        setattr(combined, name, statistics.median(values) if values else math.nan)
+    for name in _WORST_FIELDS:
+        setattr(combined, name, max(getattr(r, name) for r in good))
+    combined.sent = min(r.sent for r in good)
+    combined.froze = any(r.froze for r in good)
+    combined.runs = len(good)
+    cpus = [r.cpu_us_per_delivery for r in good if not math.isnan(r.cpu_us_per_delivery)]
+    if cpus:
+        combined.cpu_us_min, combined.cpu_us_max = min(cpus), max(cpus)
+    failed = len(results) - len(good)
+    if failed:
+        combined.failed_runs = failed
+    return combined
+
+
+def _percentile(sorted_values: list[int], fraction: float) -> float:
+    if not sorted_values:
+        return math.nan
+    index = min(len(sorted_values) - 1, max(0, math.ceil(fraction * len(sorted_values)) - 1))
+    return float(sorted_values[index])
+
+
+def _client_procs(config: RunConfig) -> int:
+    if config.client_procs > 0:
+        return min(config.client_procs, config.clients)
+    cores = max(1, multiprocessing.cpu_count())
+    return max(1, min(cores, math.ceil(config.clients / 250)))
+
+
+def _redis_process(log_dir: Path, label: str) -> ServerProcess:
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise RuntimeError("redis-server is not installed")
+    port = free_port()
+    command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "no", "--maxmemory-policy", "noeviction"]
+    return ServerProcess("redis", command, port, log_dir / f"{label}-redis.log")
+
+
+def run_one(config: RunConfig, log_dir: Path) -> RunResult:
+    """Run one server through one scenario; never raises for the server's failures."""
+    spec = SERVERS[config.server]
+    result = RunResult(
+        config.server, config.scenario, config.clients, config.stalled, config.messages
+    )
+    result.nodes, result.backend = config.nodes, config.backend
+    if not spec.available:
+        result.error = "not implemented yet"
+        return result
+    if not 1 <= config.clients <= MAX_CLIENTS or not 1 <= config.nodes <= 4:
+        raise ValueError(f"clients must be 1..{MAX_CLIENTS}, nodes 1..4")
+    label = f"{config.server}-{config.scenario}-{config.clients}-{config.nodes}"
+    ctx = multiprocessing.get_context("spawn")
+    workers: list[Any] = []
+    pipes: list[Any] = []
+    stalled: list[socket.socket] = []
+    redis: ServerProcess | None = None
+    servers: list[ServerProcess] = []
+    try:
+        extra: list[str] = []
+        if config.backend == "redis":
+            if not spec.redis:
+                raise ValueError(f"{spec.name} has no Redis backend")
+            redis = _redis_process(log_dir, label)
+            redis.start(ROOT)
+            extra = ["--backend", f"redis://127.0.0.1:{redis.port}/0"]
+        for node in range(config.nodes):
+            port = free_port()
+            command = [*spec_command(spec, port), *extra]
+            log = log_dir / f"{label}-node{node}.log"
+            servers.append(ServerProcess(config.server, command, port, log))
+        for server in servers:
+            server.start(ROOT)
+        bases = [f"ws://127.0.0.1:{server.port}/ws" for server in servers]
+        for base in bases:
+            asyncio.run(warm_up(f"{base}/warmup?room={ROOM}"))
+        for server in servers:
+            wait_quiet(server.pid, limit=5)
+        rss_before = sum(rss_kib(server.pid) for server in servers)
+        for _ in range(config.stalled):
+            stalled.append(
+                open_stalled_client("127.0.0.1", servers[0].port, f"/ws/stalled?room={ROOM}")
+            )
+        procs = _client_procs(config)
+        # Subscribers share one client id: presence is per client id, so the chat app sends
+        # one join, not N joins to N members (an O(N^2) storm at setup that is not measured).
+        # With several nodes, subscribers are dealt round-robin; the sender is on the first.
+        urls = [f"{bases[i % len(bases)]}/sub?room={ROOM}" for i in range(config.clients)]
+        progress, live = ctx.RawArray("q", procs), ctx.RawArray("q", procs)
+        for i in range(procs):
+            parent_end, child_end = ctx.Pipe()
+            worker = ctx.Process(
+                target=subscriber_process,
+                args=(
+                    child_end,
+                    urls[i::procs],
+                    config.messages,
+                    config.run_timeout,
+                    Shared(progress, live, i, config.connect_concurrency),
+                ),
+                daemon=True,
+            )
+            worker.start()
+            child_end.close()
+            workers.append(worker)
+            pipes.append(parent_end)
+        for pipe in pipes:
+            if not pipe.poll(config.run_timeout):
+                raise RuntimeError("subscribers did not connect within the run timeout")
+            _, _connected, failed = pipe.recv()
+            result.failed_connects += failed
+        connected_total = config.clients - result.failed_connects
+        for server in servers:
+            wait_quiet(server.pid, limit=30)
+        rss_idle = sum(rss_kib(server.pid) for server in servers)
+        if connected_total:
+            result.idle_kib_per_connection = (rss_idle - rss_before) / (
+                connected_total + config.stalled
+            )
+        cpu_before = sum(cpu_seconds(server.pid) for server in servers)
+        redis_before = cpu_seconds(redis.pid) if redis is not None else 0.0
+        sent: SendResult = asyncio.run(
+            asyncio.wait_for(
+                send_messages(
+                    f"{bases[0]}/sender?room={ROOM}",
+                    config.messages,
+                    received=lambda: sum(progress) / max(1, sum(live)),
+                    window=config.window,
+                    pad=config.pad,
+                    stall_timeout=config.stall_timeout,
+                ),
+                config.run_timeout,
+            )
+        )
+        result.sent, result.froze = sent.sent, sent.froze
+        for pipe in pipes:
+            pipe.send(("finish", sent.sent, sent.last_send_ns))
+        reports: list[WorkerReport] = []
+        for pipe in pipes:
+            if not pipe.poll(config.run_timeout):
+                raise RuntimeError("subscribers did not report within the run timeout")
+            _, report = pipe.recv()
+            reports.append(report)
+        if all(server.alive() for server in servers):
+            result.cpu_s = sum(cpu_seconds(server.pid) for server in servers) - cpu_before
+            result.peak_rss_mib = sum(peak_rss_kib(server.pid) for server in servers) / 1024
+        else:
+            result.error = "server died"
+        if redis is not None and redis.alive():
+            result.redis_cpu_s = cpu_seconds(redis.pid) - redis_before
+        _tally(result, reports, sent)
+    except Exception as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        for sock in stalled:
+            sock.close()
+        for worker in workers:
+            worker.join(timeout=5)
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+        for pipe in pipes:
+            pipe.close()
+        for server in servers:
+            server.stop()
+        if redis is not None:
+            redis.stop()
+    return result
+
+
+def _tally(result: RunResult, reports: list[WorkerReport], sent: SendResult) -> None:
+    connections = sum(r.connections for r in reports)
+    result.expected = connections * sent.sent
+    result.deliveries = sum(r.unique for r in reports)
+    result.lost = sum(r.lost for r in reports)
+    result.duplicates = sum(r.duplicates for r in reports)
+    result.out_of_order = sum(r.out_of_order for r in reports)
+    result.closed_early = sum(r.closed_early for r in reports)
+    last = max((r.last_receive_ns for r in reports), default=0)
+    if last > sent.first_send_ns:
+        result.duration_s = (last - sent.first_send_ns) / 1e9
+        result.deliveries_per_s = result.deliveries / result.duration_s
+    latencies = sorted(v for r in reports for v in r.latencies_us)
+    result.p50_ms = _percentile(latencies, 0.50) / 1000
+    result.p99_ms = _percentile(latencies, 0.99) / 1000
+    if result.deliveries:
+        result.cpu_us_per_delivery = result.cpu_s / result.deliveries * 1e6
+        result.cpu_us_min = result.cpu_us_max = result.cpu_us_per_delivery
+
+
+def wait_for(seconds: float) -> None:
+    """Sleep between runs so the previous server's sockets are gone (bounded)."""
+    with contextlib.suppress(KeyboardInterrupt):
+        time.sleep(seconds)

@@ -1,0 +1,75 @@
+"""The servers under test and how to start each one (``python -m bench --servers ...``).
+
+Every server speaks the chat app's protocol closely enough for one client harness: clients
+connect at ``/ws/{client_id}?room=NAME``, send ``{"message": "..."}`` and receive one JSON
+text frame per message whose ``data.message`` is the sender's text. The harness reads the
+sender's own counter and send time from that text, so loss and order are measured the same
+way for every server, whether or not it has sequence numbers.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to run one server under test on a given port."""
+
+    name: str
+    description: str
+    module: str | None
+    """``python -m MODULE --host 127.0.0.1 --port N [extra]``; None: not implemented yet."""
+    extra: tuple[str, ...] = ()
+    redis: bool = False
+    """It takes ``--backend redis://...`` and runs as several nodes on one Redis."""
+
+    @property
+    def available(self) -> bool:
+        return self.module is not None
+
+    def command(self, port: int) -> list[str]:
+        assert self.module is not None, f"{self.name} is not implemented yet"
+        return [sys.executable, "-m", self.module, "--host", "127.0.0.1", "--port", str(port)]
+
+
+SERVERS: dict[str, ServerSpec] = {
+    spec.name: spec
+    for spec in (
+        ServerSpec(
+            "chat",
+            "the project's chat app (examples/chat_app: Starlette + wsbroadcast) on uvicorn,"
+            " rate limit off",
+            "examples.chat_app",
+            ("--rate-limit", "0", "--log-level", "warning"),
+            redis=True,
+        ),
+        ServerSpec(
+            "naive",
+            "seed-faithful naive Starlette app on uvicorn: a list of sockets, broadcast awaits"
+            " send_text on each in turn (bench/servers/naive.py)",
+            "bench.servers.naive",
+        ),
+        ServerSpec(
+            "websockets",
+            "the websockets library's asyncio server and its broadcast()"
+            " (bench/servers/ws_broadcast.py)",
+            "bench.servers.ws_broadcast",
+        ),
+        ServerSpec(
+            "broadcaster",
+            "encode/broadcaster (memory backend) in a Starlette app on uvicorn, as in its"
+            " README: an unbounded queue per subscriber (bench/servers/broadcaster_app.py)",
+            "bench.servers.broadcaster_app",
+        ),
+        # The slot for the library's fast path (prepared frames written without a per-message
+        # await). It is a later step of issue 5: give it a module here when it exists.
+        ServerSpec("fastpath", "the project's fast path (not implemented yet)", None),
+    )
+}
+
+
+def spec_command(spec: ServerSpec, port: int) -> list[str]:
+    """The full command line of a server under test."""
+    return [*spec.command(port), *spec.extra]

@@ -1,0 +1,71 @@
+"""The ``websockets`` library's asyncio server with its ``broadcast()``, in the chat protocol.
+
+``broadcast()`` writes the frame to every open connection without awaiting (no backpressure:
+a client that stops reading grows its write buffer). Uses uvloop when it is installed, as
+uvicorn does for the other servers.
+
+Run: ``python -m bench.servers.ws_broadcast --host 127.0.0.1 --port 8000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+from datetime import datetime, timezone
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.exceptions import ConnectionClosed
+
+CONNECTIONS: set[ServerConnection] = set()
+
+
+async def handler(websocket: ServerConnection) -> None:
+    url = urlsplit(websocket.request.path if websocket.request else "/")
+    client_id = url.path.rsplit("/", 1)[-1]
+    room = parse_qs(url.query).get("room", ["lobby"])[0]
+    CONNECTIONS.add(websocket)
+    try:
+        async for text in websocket:
+            data = json.loads(text)
+            message = {
+                "type": "message",
+                "room": room,
+                "client_id": client_id,
+                "timestamp": datetime.now(timezone.utc).isoformat(),
+                "data": {"message": data["message"]},
+            }
+            broadcast(CONNECTIONS, json.dumps(message))
+    except ConnectionClosed:
+        pass
+    finally:
+        CONNECTIONS.discard(websocket)
+
+
+async def serve_until_signal(host: str, port: int) -> None:
+    stop = asyncio.get_running_loop().create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)
+    async with serve(handler, host, port, compression=None, max_size=65536, ping_interval=None):
+        await stop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.servers.ws_broadcast")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve_until_signal(args.host, args.port))
+    else:
+        with contextlib.suppress(KeyboardInterrupt):
+            uvloop.run(serve_until_signal(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()
