@@ -219,3 +219,17 @@ async def test_health_reports_ok_with_details(make_backend: Make) -> None:
         assert health["connected"] is True
         assert health["reconnects"] == 0
         assert health["last_error"] is None
+
+
+async def test_a_burst_larger_than_the_pool_waits_for_connections(make_backend: Make) -> None:
+    # 60 concurrent presence updates and publishes through a pool of 2 connections: each
+    # waits for a free connection instead of failing with "Too many connections".
+    async with make_backend(max_connections=2) as node:
+        async with anyio.create_task_group() as group:
+            for n in range(30):
+                group.start_soon(node.add_presence, "burst", f"c{n}")
+                group.start_soon(node.publish, "burst", "message", f"c{n}", n)
+        assert len(await node.presence("burst")) == 30
+        history = await node.history("burst", 0)
+        assert [e.seq for e in history.envelopes] == list(range(1, 31))
+        assert node.health()["status"] == "ok"

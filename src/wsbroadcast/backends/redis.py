@@ -38,7 +38,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import anyio
 from anyio.abc import TaskGroup
 from pydantic import JsonValue
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -253,6 +253,9 @@ class RedisBackend(Backend):
     :param backoff_initial: first delay before reconnecting, doubled per failure ...
     :param backoff_max: ... up to this many seconds.
     :param read_count: stream entries read per room per ``XREAD``.
+    :param max_connections: Redis connections this node's command pool may open. When all
+        are busy (a burst of handshakes), a command waits up to ``command_timeout`` for one
+        instead of failing at once.
     """
 
     def __init__(
@@ -269,6 +272,7 @@ class RedisBackend(Backend):
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
         read_count: int = 1000,
+        max_connections: int = 50,
     ) -> None:
         if history_size < 1:
             raise InvalidBackendURL(f"history size must be >= 1, not {history_size}")
@@ -287,6 +291,8 @@ class RedisBackend(Backend):
                 raise InvalidBackendURL(f"{name} must be positive, not {value}")
         if read_count < 1:
             raise InvalidBackendURL(f"read_count must be >= 1, not {read_count}")
+        if max_connections < 1:
+            raise InvalidBackendURL(f"max_connections must be >= 1, not {max_connections}")
         self.url = url
         self.prefix = prefix
         self.history_size = history_size
@@ -298,6 +304,7 @@ class RedisBackend(Backend):
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.read_count = read_count
+        self.max_connections = max_connections
         self.node_id = uuid.uuid4().hex
         """This node's id in Redis (presence and heartbeat keys)."""
 
@@ -374,7 +381,14 @@ class RedisBackend(Backend):
             "retry": Retry(NoBackoff(), 0),
             "socket_connect_timeout": self.command_timeout,
         }
-        self._redis = Redis.from_url(self.url, socket_timeout=self.command_timeout, **options)
+        pool = BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            timeout=self.command_timeout,
+            socket_timeout=self.command_timeout,
+            **options,
+        )
+        self._redis = Redis.from_pool(pool)
         # The reader's socket timeout outlasts its blocking XREAD, so a dead link still fails.
         self._reader = Redis.from_url(
             self.url, socket_timeout=self.block_timeout + self.command_timeout, **options
