@@ -63,9 +63,13 @@ SERVERS: dict[str, ServerSpec] = {
             " README: an unbounded queue per subscriber (bench/servers/broadcaster_app.py)",
             "bench.servers.broadcaster_app",
         ),
-        # The slot for the library's fast path (prepared frames written without a per-message
-        # await). It is a later step of issue 5: give it a module here when it exists.
-        ServerSpec("fastpath", "the project's fast path (not implemented yet)", None),
+        ServerSpec(
+            "fastpath",
+            "the project's chat app on the websockets server (--server websockets): each"
+            " envelope's frame built once, a connection's waiting frames in one write",
+            "examples.chat_app",
+            ("--server", "websockets", "--rate-limit", "0", "--log-level", "warning"),
+        ),
     )
 }
 
