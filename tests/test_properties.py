@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from wsbroadcast import CloseCode, ConnectionManager, ConnectionState
 from wsbroadcast.backends.memory import MemoryBackend
 from wsbroadcast.connection import Connection
-from wsbroadcast.testing import MemoryTransport
+from wsbroadcast.testing import MemoryBatchTransport, MemoryTransport
 
 ROOMS = ("red", "blue")
 CLIENTS = ("a", "b", "c", "d")
@@ -31,6 +32,7 @@ operation = st.one_of(
         st.sampled_from(CLIENTS),
         st.sampled_from(ROOMS),
         st.integers(0, 3),
+        st.booleans(),
     ),
     st.tuples(st.just("broadcast"), st.sampled_from(CLIENTS), st.sampled_from(ROOMS)),
     st.tuples(st.just("broadcast"), st.sampled_from(CLIENTS), st.sampled_from(ROOMS)),
@@ -70,8 +72,12 @@ async def execute(
     run = Run()
     counters: dict[str, int] = dict.fromkeys(CLIENTS, 0)
 
-    async def connect(client_id: str, room: str, turns: int, since: int | None) -> Session:
-        transport = MemoryTransport(turns_per_send=turns)
+    async def connect(
+        client_id: str, room: str, turns: int, since: int | None, fast: bool = False
+    ) -> Session:
+        # fast: the flusher's no-wait batch path (falling back to the writer when slow).
+        kind = MemoryBatchTransport if fast else MemoryTransport
+        transport = kind(turns_per_send=turns)
         before = backend._rooms[room].seq if room in backend._rooms else 0
         connection = await manager.connect(transport, client_id, room, since=since)
         session = Session(client_id, room, transport, connection, since, before)
@@ -89,7 +95,9 @@ async def execute(
         for op in program:
             kind = op[0]
             if kind == "connect":
-                await connect(op[1], op[2], op[3], None)
+                await connect(op[1], op[2], op[3], None, op[4])
+                # As a server would between handshakes: the new writer starts.
+                await anyio.lowlevel.checkpoint()
             elif kind == "broadcast":
                 counters[op[1]] += 1
                 envelope = await manager.broadcast(op[2], counters[op[1]], op[1])
@@ -115,9 +123,11 @@ async def execute(
         while True:
             seqs_before = {room: state.seq for room, state in backend._rooms.items()}
             for session in open_sessions():
-                await session.transport.wait_until(
-                    lambda t, s=session: caught_up(s)  # type: ignore[misc]
-                )
+                # A hang guard: a connection that never catches up has lost frames.
+                with anyio.fail_after(10):
+                    await session.transport.wait_until(
+                        lambda t, s=session: caught_up(s)  # type: ignore[misc]
+                    )
             run.last_seq = {room: state.seq for room, state in backend._rooms.items()}
             if run.last_seq == seqs_before:
                 break

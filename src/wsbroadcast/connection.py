@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -79,6 +80,7 @@ class Connection:
         room: str,
         queue_size: int,
         policy: SlowConsumerPolicy,
+        on_ready: Callable[[Connection], None] | None = None,
     ) -> None:
         self.id = next(_ids)
         self.transport = transport
@@ -97,6 +99,11 @@ class Connection:
         self._scope: anyio.CancelScope | None = None
         self._transport_dead = False
         self._finishing = False
+        # Set for transports that can write without waiting: the manager's flusher then
+        # writes this connection's frames from one task, once per burst, instead of waking
+        # its writer, which stays for the moments the socket is full.
+        self._on_ready = on_ready if hasattr(transport, "send_batch_nowait") else None
+        self._ready = False
         self._present = False
         self._closed = anyio.Event()
         self._delivered = 0
@@ -172,6 +179,25 @@ class Connection:
         queue.append(item)
         wakeup = self._wakeup
         if wakeup is not None:
+            on_ready = self._on_ready
+            if on_ready is None:
+                self._wakeup = None
+                wakeup.set()
+            elif not self._ready:
+                self._ready = True
+                on_ready(self)
+
+    def _flush(self) -> None:
+        """Write everything queued without waiting, or wake the writer; called by the flusher."""
+        self._ready = False
+        wakeup = self._wakeup
+        if not self._queue or wakeup is None or self.state is not ConnectionState.OPEN:
+            return
+        batch = self._queue
+        if self.transport.send_batch_nowait(batch):  # type: ignore[attr-defined]
+            self._queue = deque()
+            self._delivered += len(batch)
+        else:
             self._wakeup = None
             wakeup.set()
 

@@ -131,6 +131,8 @@ class ConnectionManager:
         self.close_timeout = close_timeout
         self._task_group: TaskGroup | None = None
         self._running = False
+        self._flush_ready: list[Connection] = []
+        self._flush_wakeup: anyio.Event | None = None
         self._rooms: dict[str, _Room] = {}
         self._connections: set[Connection] = set()
         self._published = 0
@@ -151,7 +153,34 @@ class ConnectionManager:
             raise
         self._task_group = task_group
         self._running = True
+        task_group.start_soon(self._run_flusher)
         return self
+
+    def _ready_to_flush(self, connection: Connection) -> None:
+        self._flush_ready.append(connection)
+        wakeup = self._flush_wakeup
+        if wakeup is not None:
+            self._flush_wakeup = None
+            wakeup.set()
+
+    async def _run_flusher(self) -> None:
+        """Write the frames of every connection made ready since the last turn, in one pass.
+
+        Used for transports with ``send_batch_nowait``: one task wakes per burst of publishes,
+        however many connections received them, and writes each connection's waiting frames
+        in one call. A connection whose socket cannot take them now is handed to its writer.
+        """
+        while self._running:
+            if not self._flush_ready:
+                wakeup = self._flush_wakeup = anyio.Event()
+                await wakeup.wait()
+                continue
+            ready, self._flush_ready = self._flush_ready, []
+            for connection in ready:
+                try:
+                    connection._flush()
+                except Exception as exc:
+                    self._send_failed(connection, exc)
 
     async def __aexit__(
         self,
@@ -160,6 +189,8 @@ class ConnectionManager:
         tb: TracebackType | None,
     ) -> bool | None:
         self._running = False
+        if self._flush_wakeup is not None:
+            self._flush_wakeup.set()
         for connection in tuple(self._connections):
             connection._abort(CloseCode.GOING_AWAY, "server shutting down")
         assert self._task_group is not None
@@ -213,7 +244,9 @@ class ConnectionManager:
         ):
             raise InvalidInput(f"since must be a non-negative integer, not {since!r}")
         await transport.accept()
-        connection = Connection(transport, client_id, room, self.queue_size, self.slow_consumer)
+        connection = Connection(
+            transport, client_id, room, self.queue_size, self.slow_consumer, self._ready_to_flush
+        )
         self._connections.add(connection)
         try:
             await self._enter_room(connection)

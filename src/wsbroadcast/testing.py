@@ -14,13 +14,15 @@ Waiting is on events, never on wall-clock time.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 
-__all__ = ["MemoryTransport", "TransportClosed"]
+from .envelope import Envelope
+
+__all__ = ["MemoryBatchTransport", "MemoryTransport", "TransportClosed"]
 
 
 class TransportClosed(ConnectionError):
@@ -114,3 +116,30 @@ class MemoryTransport:
 
     def _notify(self) -> None:
         self._changed.set()
+
+
+class MemoryBatchTransport(MemoryTransport):
+    """A :class:`MemoryTransport` that also plays the fast path (``NowaitBatchTransport``).
+
+    ``send_batch_nowait`` writes at once unless the transport is paused or slow
+    (``turns_per_send > 0``), in which case it refuses, as a full socket would, and the
+    manager falls back to ``send_batch``.
+    """
+
+    async def send_batch(self, frames: Sequence[Envelope | str], /) -> None:
+        """Send each frame in order, with the pauses and slowness of ``send_text``."""
+        for item in frames:
+            await self.send_text(item if isinstance(item, str) else item.text)
+
+    def send_batch_nowait(self, frames: Sequence[Envelope | str], /) -> bool:
+        """Record every frame now and return true, or return false if paused or slow."""
+        if self._resume is not None or self.turns_per_send:
+            return False
+        for item in frames:
+            if self._closed.is_set():
+                raise TransportClosed("send on a closed transport")
+            if self.fail_after is not None and len(self.frames) >= self.fail_after:
+                raise TransportClosed("the peer is gone")
+            self.frames.append(item if isinstance(item, str) else item.text)
+        self._notify()
+        return True

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from .envelope import Envelope
 
-__all__ = ["BatchTransport", "Transport"]
+__all__ = ["BatchTransport", "NowaitBatchTransport", "Transport"]
 
 
 @runtime_checkable
@@ -56,4 +56,23 @@ class BatchTransport(Transport, Protocol):
 
     async def send_batch(self, frames: Sequence[Envelope | str], /) -> None:
         """Send ``frames`` in order, as text frames; raise if the peer is gone."""
+        ...
+
+
+@runtime_checkable
+class NowaitBatchTransport(BatchTransport, Protocol):
+    """A batch transport that can also write without waiting, when its socket has room.
+
+    For such transports the manager does not wake one writer task per connection per
+    publish: one flusher task writes, once per burst, every connection's waiting frames with
+    ``send_batch_nowait``. Only a connection whose socket is full falls back to its writer,
+    which waits with ``send_batch``.
+    """
+
+    def send_batch_nowait(self, frames: Sequence[Envelope | str], /) -> bool:
+        """Write all of ``frames`` now and return true, or write nothing and return false.
+
+        Return false when the socket's buffer is above its limit (or the connection uses an
+        extension that prevents raw writes); raise if the peer is gone.
+        """
         ...

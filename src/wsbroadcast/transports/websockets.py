@@ -19,10 +19,11 @@ __all__ = ["WebsocketsTransport"]
 class WebsocketsTransport:
     """Wraps a ``websockets.asyncio.server.ServerConnection``; the library's fast path.
 
-    It is a :class:`~wsbroadcast.transport.BatchTransport`: the connection's writer hands it
-    every waiting frame at once, and when the connection negotiated no extension it writes
-    each envelope's prepared frame (built once per publish, shared by every recipient) in a
-    single write to the socket, then waits for the socket's buffer to drain below its limit.
+    It is a :class:`~wsbroadcast.transport.NowaitBatchTransport`: while the socket has room,
+    the manager's flusher hands it every waiting frame at once, with no task switch per
+    connection; when the connection negotiated no extension it writes each envelope's
+    prepared frame (built once per publish, shared by every recipient) in a single write to
+    the socket. When the socket is full, the connection's writer waits for it to drain.
     With permessage-deflate negotiated, frames differ per connection, so it sends them one by
     one through ``websockets``. Serve with ``compression=None`` to get the fast path.
 
@@ -52,6 +53,19 @@ class WebsocketsTransport:
             for item in frames:
                 await connection.send(item if isinstance(item, str) else item.text, text=True)
             return
+        self._write(frames)
+        await connection.drain()
+
+    def send_batch_nowait(self, frames: Sequence[Envelope | str], /) -> bool:
+        """Write ``frames`` in one socket write if the socket has room; else write nothing."""
+        connection = self.connection
+        if connection.protocol.extensions or connection.paused:
+            return False
+        self._write(frames)
+        return True
+
+    def _write(self, frames: Sequence[Envelope | str]) -> None:
+        connection = self.connection
         if connection.protocol.state is not State.OPEN or connection.transport.is_closing():
             raise ConnectionError("the WebSocket connection is not open")
         connection.transport.write(
@@ -60,7 +74,6 @@ class WebsocketsTransport:
                 for item in frames
             )
         )
-        await connection.drain()
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         """Run the closing handshake; drop the connection if it takes over ``close_timeout``."""
