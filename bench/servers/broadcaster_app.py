@@ -9,33 +9,23 @@ Run: ``python -m bench.servers.broadcaster_app --host 127.0.0.1 --port 8000``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
 
 import anyio
-import uvicorn
 from broadcaster import Broadcast
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .common import chat_message, run_uvicorn
 
 broadcast = Broadcast("memory://")
 
 
 async def receive_and_publish(websocket: WebSocket, room: str, client_id: str) -> None:
     async for text in websocket.iter_text():
-        data = json.loads(text)
-        message = {
-            "type": "message",
-            "room": room,
-            "client_id": client_id,
-            "timestamp": datetime.now(timezone.utc).isoformat(),
-            "data": {"message": data["message"]},
-        }
-        await broadcast.publish(channel=room, message=json.dumps(message))
+        await broadcast.publish(channel=room, message=chat_message(room, client_id, text))
 
 
 async def subscribe_and_send(websocket: WebSocket, room: str) -> None:
@@ -69,13 +59,7 @@ app = Starlette(routes=[WebSocketRoute("/ws/{client_id}", chat_socket)], lifespa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.servers.broadcaster_app")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args()
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level="warning", ws_per_message_deflate=False
-    )
+    run_uvicorn(app, "python -m bench.servers.broadcaster_app")
 
 
 if __name__ == "__main__":

@@ -10,14 +10,11 @@ Run: ``python -m bench.servers.naive --host 127.0.0.1 --port 8000``.
 
 from __future__ import annotations
 
-import argparse
-import json
-from datetime import datetime, timezone
-
-import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .common import chat_message, run_uvicorn
 
 
 class ConnectionManager:
@@ -47,15 +44,8 @@ async def chat_socket(websocket: WebSocket) -> None:
     await manager.connect(websocket)
     try:
         while True:
-            data = json.loads(await websocket.receive_text())
-            message = {
-                "type": "message",
-                "room": room,
-                "client_id": client_id,
-                "timestamp": datetime.now(timezone.utc).isoformat(),
-                "data": {"message": data["message"]},
-            }
-            await manager.broadcast(json.dumps(message))
+            text = await websocket.receive_text()
+            await manager.broadcast(chat_message(room, client_id, text))
     except WebSocketDisconnect:
         manager.disconnect(websocket)
 
@@ -64,14 +54,7 @@ app = Starlette(routes=[WebSocketRoute("/ws/{client_id}", chat_socket)])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.servers.naive")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args()
-    # The same uvicorn settings as the chat app's, so the comparison is of the apps.
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level="warning", ws_per_message_deflate=False
-    )
+    run_uvicorn(app, "python -m bench.servers.naive")
 
 
 if __name__ == "__main__":

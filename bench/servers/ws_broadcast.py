@@ -9,16 +9,15 @@ Run: ``python -m bench.servers.ws_broadcast --host 127.0.0.1 --port 8000``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import signal
-from datetime import datetime, timezone
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
+
+from .common import chat_message, parse_address
 
 CONNECTIONS: set[ServerConnection] = set()
 
@@ -30,15 +29,7 @@ async def handler(websocket: ServerConnection) -> None:
     CONNECTIONS.add(websocket)
     try:
         async for text in websocket:
-            data = json.loads(text)
-            message = {
-                "type": "message",
-                "room": room,
-                "client_id": client_id,
-                "timestamp": datetime.now(timezone.utc).isoformat(),
-                "data": {"message": data["message"]},
-            }
-            broadcast(CONNECTIONS, json.dumps(message))
+            broadcast(CONNECTIONS, chat_message(room, client_id, str(text)))
     except ConnectionClosed:
         pass
     finally:
@@ -54,10 +45,7 @@ async def serve_until_signal(host: str, port: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.servers.ws_broadcast")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args()
+    args = parse_address("python -m bench.servers.ws_broadcast")
     try:
         import uvloop
     except ImportError:
