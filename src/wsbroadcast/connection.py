@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -102,7 +102,10 @@ class Connection:
         # Set for transports that can write without waiting: the manager's flusher then
         # writes this connection's frames from one task, once per burst, instead of waking
         # its writer, which stays for the moments the socket is full.
-        self._on_ready = on_ready if hasattr(transport, "send_batch_nowait") else None
+        self._send_nowait: Callable[[Sequence[Envelope | str]], bool] | None = getattr(
+            transport, "send_batch_nowait", None
+        )
+        self._on_ready = on_ready if self._send_nowait is not None else None
         self._ready = False
         self._present = False
         self._closed = anyio.Event()
@@ -194,7 +197,8 @@ class Connection:
         if not self._queue or wakeup is None or self.state is not ConnectionState.OPEN:
             return
         batch = self._queue
-        if self.transport.send_batch_nowait(batch):  # type: ignore[attr-defined]
+        assert self._send_nowait is not None
+        if self._send_nowait(batch):
             self._queue = deque()
             self._delivered += len(batch)
         else:
