@@ -28,8 +28,8 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
@@ -504,6 +504,17 @@ class RedisBackend(Backend):
         self._mark_down(exc)
         return BackendUnavailable(f"Redis unreachable, could not {what}: {exc}")
 
+    @contextmanager
+    def _commands(self, what: str) -> Iterator[None]:
+        """Turn redis-py's errors into ours: unreachable -> BackendUnavailable, refused ->
+        BackendError, so no redis-py exception ever reaches the manager or the application."""
+        try:
+            yield
+        except _UNREACHABLE as exc:
+            raise self._unavailable(what, exc) from exc
+        except RedisError as exc:
+            raise BackendError(f"Redis refused to {what}: {exc}") from exc
+
     # -- generation (detects a Redis that came back empty)
 
     async def _sync_generation(self) -> None:
@@ -616,16 +627,12 @@ class RedisBackend(Backend):
     async def history(self, room: str, since: int) -> History:
         """Read the room's counter and stream in one transaction: all or nothing."""
         client = self._client()
-        try:
+        with self._commands(f"read the history of {room!r}"):
             async with client.pipeline(transaction=True) as pipe:
                 pipe.get(self._key("room", room, "seq"))
                 pipe.xrange(self._log_key(room), min=f"{since + 1}-0", max="+")
                 pipe.xrange(self._log_key(room), count=1)
                 raw_seq, entries, oldest = await pipe.execute()
-        except _UNREACHABLE as exc:
-            raise self._unavailable(f"read the history of {room!r}", exc) from exc
-        except RedisError as exc:
-            raise BackendError(f"Redis refused the history of {room!r}: {exc}") from exc
         last = int(raw_seq or 0)
         first = _entry_seq(oldest[0][0]) if oldest else last + 1
         complete = first - 1 <= since <= last
@@ -639,12 +646,8 @@ class RedisBackend(Backend):
     async def subscribe(self, room: str, listener: Listener) -> Subscription:
         """Register ``listener``; it gets the envelopes numbered after the room's current seq."""
         client = self._client()
-        try:
+        with self._commands(f"subscribe to {room!r}"):
             current = int(await client.get(self._key("room", room, "seq")) or 0)
-        except _UNREACHABLE as exc:
-            raise self._unavailable(f"subscribe to {room!r}", exc) from exc
-        except RedisError as exc:
-            raise BackendError(f"Redis refused to subscribe to {room!r}: {exc}") from exc
         state = self._rooms.get(room)
         created = state is None
         if state is None:
@@ -653,13 +656,11 @@ class RedisBackend(Backend):
         state.subscribers.append(subscriber)
         if created:
             try:
-                await client.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
-            except _UNREACHABLE as exc:
+                with self._commands(f"subscribe to {room!r}"):
+                    await client.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+            except BackendError:
                 self._unsubscribe(room, subscriber)
-                raise self._unavailable(f"subscribe to {room!r}", exc) from exc
-            except RedisError as exc:
-                self._unsubscribe(room, subscriber)
-                raise BackendError(f"Redis refused to subscribe to {room!r}: {exc}") from exc
+                raise
         return _RedisSubscription(self, room, subscriber)
 
     def _unsubscribe(self, room: str, subscriber: _Subscriber) -> None:
@@ -765,17 +766,14 @@ class RedisBackend(Backend):
             # Counted locally first, so that a resync never takes it for a stale entry.
             self._presence[room, client_id] += 1
             try:
-                first = await self._add_presence_script(
-                    keys=self._presence_keys(room, client_id),
-                    args=self._presence_args(room, client_id),
-                    client=client,
-                )
-            except BaseException as exc:
+                with self._commands(f"add presence in {room!r}"):
+                    first = await self._add_presence_script(
+                        keys=self._presence_keys(room, client_id),
+                        args=self._presence_args(room, client_id),
+                        client=client,
+                    )
+            except BaseException:
                 self._discount(room, client_id)
-                if isinstance(exc, _UNREACHABLE):
-                    raise self._unavailable(f"add presence in {room!r}", exc) from exc
-                if isinstance(exc, RedisError):
-                    raise BackendError(f"Redis refused presence in {room!r}: {exc}") from exc
                 raise
         return bool(first)
 
@@ -789,16 +787,12 @@ class RedisBackend(Backend):
         async with self._presence_change():
             if not self._discount(room, client_id):
                 return False
-            try:
+            with self._commands(f"remove presence in {room!r}"):
                 last = await self._remove_presence_script(
                     keys=self._presence_keys(room, client_id),
                     args=self._presence_args(room, client_id),
                     client=client,
                 )
-            except _UNREACHABLE as exc:
-                raise self._unavailable(f"remove presence in {room!r}", exc) from exc
-            except RedisError as exc:
-                raise BackendError(f"Redis refused presence in {room!r}: {exc}") from exc
         return bool(last)
 
     def _discount(self, room: str, client_id: str) -> bool:
@@ -842,16 +836,12 @@ class RedisBackend(Backend):
     async def presence(self, room: str) -> list[str]:
         """The clients with a connection on a node whose heartbeat has not expired."""
         client = self._client()
-        try:
+        with self._commands(f"read presence in {room!r}"):
             members = await self._presence_script(
                 keys=[self._key("room", room, "members")],
                 args=[self._key("room", room, "client", ""), self._key("node", "")],
                 client=client,
             )
-        except _UNREACHABLE as exc:
-            raise self._unavailable(f"read presence in {room!r}", exc) from exc
-        except RedisError as exc:
-            raise BackendError(f"Redis refused presence in {room!r}: {exc}") from exc
         return sorted(str(member) for member in members)
 
     async def _heartbeat(self) -> bool:
