@@ -632,10 +632,9 @@ class ChatService:
         except socket.gone:  # the client left during the handshake
             return
         try:
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._cancel_when_closed, connection, task_group.cancel_scope)
+            # Stops receiving once the manager closed the connection (slow consumer, shutdown).
+            with connection.cancel_on_close():
                 await self._receive(manager, socket, connection)
-                task_group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await manager.disconnect(connection)
@@ -675,12 +674,6 @@ class ChatService:
         }
         await transport.send_text(control_frame("history_lost", room, lost))
         return 0
-
-    @staticmethod
-    async def _cancel_when_closed(connection: Connection, scope: anyio.CancelScope) -> None:
-        """Stop receiving once the manager closed the connection (slow consumer, shutdown)."""
-        await connection.wait_closed()
-        scope.cancel()
 
     def _error(self, connection: Connection, error: ClientError) -> None:
         self.counters.errors[error.code] += 1

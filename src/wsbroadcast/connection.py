@@ -6,10 +6,10 @@ by one writer task per connection (which is the only code that waits for this so
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -73,6 +73,39 @@ class Connection:
     :meth:`wait_closed`. The queue and writer belong to the manager.
     """
 
+    # An idle connection is the common case (most sockets of a chat server wait for their
+    # next message), so it holds no task, no event and no preallocated buffer.
+    __slots__ = (
+        "__weakref__",
+        "_cancel_on_close",
+        "_closed",
+        "_delivered",
+        "_dropped",
+        "_finishing",
+        "_on_idle_abort",
+        "_on_ready",
+        "_pending",
+        "_policy",
+        "_present",
+        "_queue",
+        "_queue_size",
+        "_ready",
+        "_scope",
+        "_send_nowait",
+        "_transport_dead",
+        "_unsent",
+        "_wakeup",
+        "client_id",
+        "close_code",
+        "close_reason",
+        "id",
+        "last_seq",
+        "overflowed",
+        "room",
+        "state",
+        "transport",
+    )
+
     def __init__(
         self,
         transport: Transport,
@@ -81,6 +114,7 @@ class Connection:
         queue_size: int,
         policy: SlowConsumerPolicy,
         on_ready: Callable[[Connection], None] | None = None,
+        on_idle_abort: Callable[[Connection], None] | None = None,
     ) -> None:
         self.id = next(_ids)
         self.transport = transport
@@ -93,22 +127,28 @@ class Connection:
         """The seq of the newest envelope queued for this client (0 before the first)."""
         self._queue_size = queue_size
         self._policy = policy
-        self._queue: deque[Envelope | str] = deque()
-        self._pending: deque[Envelope | str] = deque()
+        self._queue: list[Envelope | str] = []
+        self._pending: list[Envelope | str] = []
+        self._unsent = 0
+        """Frames taken from the queue by the writer and not yet written."""
         self._wakeup: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
         self._transport_dead = False
         self._finishing = False
         # Set for transports that can write without waiting: the manager's flusher then
-        # writes this connection's frames from one task, once per burst, instead of waking
-        # its writer, which stays for the moments the socket is full.
+        # writes this connection's frames from one task, once per burst, and a writer task
+        # exists only while the socket is full.
         self._send_nowait: Callable[[Sequence[Envelope | str]], bool] | None = getattr(
             transport, "send_batch_nowait", None
         )
-        self._on_ready = on_ready if self._send_nowait is not None else None
+        nowait = self._send_nowait is not None
+        self._on_ready = on_ready if nowait else None
+        self._on_idle_abort = on_idle_abort if nowait else None
         self._ready = False
+        """Handed to the flusher, or to a writer task, which will write the queue."""
         self._present = False
-        self._closed = anyio.Event()
+        self._closed: anyio.Event | None = None
+        self._cancel_on_close: list[anyio.CancelScope] | None = None
         self._delivered = 0
         self._dropped = 0
         self.overflowed = False
@@ -124,7 +164,7 @@ class Connection:
         """Return the queue's current length and this connection's counters."""
         return ConnectionStatistics(
             self.state,
-            len(self._queue) + len(self._pending),
+            len(self._queue) + len(self._pending) + self._unsent,
             self._queue_size,
             self._delivered,
             self._dropped,
@@ -144,7 +184,38 @@ class Connection:
 
     async def wait_closed(self) -> None:
         """Wait until the connection is fully closed (socket closed, presence updated)."""
+        if self.state is ConnectionState.CLOSED:
+            return
+        if self._closed is None:
+            self._closed = anyio.Event()
         await self._closed.wait()
+
+    @contextlib.contextmanager
+    def cancel_on_close(self) -> Iterator[anyio.CancelScope]:
+        """A cancel scope that the manager cancels when it stops delivering to this connection.
+
+        Wrap the code that receives from the client in it, so that it stops as soon as the
+        manager closes the connection by itself (slow consumer, a dead socket, shutdown)
+        without a task that watches :meth:`wait_closed`::
+
+            with connection.cancel_on_close():
+                async for frame in websocket.iter_text():
+                    ...
+
+        It is cancelled at once if the connection is already closing.
+        """
+        with anyio.CancelScope() as scope:
+            if self.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
+                scope.cancel()
+            else:
+                if self._cancel_on_close is None:
+                    self._cancel_on_close = []
+                self._cancel_on_close.append(scope)
+            try:
+                yield scope
+            finally:
+                if self._cancel_on_close is not None and scope in self._cancel_on_close:
+                    self._cancel_on_close.remove(scope)
 
     # The methods below belong to the manager.
 
@@ -180,35 +251,38 @@ class Connection:
         if len(queue) >= self._queue_size and not self._make_room(queue):
             return
         queue.append(item)
-        wakeup = self._wakeup
-        if wakeup is not None:
-            on_ready = self._on_ready
-            if on_ready is None:
+        on_ready = self._on_ready
+        if on_ready is None:
+            wakeup = self._wakeup
+            if wakeup is not None:
                 self._wakeup = None
                 wakeup.set()
-            elif not self._ready:
-                self._ready = True
-                on_ready(self)
+        elif not self._ready:
+            self._ready = True
+            on_ready(self)
 
-    def _flush(self) -> None:
-        """Write everything queued without waiting, or wake the writer; called by the flusher."""
-        self._ready = False
-        wakeup = self._wakeup
-        if not self._queue or wakeup is None or self.state is not ConnectionState.OPEN:
-            return
+    def _flush(self) -> bool:
+        """Write everything queued without waiting; called by the flusher.
+
+        Returns false if the socket cannot take it now: the connection then needs a writer
+        task, which waits for the socket (and stays ready until it has emptied the queue).
+        """
         batch = self._queue
+        if not batch or self.state is not ConnectionState.OPEN:
+            self._ready = False
+            return True
         assert self._send_nowait is not None
-        if self._send_nowait(batch):
-            self._queue = deque()
-            self._delivered += len(batch)
-        else:
-            self._wakeup = None
-            wakeup.set()
+        if not self._send_nowait(batch):
+            return False
+        self._ready = False
+        self._queue = []
+        self._delivered += len(batch)
+        return True
 
-    def _make_room(self, queue: deque[Envelope | str]) -> bool:
+    def _make_room(self, queue: list[Envelope | str]) -> bool:
         """Apply the slow-consumer policy to a full queue; true if there is now room."""
         if self._policy is SlowConsumerPolicy.DROP_OLDEST:
-            queue.popleft()
+            del queue[0]
             self._dropped += 1
             return True
         self.overflowed = True
@@ -219,54 +293,75 @@ class Connection:
         """Stop delivering at once and hand the connection to its closing; never blocks."""
         if self.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
             return
+        was_open = self.state is ConnectionState.OPEN
         self.state = ConnectionState.CLOSING
         self.close_code = code
         self.close_reason = reason
-        self._dropped += len(self._queue) + len(self._pending)
+        self._dropped += len(self._queue) + len(self._pending) + self._unsent
+        self._unsent = 0
         self._queue.clear()
         self._pending.clear()
+        for scope in self._cancel_on_close or ():
+            scope.cancel()
         if self._scope is not None:
             self._scope.cancel()
+        elif was_open and self._on_idle_abort is not None:
+            # No task is writing to this socket: the manager starts one to close it.
+            self._on_idle_abort(self)
 
-    def _open_scope(self) -> anyio.CancelScope:
+    @contextlib.contextmanager
+    def _open_scope(self) -> Iterator[anyio.CancelScope]:
         """A cancel scope for the task that is writing to this socket; ``_abort`` cancels it."""
-        scope = self._scope = anyio.CancelScope()
-        if self.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
-            scope.cancel()
-        return scope
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            if self.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
+                scope.cancel()
+            try:
+                yield scope
+            finally:
+                self._scope = None
 
     def _go_live(self, after_seq: int) -> None:
         """End recovery: queue buffered live frames newer than ``after_seq``, then go live."""
         self.state = ConnectionState.OPEN
         self.last_seq = max(self.last_seq, after_seq)
-        pending, self._pending = self._pending, deque()
+        pending, self._pending = self._pending, []
         for item in pending:
             if isinstance(item, str):
                 self._append(item)
             else:
                 self._push(item)
 
+    def _set_closed(self) -> None:
+        self.state = ConnectionState.CLOSED
+        if self._closed is not None:
+            self._closed.set()
+
     async def _drain(self) -> None:
         """The writer: send queued frames in order until cancelled or the socket fails.
 
         A :class:`~wsbroadcast.transport.BatchTransport` gets everything waiting in one call;
-        any other transport gets one ``send_text`` per frame.
+        any other transport gets one ``send_text`` per frame. For a transport that can write
+        without waiting, the writer returns once the queue is empty: the flusher takes over.
         """
         send_batch = getattr(self.transport, "send_batch", None)
-        if send_batch is not None:
-            while True:
-                while not self._queue:
-                    wakeup = self._wakeup = anyio.Event()
-                    await wakeup.wait()
-                batch, self._queue = self._queue, deque()
-                await send_batch(batch)
-                self._delivered += len(batch)
-        queue = self._queue
-        send = self.transport.send_text
+        nowait = self._send_nowait is not None
         while True:
-            while not queue:
+            while not self._queue:
+                if nowait:
+                    self._ready = False
+                    return
                 wakeup = self._wakeup = anyio.Event()
                 await wakeup.wait()
-            item = queue.popleft()
-            await send(item if isinstance(item, str) else item.text)
-            self._delivered += 1
+            batch, self._queue = self._queue, []
+            self._unsent = len(batch)
+            if send_batch is not None:
+                await send_batch(batch)
+                self._unsent = 0
+                self._delivered += len(batch)
+            else:
+                send = self.transport.send_text
+                for item in batch:
+                    await send(item if isinstance(item, str) else item.text)
+                    self._unsent -= 1
+                    self._delivered += 1

@@ -16,8 +16,10 @@ A slow or dead client only ever fills its own queue; what happens then is the co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -178,9 +180,18 @@ class ConnectionManager:
             ready, self._flush_ready = self._flush_ready, []
             for connection in ready:
                 try:
-                    connection._flush()
+                    if not connection._flush():
+                        self._start_writer(connection)
                 except Exception as exc:
                     self._send_failed(connection, exc)
+
+    def _start_writer(self, connection: Connection) -> None:
+        assert self._task_group is not None
+        self._task_group.start_soon(self._run_writer, connection)
+
+    def _finish_soon(self, connection: Connection) -> None:
+        assert self._task_group is not None
+        self._task_group.start_soon(self._finish, connection)
 
     async def __aexit__(
         self,
@@ -245,7 +256,13 @@ class ConnectionManager:
             raise InvalidInput(f"since must be a non-negative integer, not {since!r}")
         await transport.accept()
         connection = Connection(
-            transport, client_id, room, self.queue_size, self.slow_consumer, self._ready_to_flush
+            transport,
+            client_id,
+            room,
+            self.queue_size,
+            self.slow_consumer,
+            on_ready=self._ready_to_flush,
+            on_idle_abort=self._finish_soon,
         )
         self._connections.add(connection)
         try:
@@ -268,11 +285,43 @@ class ConnectionManager:
         if connection.state is ConnectionState.RECOVERING:
             connection._go_live(after)
         if connection.state is ConnectionState.OPEN and self._running:
-            task_group.start_soon(self._run_writer, connection)
+            # A transport that can write without waiting gets a writer task only while its
+            # socket is full; any other has one for as long as it is open.
+            if connection._send_nowait is None:
+                task_group.start_soon(self._run_writer, connection)
         else:
             connection._abort(CloseCode.GOING_AWAY, "server shutting down")
             await self._finish(connection)
         return connection
+
+    @contextlib.asynccontextmanager
+    async def session(
+        self,
+        transport: Transport,
+        client_id: str,
+        room: str = "lobby",
+        since: int | None = None,
+    ) -> AsyncIterator[Connection]:
+        """:meth:`connect` for the length of an ``async with`` block, then :meth:`disconnect`.
+
+        The block runs in :meth:`Connection.cancel_on_close`, so a receive loop in it stops
+        when the manager closes the connection by itself (slow consumer, dead socket,
+        shutdown)::
+
+            async with manager.session(websocket, client_id, room) as connection:
+                async for text in websocket.iter_text():
+                    await manager.broadcast(room, {"message": text}, client_id)
+
+        Leaving the block, however it is left, closes the connection (shielded from
+        cancellation) and announces the departure. Raises what :meth:`connect` raises.
+        """
+        connection = await self.connect(transport, client_id, room, since)
+        try:
+            with connection.cancel_on_close():
+                yield connection
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.disconnect(connection)
 
     async def _recover(self, connection: Connection, since: int) -> int:
         """Send history after ``since`` to the socket; return the seq that live frames follow."""
@@ -396,7 +445,8 @@ class ConnectionManager:
                 await connection._drain()
             except Exception as exc:
                 self._send_failed(connection, exc)
-        await self._finish(connection)
+        if connection.state is not ConnectionState.OPEN:
+            await self._finish(connection)
 
     def _send_failed(self, connection: Connection, exc: Exception) -> None:
         logger.debug("send to %r failed: %r", connection, exc)
@@ -444,5 +494,4 @@ class ConnectionManager:
                 self._connections.discard(connection)
                 self._delivered += connection._delivered
                 self._dropped += connection._dropped
-                connection.state = ConnectionState.CLOSED
-                connection._closed.set()
+                connection._set_closed()
