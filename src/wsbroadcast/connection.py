@@ -346,12 +346,15 @@ class Connection:
         """
         send_batch = getattr(self.transport, "send_batch", None)
         nowait = self._send_nowait is not None
+        # anyio.Event() finds the running backend on every call, which costs more than the
+        # event itself; a writer makes one per wake-up, so it looks the class up once.
+        new_event = type(anyio.Event())
         while True:
             while not self._queue:
                 if nowait:
                     self._ready = False
                     return
-                wakeup = self._wakeup = anyio.Event()
+                wakeup = self._wakeup = new_event()
                 await wakeup.wait()
             batch, self._queue = self._queue, []
             self._unsent = len(batch)

@@ -172,9 +172,10 @@ class ConnectionManager:
         however many connections received them, and writes each connection's waiting frames
         in one call. A connection whose socket cannot take them now is handed to its writer.
         """
+        new_event = type(anyio.Event())  # looked up once: see Connection._drain
         while self._running:
             if not self._flush_ready:
-                wakeup = self._flush_wakeup = anyio.Event()
+                wakeup = self._flush_wakeup = new_event()
                 await wakeup.wait()
                 continue
             ready, self._flush_ready = self._flush_ready, []

@@ -27,7 +27,7 @@ class StarletteTransport:
 
     async def send_text(self, data: str, /) -> None:
         """Send one text frame; raises if the client is gone."""
-        await self.websocket.send_text(data)
+        await self.websocket.send({"type": "websocket.send", "text": data})
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         """Send a close frame unless the socket is closed already."""
