@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .procfs import machine_description
@@ -41,7 +41,7 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _names(choices: Sequence[str]) -> object:
+def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [part.strip() for part in text.split(",") if part.strip()]
         unknown = [name for name in names if name not in choices]
