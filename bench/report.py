@@ -261,7 +261,7 @@ def _rooms_lines(results: list[RunResult], present: list[str]) -> list[str]:
             else ""
         )
         lines.append(
-            f"- **Many rooms, {server}** ({run.clients} subscribers over {run.rooms} rooms,"
+            f"- **Many rooms, {server}** ({run.clients:,} subscribers over {run.rooms} rooms,"
             f" {per_room:.0f} per message): CPU/delivery {_num(run.cpu_us_per_delivery, '.1f')}"
             f" µs{ratio}; lost {run.lost}, duplicated {run.duplicates}, out of order"
             f" {run.out_of_order}, wrong room {run.wrong_room}; p99 {_num(run.p99_ms, '.1f')} ms."
