@@ -130,8 +130,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--time-budget",
         type=float,
-        default=600.0,
-        help="stop starting new runs after this many seconds (default 600)",
+        default=1200.0,
+        help="stop starting new runs after this many seconds (default %(default).0f)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="Markdown report (default docs/benchmarks.md)"

@@ -311,7 +311,7 @@ def write_report(
 HOW_TO_RUN = """\
 ```sh
 pip install -e ".[bench]"       # the servers, the websockets client, matplotlib
-python -m bench                 # everything (a few minutes): rewrites this file and its PNG
+python -m bench                 # everything (about 15 minutes): rewrites this file and its PNG
 python -m bench --servers chat,naive --clients 100,500 --scenario fanout --out /tmp/b.md
 python -m bench --smoke         # a few seconds; what CI runs (tests/test_bench_smoke.py)
 ```
@@ -321,7 +321,7 @@ python -m bench --smoke         # a few seconds; what CI runs (tests/test_bench_
 `--time-budget`). Raw numbers of the
 last run are in `bench/results/latest.json` and server logs in `bench/results/logs/` (not
 committed). Everything is bounded: at most 10,000 subscribers and 100,000 messages per run,
-a hard timeout per run (120 s) and a time budget after which no new run starts (600 s).
+a hard timeout per run (120 s) and a time budget after which no new run starts (1,200 s).
 """
 
 METHOD = """\
