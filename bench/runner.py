@@ -92,6 +92,7 @@ class RunResult:
     cpu_us_min: float = math.nan
     cpu_us_max: float = math.nan
     failed_runs: int = 0
+    """Repetitions that failed (an error) and are not in the figures."""
     nodes: int = 1
     backend: str = "memory"
     redis_cpu_s: float = 0.0
