@@ -6,16 +6,25 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .procfs import machine_description
 from .report import write_report
-from .runner import MAX_CLIENTS, ROOT, RunConfig, RunResult, combine, run_one, wait_for
+from .runner import (
+    MAX_CLIENTS,
+    MAX_ROOMS,
+    ROOT,
+    RunConfig,
+    RunResult,
+    combine,
+    run_one,
+    wait_for,
+)
 from .servers import SERVERS
 
-SCENARIOS = ("fanout", "stall", "redis")
-DEFAULT_SERVERS = "chat,naive,websockets,broadcaster,fastpath"
+SCENARIOS = ("fanout", "rooms", "stall", "redis")
+DEFAULT_SERVERS = "chat,naive,websockets,broadcaster,fastpath,socketio"
 STALL_CLIENTS = 100
 STALL_PAD = 2048
 REDIS_CLIENTS = 500
@@ -32,7 +41,7 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _names(choices: Sequence[str]) -> object:
+def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [part.strip() for part in text.split(",") if part.strip()]
         unknown = [name for name in names if name not in choices]
@@ -82,6 +91,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, from {', '.join(SCENARIOS)} (default all)",
     )
     parser.add_argument(
+        "--rooms",
+        type=int,
+        default=50,
+        help="rooms of the rooms scenario: subscribers and messages are dealt round-robin"
+        " over them (default %(default)s)",
+    )
+    parser.add_argument(
+        "--rooms-clients",
+        type=int,
+        default=1000,
+        help="subscribers of the rooms scenario (default %(default)s)",
+    )
+    parser.add_argument(
         "--stall-messages",
         type=int,
         default=2000,
@@ -108,8 +130,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--time-budget",
         type=float,
-        default=600.0,
-        help="stop starting new runs after this many seconds (default 600)",
+        default=1200.0,
+        help="stop starting new runs after this many seconds (default %(default).0f)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="Markdown report (default docs/benchmarks.md)"
@@ -117,8 +139,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="a tiny run to check the harness works (chat and naive, 5 clients, 20 messages,"
-        " fan-out only; report in bench/results/smoke.md unless --out)",
+        help="a tiny run to check the harness works (chat, naive and socketio, 5 clients,"
+        " 20 messages, fan-out and 2 rooms; report in bench/results/smoke.md unless --out)",
     )
     args = parser.parse_args(argv)
     if not 1 <= args.messages <= 100_000 or not 1 <= args.stall_messages <= 100_000:
@@ -127,9 +149,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--window must be 1..1000")
     if not 1 <= args.repeat <= 10:
         parser.error("--repeat must be 1..10")
+    if not 1 <= args.rooms_clients <= MAX_CLIENTS:
+        parser.error(f"--rooms-clients must be 1..{MAX_CLIENTS}")
+    if not 1 <= args.rooms <= min(MAX_ROOMS, args.rooms_clients):
+        parser.error(f"--rooms must be 1..{MAX_ROOMS} and at most --rooms-clients")
     if args.smoke:
-        args.servers, args.clients, args.messages = ["chat", "naive"], [5], 20
-        args.scenario, args.client_procs, args.run_timeout = ["fanout"], 1, 30.0
+        args.servers, args.clients, args.messages = ["chat", "naive", "socketio"], [5], 20
+        args.scenario, args.client_procs, args.run_timeout = ["fanout", "rooms"], 1, 30.0
+        args.rooms, args.rooms_clients = 2, 5
         args.time_budget, args.repeat = 60.0, 1
         if args.out is None:
             args.out = ROOT / "bench" / "results" / "smoke.md"
@@ -139,7 +166,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace) -> list[RunConfig]:
-    """Every run, in order: fan-out by N then server, the stall scenario, then Redis."""
+    """Every run, in order: fan-out by N then server, many rooms, stall, then Redis."""
     runs: list[RunConfig] = []
     common = {"window": args.window, "client_procs": args.client_procs}
     common_t = {"run_timeout": args.run_timeout}
@@ -148,6 +175,21 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
             messages = min(args.messages, max(10, args.max_deliveries // clients))
             for server in args.servers:
                 runs.append(RunConfig(server, "fanout", clients, messages, **common, **common_t))
+    if "rooms" in args.scenario:
+        per_message = -(-args.rooms_clients // args.rooms)  # the biggest room's subscribers
+        messages = min(args.messages, max(10, args.max_deliveries // per_message))
+        for server in args.servers:
+            runs.append(
+                RunConfig(
+                    server,
+                    "rooms",
+                    args.rooms_clients,
+                    messages,
+                    rooms=args.rooms,
+                    **common,
+                    **common_t,
+                )
+            )
     if "stall" in args.scenario:
         for server in args.servers:
             for stalled in (0, 1):
@@ -205,10 +247,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             label += f" +{config.stalled} stalled"
         if config.backend == "redis":
             label += f" on {config.nodes} node(s)"
+        if config.rooms > 1:
+            label += f" in {config.rooms} rooms"
         if time.monotonic() - started > args.time_budget:
             result = RunResult(
                 config.server, config.scenario, config.clients, config.stalled, config.messages
             )
+            result.rooms = config.rooms
             result.error = "skipped: time budget spent"
         else:
             print(label, "...", file=sys.stderr, flush=True)
@@ -219,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary = result.error or (
             f"{result.deliveries_per_s:,.0f} deliveries/s, p99 {result.p99_ms:.1f} ms,"
             f" {result.cpu_us_per_delivery:.1f} us CPU/delivery, lost {result.lost}"
+            + (f", wrong room {result.wrong_room}" if config.rooms > 1 else "")
         )
         print(f"{label}: {summary}", file=sys.stderr, flush=True)
     elapsed = time.monotonic() - started

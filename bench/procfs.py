@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import platform
 import signal
@@ -142,6 +143,12 @@ def machine_description() -> dict[str, str]:
         except AttributeError:
             version = "?"
         versions.append(f"{module} {version}")
+    for distribution in ("broadcaster", "python-socketio", "python-engineio"):
+        try:
+            version = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        versions.append(f"{distribution} {version}")
     return {
         "cpu": model,
         "cores": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})",

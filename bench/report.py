@@ -21,6 +21,11 @@ def _num(value: float, fmt: str = ",.0f") -> str:
     )
 
 
+def _ratio(value: float, base: float) -> str:
+    """``value / base`` as ``1.23x``; a dash when ``base`` is 0 (too little CPU to measure)."""
+    return f"{value / base:.2f}x" if base and not math.isnan(value / base) else "—"
+
+
 def _cpu(result: RunResult) -> str:
     text = _num(result.cpu_us_per_delivery, ".1f")
     if result.runs > 1:
@@ -48,23 +53,26 @@ def _status(result: RunResult) -> str:
 def table(results: list[RunResult]) -> str:
     head = (
         "| scenario | server | N | runs | sent | deliveries/s | p50 ms | p99 ms | lost | dup |"
-        " out of order | CPU s | CPU µs/delivery (min-max) | peak RSS MiB | idle KiB/conn |"
-        " status |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+        " out of order | wrong room | CPU s | CPU µs/delivery (min-max) | peak RSS MiB |"
+        " idle KiB/conn | status |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
     )
     rows = []
     for r in results:
         scenario = r.scenario + (f" (+{r.stalled} stalled)" if r.stalled else "")
         if r.backend == "redis":
             scenario = f"redis, {r.nodes} node{'s' if r.nodes > 1 else ''}"
+        if r.scenario == "rooms":
+            scenario = f"rooms ({r.rooms})"
         if r.error and not r.sent:
-            rows.append(f"| {scenario} | {r.server} | {r.clients} |" + " |" * 12 + f" {r.error} |")
+            rows.append(f"| {scenario} | {r.server} | {r.clients} |" + " |" * 13 + f" {r.error} |")
             continue
+        wrong_room = f"**{r.wrong_room}**" if r.wrong_room else "0"
         rows.append(
             f"| {scenario} | {r.server} | {r.clients} | {r.runs} | {r.sent} |"
             f" {_num(r.deliveries_per_s)} |"
             f" {_num(r.p50_ms, '.1f')} | {_num(r.p99_ms, '.1f')} | {r.lost} | {r.duplicates} |"
-            f" {r.out_of_order} | {r.cpu_s:.2f} | {_cpu(r)} |"
+            f" {r.out_of_order} | {wrong_room} | {r.cpu_s:.2f} | {_cpu(r)} |"
             f" {r.peak_rss_mib:.0f} | {_num(r.idle_kib_per_connection, '.1f')} | {_status(r)} |"
         )
     return head + "\n".join(rows) + "\n"
@@ -153,6 +161,26 @@ def targets(results: list[RunResult]) -> str:
     cpu_target("chat", 0.8, "Chat app on uvicorn")
     cpu_target("fastpath", 0.45, "Fast path")
     present = list(dict.fromkeys(r.server for r in results))
+    others = [
+        (server, run)
+        for server in present
+        if server not in ("chat", "fastpath", "naive")
+        and (run := _find(results, server, "fanout", TARGET_CLIENTS)) is not None
+    ]
+    if others and naive is not None:
+        lines.append(
+            f"- **Other servers at {TARGET_CLIENTS} clients** (CPU/delivery, ratio to naive's"
+            f" {naive.cpu_us_per_delivery:.1f} µs): "
+            + ", ".join(
+                f"{server} {run.cpu_us_per_delivery:.1f} µs"
+                f" ({_ratio(run.cpu_us_per_delivery, naive.cpu_us_per_delivery)}"
+                + (f", **lost {run.lost}**" if run.lost else "")
+                + ")"
+                for server, run in others
+            )
+            + ". No target; for comparison."
+        )
+    lines += _rooms_lines(results, present)
     for server in present:
         base = _find(results, server, "stall", STALL_CLIENTS, 0)
         stall = _find(results, server, "stall", STALL_CLIENTS, 1)
@@ -216,6 +244,32 @@ def targets(results: list[RunResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rooms_lines(results: list[RunResult], present: list[str]) -> list[str]:
+    """The many-rooms scenario: per-publish cost when each message reaches a few clients."""
+    runs = {r.server: r for r in results if r.scenario == "rooms" and not r.error and r.sent}
+    naive = runs.get("naive")
+    lines = []
+    for server in present:
+        run = runs.get(server)
+        if run is None:
+            continue
+        per_room = run.clients / run.rooms
+        ratio = (
+            f" = **{_ratio(run.cpu_us_per_delivery, naive.cpu_us_per_delivery)}** naive"
+            f" ({naive.cpu_us_per_delivery:.1f} µs)"
+            if naive is not None and server != "naive"
+            else ""
+        )
+        lines.append(
+            f"- **Many rooms, {server}** ({run.clients:,} subscribers over {run.rooms} rooms,"
+            f" {per_room:.0f} per message): CPU/delivery {_num(run.cpu_us_per_delivery, '.1f')}"
+            f" µs{ratio}; lost {run.lost}, duplicated {run.duplicates}, out of order"
+            f" {run.out_of_order}, wrong room {run.wrong_room}; p99 {_num(run.p99_ms, '.1f')} ms."
+            " No target; for the record."
+        )
+    return lines
+
+
 def write_report(
     out: Path,
     results: list[RunResult],
@@ -257,28 +311,39 @@ def write_report(
 HOW_TO_RUN = """\
 ```sh
 pip install -e ".[bench]"       # the servers, the websockets client, matplotlib
-python -m bench                 # everything (a few minutes): rewrites this file and its PNG
+python -m bench                 # everything (about 15 minutes): rewrites this file and its PNG
 python -m bench --servers chat,naive --clients 100,500 --scenario fanout --out /tmp/b.md
 python -m bench --smoke         # a few seconds; what CI runs (tests/test_bench_smoke.py)
 ```
 
 `python -m bench --help` lists every flag (`--repeat`, `--messages`, `--max-deliveries`, `--window`,
-`--stall-messages`, `--client-procs`, `--run-timeout`, `--time-budget`). Raw numbers of the
+`--rooms`, `--rooms-clients`, `--stall-messages`, `--client-procs`, `--run-timeout`,
+`--time-budget`). Raw numbers of the
 last run are in `bench/results/latest.json` and server logs in `bench/results/logs/` (not
 committed). Everything is bounded: at most 10,000 subscribers and 100,000 messages per run,
-a hard timeout per run (120 s) and a time budget after which no new run starts (600 s).
+a hard timeout per run (120 s) and a time budget after which no new run starts (1,200 s).
 """
 
 METHOD = """\
 - Every server runs alone in its own subprocess on a free port of 127.0.0.1, started fresh for
-  every run; nothing leaves the loopback interface. The chat app and the naive app run on
-  uvicorn with the same settings (uvicorn's default WebSocket protocol, `websockets-sansio`
-  when `websockets` is installed; uvloop and httptools when installed; no compression).
+  every run; nothing leaves the loopback interface. The chat app, the naive app, broadcaster
+  and python-socketio run on uvicorn with the same settings (uvicorn's default WebSocket
+  protocol, `websockets-sansio` when `websockets` is installed; uvloop and httptools when
+  installed; no compression).
 - Subscribers are `websockets` asyncio clients in separate processes (one per 250
-  subscribers, at most one per core), all in one room; one sender connection in the harness
-  process. Subscribers share one client id, so the chat app broadcasts one `join` at setup
-  instead of N (setup is not measured either way).
-- The sender sends `{"message": "~K~T~pad"}`, K its own counter and T its send time, and keeps
+  subscribers, at most one per core), all in one room except in the rooms scenario; one
+  sender connection per room in the harness process. Subscribers share one client id, so the
+  chat app broadcasts one `join` per room at setup instead of N (setup is not measured
+  either way).
+- python-socketio is driven by the same clients through a small protocol adapter
+  (`bench/protocols.py`; no python-socketio client): each connects to
+  `/socket.io/?EIO=4&transport=websocket&room=NAME&client_id=ID`, reads the Engine.IO open
+  packet, sends `40` (namespace connect) and waits for `40{...}`, answers each ping `2` with
+  `3`, sends `42["message",{"message":"..."}]`, and reads the sender's text from the
+  `42["chat_message",{...}]` events. The server puts each client in its room in its
+  `connect` handler and emits each message to the room with `sio.emit(..., room=room)`.
+- The sender sends `{"message": "~K~T~R~pad"}`, K the room's own counter, T its send time and R
+  the room's index (0 with one room), and keeps
   at most `--window` (8) messages in flight end to end: each subscriber process counts what
   it received in shared memory, and the sender goes on only when the subscribers still
   connected have, on average, every message but the last 8 (a closed loop that runs each
@@ -287,9 +352,10 @@ METHOD = """\
   own messages.
 - Latency = receive time - T on the same machine clock. With a closed loop, p50 and p99
   are mostly the window: about 8 fan-outs' worth of time, so they grow with N.
-- Lost = messages sent that a subscriber never received; duplicates and out-of-order
-  deliveries are judged on K, the same way for every server (only the chat app has sequence
-  numbers).
+- Lost = messages sent to a subscriber's room that it never received; duplicates and
+  out-of-order deliveries are judged on K, the same way for every server (only the chat app
+  has sequence numbers). Wrong room = frames of another room's messages (R is not the
+  subscriber's room) that reached a subscriber; they are not counted as deliveries.
 - Deliveries/s = frames received by subscribers / (last receive - first send).
 - Everything runs `--repeat` times (3), whole repetitions one after the other; a row shows
   the median of each measure over the repetitions, the worst (highest) count of lost,
@@ -304,10 +370,22 @@ METHOD = """\
 - Peak memory is the server's `VmHWM`; memory per idle connection is its `VmRSS` growth from
   before the subscribers connected to after, once its CPU is idle, divided by the connections
   (after one warm-up connection has come and gone, so one-off costs are not counted).
+- The rooms scenario (`--rooms` 50, `--rooms-clients` 1,000) deals the subscribers
+  round-robin over the rooms and the sender's messages round-robin over the rooms too, one
+  sender connection in each room, so each message reaches about 20 subscribers: the
+  per-publish cost when fan-out is small. Every server has rooms: the chat app and the fast
+  path their own, broadcaster a channel per room, the `websockets` server a set of
+  connections per room, the naive app a list of sockets per room (still awaited one by one),
+  python-socketio its rooms. The window is kept in messages sent in all rooms: the
+  subscribers' average count of received messages is scaled by the number of rooms.
 - The stall scenario runs 100 healthy subscribers twice per server, without and with one
   more client that completes the WebSocket handshake on a raw TCP socket with a 4 KiB
   `SO_RCVBUF` and then never reads (it connects first, so it is first in the naive app's
-  list); messages are padded with 2 KiB so that the stalled client's buffers fill.
+  list); messages are padded with 2 KiB so that the stalled client's buffers fill. For
+  python-socketio the raw client also sends the masked `40` frame and reads the server's
+  frames up to its `40{...}` reply, so it is in the room before it stops reading; it never
+  answers a ping, so the server would drop it after 45 s (25 s ping interval + 20 s
+  timeout), longer than a stall run.
 - The Redis scenario runs the servers that have a Redis backend (the chat app) with
   `--backend redis://` on a fresh `redis-server` (persistence off) as one node and as two
   nodes, 500 subscribers dealt round-robin over the nodes and the sender on the first node.
@@ -318,6 +396,4 @@ METHOD = """\
   handshakes, and even 32, made the chat app refuse clients ("backend unavailable"), and
   500 clients leaving at once make it fail to remove presence ("Too many connections" in
   the server log). That is a finding about the Redis backend, not a harness limit.
-- Not yet measured (issue 5, later steps): python-socketio (it needs its own client
-  protocol, Engine.IO framing, in the subscriber processes), many rooms.
 """

@@ -31,10 +31,12 @@ from .procfs import (
     rss_kib,
     wait_quiet,
 )
+from .protocols import PROTOCOLS
 from .servers import SERVERS, spec_command
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_CLIENTS = 10_000
+MAX_ROOMS = 1000
 ROOM = "bench"
 
 
@@ -56,6 +58,8 @@ class RunConfig:
     backend: str = "memory"
     connect_concurrency: int = 50
     """Handshakes each subscriber process runs at once."""
+    rooms: int = 1
+    """Subscribers are dealt round-robin over this many rooms, and so are the messages."""
 
 
 @dataclass
@@ -88,11 +92,14 @@ class RunResult:
     cpu_us_min: float = math.nan
     cpu_us_max: float = math.nan
     failed_runs: int = 0
+    """Repetitions that failed (an error) and are not in the figures."""
     nodes: int = 1
     backend: str = "memory"
     redis_cpu_s: float = 0.0
     """CPU seconds of redis-server over the measured window (not in ``cpu_s``)."""
-    """Repetitions that failed (an error) and are not in the figures."""
+    rooms: int = 1
+    wrong_room: int = 0
+    """Frames of another room's messages that reached a subscriber (must be 0)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +120,7 @@ _WORST_FIELDS = (
     "lost",
     "duplicates",
     "out_of_order",
+    "wrong_room",
     "closed_early",
     "failed_connects",
     "expected",
@@ -176,12 +184,16 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
     result = RunResult(
         config.server, config.scenario, config.clients, config.stalled, config.messages
     )
-    result.nodes, result.backend = config.nodes, config.backend
+    result.nodes, result.backend, result.rooms = config.nodes, config.backend, config.rooms
     if not spec.available:
         result.error = "not implemented yet"
         return result
     if not 1 <= config.clients <= MAX_CLIENTS or not 1 <= config.nodes <= 4:
         raise ValueError(f"clients must be 1..{MAX_CLIENTS}, nodes 1..4")
+    if not 1 <= config.rooms <= min(MAX_ROOMS, config.clients):
+        raise ValueError(f"rooms must be 1..{MAX_ROOMS} and at most the clients")
+    protocol = PROTOCOLS[spec.protocol]
+    rooms = [ROOM] if config.rooms == 1 else [f"{ROOM}-{r}" for r in range(config.rooms)]
     label = f"{config.server}-{config.scenario}-{config.clients}-{config.nodes}"
     ctx = multiprocessing.get_context("spawn")
     workers: list[Any] = []
@@ -204,21 +216,27 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
             servers.append(ServerProcess(config.server, command, port, log))
         for server in servers:
             server.start(ROOT)
-        bases = [f"ws://127.0.0.1:{server.port}/ws" for server in servers]
+        bases = [f"ws://127.0.0.1:{server.port}" for server in servers]
         for base in bases:
-            asyncio.run(warm_up(f"{base}/warmup?room={ROOM}"))
+            asyncio.run(warm_up(base + protocol.path("warmup", ROOM), protocol))
         for server in servers:
             wait_quiet(server.pid, limit=5)
         rss_before = sum(rss_kib(server.pid) for server in servers)
         for _ in range(config.stalled):
             stalled.append(
-                open_stalled_client("127.0.0.1", servers[0].port, f"/ws/stalled?room={ROOM}")
+                open_stalled_client(
+                    "127.0.0.1", servers[0].port, protocol.path("stalled", ROOM), protocol=protocol
+                )
             )
         procs = _client_procs(config)
         # Subscribers share one client id: presence is per client id, so the chat app sends
-        # one join, not N joins to N members (an O(N^2) storm at setup that is not measured).
-        # With several nodes, subscribers are dealt round-robin; the sender is on the first.
-        urls = [f"{bases[i % len(bases)]}/sub?room={ROOM}" for i in range(config.clients)]
+        # one join per room, not N joins to N members (an O(N^2) storm at setup that is not
+        # measured). Subscribers are dealt round-robin over the rooms and, with several
+        # nodes, over the nodes; the sender is on the first node.
+        subscriptions = [
+            (bases[i % len(bases)] + protocol.path("sub", rooms[i % len(rooms)]), i % len(rooms))
+            for i in range(config.clients)
+        ]
         progress, live = ctx.RawArray("q", procs), ctx.RawArray("q", procs)
         for i in range(procs):
             parent_end, child_end = ctx.Pipe()
@@ -226,10 +244,12 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
                 target=subscriber_process,
                 args=(
                     child_end,
-                    urls[i::procs],
+                    subscriptions[i::procs],
+                    len(rooms),
                     config.messages,
                     config.run_timeout,
                     Shared(progress, live, i, config.connect_concurrency),
+                    protocol.name,
                 ),
                 daemon=True,
             )
@@ -252,15 +272,19 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
             )
         cpu_before = sum(cpu_seconds(server.pid) for server in servers)
         redis_before = cpu_seconds(redis.pid) if redis is not None else 0.0
+        # A subscriber receives the messages of its room only, 1/rooms of them: scaled by the
+        # rooms, the average is in messages sent (exact when each room has as many
+        # subscribers; with the remainder in the first rooms it is never short).
         sent: SendResult = asyncio.run(
             asyncio.wait_for(
                 send_messages(
-                    f"{bases[0]}/sender?room={ROOM}",
+                    [bases[0] + protocol.path("sender", room) for room in rooms],
                     config.messages,
-                    received=lambda: sum(progress) / max(1, sum(live)),
+                    received=lambda: sum(progress) * len(rooms) / max(1, sum(live)),
                     window=config.window,
                     pad=config.pad,
                     stall_timeout=config.stall_timeout,
+                    protocol=protocol,
                 ),
                 config.run_timeout,
             )
@@ -302,10 +326,10 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
 
 
 def _tally(result: RunResult, reports: list[WorkerReport], sent: SendResult) -> None:
-    connections = sum(r.connections for r in reports)
-    result.expected = connections * sent.sent
+    result.expected = sum(r.expected for r in reports)
     result.deliveries = sum(r.unique for r in reports)
     result.lost = sum(r.lost for r in reports)
+    result.wrong_room = sum(r.wrong_room for r in reports)
     result.duplicates = sum(r.duplicates for r in reports)
     result.out_of_order = sum(r.out_of_order for r in reports)
     result.closed_early = sum(r.closed_early for r in reports)

@@ -1,8 +1,10 @@
 """The servers under test and how to start each one (``python -m bench --servers ...``).
 
-Every server speaks the chat app's protocol closely enough for one client harness: clients
-connect at ``/ws/{client_id}?room=NAME``, send ``{"message": "..."}`` and receive one JSON
-text frame per message whose ``data.message`` is the sender's text. The harness reads the
+Every server but python-socketio speaks the chat app's protocol closely enough for one client
+harness: clients connect at ``/ws/{client_id}?room=NAME``, send ``{"message": "..."}`` and
+receive one JSON text frame per message whose ``data.message`` is the sender's text. The
+socketio server has the same semantics in Socket.IO's protocol, which the harness speaks
+through a small adapter (``bench/protocols.py``). The harness reads the
 sender's own counter and send time from that text, so loss and order are measured the same
 way for every server, whether or not it has sequence numbers.
 """
@@ -24,6 +26,8 @@ class ServerSpec:
     extra: tuple[str, ...] = ()
     redis: bool = False
     """It takes ``--backend redis://...`` and runs as several nodes on one Redis."""
+    protocol: str = "plain"
+    """The client protocol, a key of ``bench.protocols.PROTOCOLS``."""
 
     @property
     def available(self) -> bool:
@@ -69,6 +73,14 @@ SERVERS: dict[str, ServerSpec] = {
             " envelope's frame built once, a connection's waiting frames in one write",
             "examples.chat_app",
             ("--server", "websockets", "--rate-limit", "0", "--log-level", "warning"),
+        ),
+        ServerSpec(
+            "socketio",
+            "python-socketio's AsyncServer (ASGI mode) on uvicorn: enter_room on connect,"
+            " sio.emit(..., room=room) per message, Engine.IO v4 / Socket.IO v5 over WebSocket"
+            " (bench/servers/socketio_app.py)",
+            "bench.servers.socketio_app",
+            protocol="socketio",
         ),
     )
 }

@@ -10,22 +10,23 @@ import uvicorn
 from starlette.types import ASGIApp
 
 
-def chat_message(room: str, client_id: str, text: str) -> str:
-    """The JSON text the comparison servers broadcast for one client frame ``text``.
+def chat_envelope(room: str, client_id: str, message: str) -> dict[str, object]:
+    """The chat app's envelope without ``seq`` and ``id``, for the client's ``message``.
 
-    The chat app's envelope without ``seq`` and ``id``: the server adds the time and the
-    sender, as the original design does.
+    The server adds the time and the sender, as the original design does.
     """
-    data = json.loads(text)
-    return json.dumps(
-        {
-            "type": "message",
-            "room": room,
-            "client_id": client_id,
-            "timestamp": datetime.now(timezone.utc).isoformat(),
-            "data": {"message": data["message"]},
-        }
-    )
+    return {
+        "type": "message",
+        "room": room,
+        "client_id": client_id,
+        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "data": {"message": message},
+    }
+
+
+def chat_message(room: str, client_id: str, text: str) -> str:
+    """The JSON text the comparison servers broadcast for one client frame ``text``."""
+    return json.dumps(chat_envelope(room, client_id, json.loads(text)["message"]))
 
 
 def parse_address(prog: str) -> argparse.Namespace:

@@ -1,8 +1,8 @@
 """The ``websockets`` library's asyncio server with its ``broadcast()``, in the chat protocol.
 
-``broadcast()`` writes the frame to every open connection without awaiting (no backpressure:
-a client that stops reading grows its write buffer). Uses uvloop when it is installed, as
-uvicorn does for the other servers.
+``broadcast()`` writes the frame to every open connection of the sender's room (a set of
+connections per room) without awaiting (no backpressure: a client that stops reading grows its
+write buffer). Uses uvloop when it is installed, as uvicorn does for the other servers.
 
 Run: ``python -m bench.servers.ws_broadcast --host 127.0.0.1 --port 8000``.
 """
@@ -19,21 +19,24 @@ from websockets.exceptions import ConnectionClosed
 
 from .common import chat_message, parse_address
 
-CONNECTIONS: set[ServerConnection] = set()
+ROOMS: dict[str, set[ServerConnection]] = {}
 
 
 async def handler(websocket: ServerConnection) -> None:
     url = urlsplit(websocket.request.path if websocket.request else "/")
     client_id = url.path.rsplit("/", 1)[-1]
     room = parse_qs(url.query).get("room", ["lobby"])[0]
-    CONNECTIONS.add(websocket)
+    connections = ROOMS.setdefault(room, set())
+    connections.add(websocket)
     try:
         async for text in websocket:
-            broadcast(CONNECTIONS, chat_message(room, client_id, str(text)))
+            broadcast(connections, chat_message(room, client_id, str(text)))
     except ConnectionClosed:
         pass
     finally:
-        CONNECTIONS.discard(websocket)
+        connections.discard(websocket)
+        if not connections and ROOMS.get(room) is connections:
+            del ROOMS[room]
 
 
 async def serve_until_signal(host: str, port: int) -> None:
