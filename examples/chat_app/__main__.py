@@ -177,8 +177,15 @@ def _run_websockets(args: argparse.Namespace, settings: Settings) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
     )
+    main = run(ChatService(settings), args.host, args.port, args.send_buffer)
     try:
-        asyncio.run(run(ChatService(settings), args.host, args.port, args.send_buffer))
+        # uvloop when it is installed (uvicorn[standard] brings it), as uvicorn does.
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(main)
+        else:
+            uvloop.run(main)
     except OSError as exc:  # the address is in use, say
         logging.getLogger("examples.chat_app").error("cannot serve: %s", exc)
         sys.exit(3)

@@ -66,12 +66,19 @@ class WebsocketsTransport:
 
     def _write(self, frames: Sequence[Envelope | str]) -> None:
         connection = self.connection
-        if connection.protocol.state is not State.OPEN or connection.transport.is_closing():
+        transport = connection.transport
+        if connection.protocol.state is not State.OPEN or transport.is_closing():
             raise ConnectionError("the WebSocket connection is not open")
-        connection.transport.write(
+        if len(frames) == 1:  # the common case: one publish since the last write
+            item = frames[0]
+            transport.write(text_frame(item.encode()) if isinstance(item, str) else item.frame)
+            return
+        transport.write(
             b"".join(
-                text_frame(item.encode()) if isinstance(item, str) else item.frame
-                for item in frames
+                [
+                    text_frame(item.encode()) if isinstance(item, str) else item.frame
+                    for item in frames
+                ]
             )
         )
 
