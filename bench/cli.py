@@ -28,7 +28,6 @@ DEFAULT_SERVERS = "chat,naive,websockets,broadcaster,fastpath,socketio"
 STALL_CLIENTS = 100
 STALL_PAD = 2048
 REDIS_CLIENTS = 500
-REDIS_CONNECT_CONCURRENCY = 4
 
 
 def _int_list(text: str) -> list[int]:
@@ -220,10 +219,6 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
                         messages,
                         nodes=nodes,
                         backend="redis",
-                        # redis-py 8's asyncio pool allows 100 connections and then fails
-                        # (MaxConnectionsError) instead of waiting: a burst of handshakes
-                        # past that makes the chat app refuse clients. See the report.
-                        connect_concurrency=REDIS_CONNECT_CONCURRENCY,
                         **common,
                         **common_t,
                     )
