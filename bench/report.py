@@ -158,6 +158,14 @@ def targets(results: list[RunResult]) -> str:
                 f"; p99 {run.p99_ms:.1f} ms vs naive {naive.p99_ms:.1f} ms:"
                 f" {'met' if met_p99 else '**missed**'}"
             )
+            if not met_cpu:
+                text += (
+                    ". Below the floor of the ASGI path: every ASGI app on uvicorn makes the"
+                    " naive app's sends (one `websocket.send` per frame per client), and"
+                    " uvicorn's own `send` is about 86% of the naive app's CPU (py-spy, N=500,"
+                    " this machine), so no ASGI app can reach 0.8x; see docs/architecture.md,"
+                    ' "Why the ASGI path costs more than a naive loop"'
+                )
         lines.append(text + ".")
 
     cpu_target("chat", 0.8, "Chat app on uvicorn")
