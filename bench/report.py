@@ -242,14 +242,17 @@ def targets(results: list[RunResult]) -> str:
             continue
         biggest = max(runs, key=lambda r: r.clients)
         kib = biggest.idle_kib_per_connection
-        verdict = (
-            ("met" if kib <= 20 else "**missed**")
-            if server in ("chat", "fastpath")
-            else "for comparison"
-        )
+        # The target is the fast path's; the issue asks for the ASGI path to be reported.
+        if server == "fastpath":
+            verdict = "met" if kib <= 20 else "**missed**"
+        elif server == "chat":
+            verdict = "reported (the target is the fast path's)"
+        else:
+            verdict = "for comparison"
         lines.append(
             f"- **Memory per idle connection, {server}** (RSS growth / connections at"
-            f" N={biggest.clients}): {_num(kib, '.1f')} KiB (target ≤ 20 KiB): {verdict}."
+            f" N={biggest.clients}): {_num(kib, '.1f')} KiB (target ≤ 20 KiB on the fast path):"
+            f" {verdict}."
         )
     return "\n".join(lines) + "\n"
 
