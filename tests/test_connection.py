@@ -15,6 +15,11 @@ pytestmark = pytest.mark.anyio
 IDLE = 40
 
 
+def saw_leave(transport: MemoryTransport) -> bool:
+    """Whether a ``leave`` has arrived (checked before the first frame too)."""
+    return any(envelope["type"] == "leave" for envelope in transport.envelopes())
+
+
 @pytest.fixture
 async def manager() -> AsyncIterator[ConnectionManager]:
     async with ConnectionManager(queue_size=8) as manager:
@@ -77,7 +82,7 @@ async def test_disconnecting_an_idle_connection_closes_it_and_announces_leave(
     await manager.disconnect(connection, CloseCode.POLICY_VIOLATION, "bye")
     assert connection.state is ConnectionState.CLOSED
     assert (alice.close_code, alice.close_reason) == (CloseCode.POLICY_VIOLATION, "bye")
-    await bob.wait_until(lambda t: t.envelopes()[-1]["type"] == "leave")
+    await bob.wait_until(saw_leave)
     assert await manager.presence("lobby") == ["bob"]
 
 
@@ -96,7 +101,7 @@ async def test_a_dead_socket_found_by_the_flusher_is_closed(manager: ConnectionM
     await manager.broadcast("lobby", {"message": "hi"}, "alive")
     await connection.wait_closed()
     assert manager.stats().send_failures == 1
-    await alive.wait_until(lambda t: t.envelopes()[-1]["type"] == "leave")
+    await alive.wait_until(saw_leave)
 
 
 @pytest.mark.parametrize("kind", [MemoryTransport, MemoryBatchTransport])
@@ -163,7 +168,7 @@ async def test_session_disconnects_and_announces_leave_on_exit(
     [connection] = seen
     assert connection.state is ConnectionState.CLOSED
     assert alice.close_code == CloseCode.NORMAL
-    await bob.wait_until(lambda t: t.envelopes()[-1]["type"] == "leave")
+    await bob.wait_until(saw_leave)
 
 
 async def test_session_body_is_cancelled_by_shutdown() -> None:
