@@ -229,22 +229,23 @@ class Connection:
             self.last_seq = seq
             self._append(envelope)
         elif state is ConnectionState.RECOVERING:
-            pending = self._pending
-            if len(pending) >= self._queue_size and not self._make_room(pending):
-                return
-            pending.append(envelope)
+            self._buffer(envelope)
 
     def _push_text(self, text: str) -> bool:
         if self.state is ConnectionState.OPEN:
             self._append(text)
             return True
         if self.state is ConnectionState.RECOVERING:
-            pending = self._pending
-            if len(pending) >= self._queue_size and not self._make_room(pending):
-                return False
-            pending.append(text)
-            return True
+            return self._buffer(text)
         return False
+
+    def _buffer(self, item: Envelope | str) -> bool:
+        """Hold a live frame while recovering, under the same bound and policy as the queue."""
+        pending = self._pending
+        if len(pending) >= self._queue_size and not self._make_room(pending):
+            return False
+        pending.append(item)
+        return True
 
     def _append(self, item: Envelope | str) -> None:
         queue = self._queue

@@ -254,7 +254,7 @@ class ConnectionManager:
         the socket with 1011) if the backend cannot be reached. If the socket dies or
         overflows during recovery, the returned connection is already closed.
         """
-        task_group = self._check_running()
+        self._check_running()
         check_name("client_id", client_id)
         check_name("room", room)
         if since is not None and (
@@ -295,7 +295,7 @@ class ConnectionManager:
             # A transport that can write without waiting gets a writer task only while its
             # socket is full; any other has one for as long as it is open.
             if connection._send_nowait is None:
-                task_group.start_soon(self._run_writer, connection)
+                self._start_writer(connection)
         else:
             connection._abort(CloseCode.GOING_AWAY, "server shutting down")
             await self._finish(connection)
