@@ -24,7 +24,7 @@ from .runner import (
 from .servers import SERVERS
 
 SCENARIOS = ("fanout", "rooms", "stall", "redis")
-DEFAULT_SERVERS = "chat,naive,websockets,broadcaster,fastpath,socketio"
+DEFAULT_SERVERS = "chat,chat-asgi,naive,websockets,broadcaster,fastpath,socketio"
 STALL_CLIENTS = 100
 STALL_PAD = 2048
 REDIS_CLIENTS = 500
@@ -138,8 +138,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="a tiny run to check the harness works (chat, naive and socketio, 5 clients,"
-        " 20 messages, fan-out and 2 rooms; report in bench/results/smoke.md unless --out)",
+        help="a tiny run to check the harness works (chat, chat-asgi, naive and socketio,"
+        " 5 clients, 20 messages, fan-out and 2 rooms; report in bench/results/smoke.md"
+        " unless --out)",
     )
     args = parser.parse_args(argv)
     if not 1 <= args.messages <= 100_000 or not 1 <= args.stall_messages <= 100_000:
@@ -153,7 +154,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not 1 <= args.rooms <= min(MAX_ROOMS, args.rooms_clients):
         parser.error(f"--rooms must be 1..{MAX_ROOMS} and at most --rooms-clients")
     if args.smoke:
-        args.servers, args.clients, args.messages = ["chat", "naive", "socketio"], [5], 20
+        args.servers = ["chat", "chat-asgi", "naive", "socketio"]
+        args.clients, args.messages = [5], 20
         args.scenario, args.client_procs, args.run_timeout = ["fanout", "rooms"], 1, 30.0
         args.rooms, args.rooms_clients = 2, 5
         args.time_budget, args.repeat = 60.0, 1

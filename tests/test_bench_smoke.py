@@ -1,10 +1,10 @@
 """The benchmark harness still works: ``python -m bench --smoke`` end to end.
 
-A tiny run (the chat app, the naive app and python-socketio through the Socket.IO adapter;
-five subscribers, twenty messages, one client process; fan-out in one room and the rooms
-scenario over two rooms) in a subprocess with a bounded timeout. It asserts that the harness
-completed, lost nothing, delivered nothing to the wrong room and wrote its table and plot;
-nothing about speed.
+A tiny run (the chat app on uvicorn with and without wsbroadcast's protocol, the naive app and
+python-socketio through the Socket.IO adapter; five subscribers, twenty messages, one client
+process; fan-out in one room and the rooms scenario over two rooms) in a subprocess with a
+bounded timeout. It asserts that the harness completed, lost nothing, delivered nothing to the
+wrong room and wrote its table and plot; nothing about speed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def test_bench_smoke_run_completes_without_loss(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr
     raw = json.loads(out.with_suffix(".json").read_text())
     results = raw["results"]
-    servers = ["chat", "naive", "socketio"]
+    servers = ["chat", "chat-asgi", "naive", "socketio"]
     assert [(r["scenario"], r["server"]) for r in results] == [
         *(("fanout", server) for server in servers),
         *(("rooms", server) for server in servers),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -17,8 +20,13 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from wsbroadcast import CloseCode, Connection, ConnectionManager, ConnectionState, Transport
 from wsbroadcast.testing import MemoryTransport
-from wsbroadcast.transport import BatchTransport
-from wsbroadcast.transports.starlette import StarletteTransport
+from wsbroadcast.transport import BatchTransport, NowaitBatchTransport
+from wsbroadcast.transports.starlette import (
+    StarletteFramesTransport,
+    StarletteTransport,
+    starlette_transport,
+)
+from wsbroadcast.transports.uvicorn import WebSocketProtocol
 from wsbroadcast.transports.websockets import WebsocketsTransport
 
 
@@ -26,6 +34,8 @@ def test_transports_satisfy_the_protocol() -> None:
     assert isinstance(MemoryTransport(), Transport)
     assert issubclass(StarletteTransport, Transport)
     assert issubclass(WebsocketsTransport, BatchTransport)
+    assert issubclass(StarletteFramesTransport, NowaitBatchTransport)
+    assert not issubclass(StarletteTransport, BatchTransport)
     assert issubclass(WebSocket, Transport)
 
 
@@ -64,7 +74,8 @@ async def test_websockets_adapter_broadcasts_and_survives_a_vanished_client() ->
 def test_starlette_adapter_accepts_once_and_closes_tolerantly() -> None:
     async def endpoint(websocket: WebSocket) -> None:
         await websocket.accept(subprotocol="chat")
-        transport = StarletteTransport(websocket)
+        transport = starlette_transport(websocket)
+        assert type(transport) is StarletteTransport  # the test client offers no extension
         await transport.accept()  # already accepted: a no-op
         await transport.send_text("one")
         await transport.close(CloseCode.GOING_AWAY, "bye")
@@ -150,3 +161,147 @@ async def test_a_client_that_stops_reading_is_shed_on_the_fast_path() -> None:
                 assert isinstance(stalled_transport, WebsocketsTransport)
                 assert stalled_transport.connection.transport.is_closing()
                 assert manager.stats().slow_consumer_disconnects == 1
+
+
+Endpoint = Callable[[WebSocket], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def _uvicorn(
+    endpoint: Endpoint, protocol: type[WebSocketProtocol], *, deflate: bool
+) -> AsyncIterator[str]:
+    """Serve ``endpoint`` at ``/`` with a real uvicorn on 127.0.0.1; yield its ws:// URL."""
+    import uvicorn
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)  # clients may connect before uvicorn starts accepting
+    port = listener.getsockname()[1]
+    config = uvicorn.Config(
+        Starlette(routes=[WebSocketRoute("/", endpoint)]),
+        ws=protocol,
+        ws_per_message_deflate=deflate,
+        lifespan="off",
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [listener])
+        try:
+            yield f"ws://127.0.0.1:{port}/"
+        finally:
+            server.should_exit = True
+    listener.close()
+
+
+async def _uvicorn_round(
+    protocol: type[WebSocketProtocol], *, deflate: bool
+) -> tuple[list[Any], list[type[StarletteTransport]]]:
+    """Broadcast 300 frames to one client of uvicorn; return what it got and the transport."""
+    transports: list[type[StarletteTransport]] = []
+    received: list[Any] = []
+    async with ConnectionManager(queue_size=4096) as manager:
+
+        async def endpoint(websocket: WebSocket) -> None:
+            transport = starlette_transport(websocket)
+            transports.append(type(transport))
+            connection = await manager.connect(transport, "reader")
+            with connection.cancel_on_close():
+                await websocket.receive()  # the client's close
+            await manager.disconnect(connection)
+
+        async with (
+            _uvicorn(endpoint, protocol, deflate=deflate) as url,
+            connect(url, compression="deflate") as client,
+        ):
+            received.append(json.loads(await client.recv()))
+            for n in range(300):
+                await manager.broadcast("lobby", {"n": n, "pad": "é" * (n * 7)}, "writer")
+            for _ in range(300):
+                received.append(json.loads(await client.recv()))
+            await client.send(json.dumps(received[-1]))  # writing after raw frames is fine
+    return received, transports
+
+
+class _WithoutWritable(WebSocketProtocol):
+    """A protocol as if a uvicorn release had renamed an attribute the extension needs."""
+
+    _compatible = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        del self.writable
+
+    async def send(self, message: Any) -> None:
+        self.writable = anyio.Event()
+        self.writable.set()
+        await super().send(message)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    ("protocol", "deflate", "fast"),
+    [
+        (WebSocketProtocol, False, True),
+        (WebSocketProtocol, True, False),  # the client asks for deflate and gets it
+        (_WithoutWritable, False, False),
+    ],
+    ids=["frames", "deflate-negotiated", "incompatible-uvicorn"],
+)
+async def test_uvicorn_protocol_offers_raw_frames_only_where_they_are_right(
+    protocol: type[WebSocketProtocol], deflate: bool, fast: bool
+) -> None:
+    received, transports = await _uvicorn_round(protocol, deflate=deflate)
+    assert transports == [StarletteFramesTransport if fast else StarletteTransport]
+    assert received[0]["type"] == "join"
+    assert [m["seq"] for m in received] == list(range(1, 302))
+    assert [m["data"]["n"] for m in received[1:]] == list(range(300))
+    assert received[-1]["data"]["pad"] == "é" * (299 * 7)
+
+
+class _Recording(WebSocketProtocol):
+    """uvicorn's side of each connection, recording when the TCP connection is gone."""
+
+    lost: anyio.Event | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if _Recording.lost is not None:
+            _Recording.lost.set()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_client_that_stops_reading_is_shed_and_dropped_on_uvicorn() -> None:
+    _Recording.lost = anyio.Event()
+    async with ConnectionManager(queue_size=8) as manager:
+        closed: list[Connection] = []
+
+        async def endpoint(websocket: WebSocket) -> None:
+            transport = starlette_transport(websocket, close_timeout=0.5)
+            assert isinstance(transport, StarletteFramesTransport)
+            connection = await manager.connect(transport, "stalled")
+            closed.append(connection)
+            await connection.wait_closed()
+
+        async with (
+            _uvicorn(endpoint, _Recording, deflate=False) as url,
+            # max_queue=1: the client library stops reading the socket after one message.
+            connect(url, max_queue=1, compression=None, close_timeout=1) as c,
+        ):
+            assert json.loads(await c.recv())["type"] == "join"
+            big = "x" * 65536
+            with anyio.fail_after(30):
+                # Bounded: 2,000 frames of 64 KiB at most, on loopback.
+                for _ in range(2000):
+                    await manager.broadcast("lobby", big, "writer")
+                    await anyio.lowlevel.checkpoint()
+                    if closed and closed[0].state is not ConnectionState.OPEN:
+                        break
+                await closed[0].wait_closed()
+                # The close frame could not get through the full buffer: the TCP
+                # connection was dropped rather than kept until the client reads again.
+                await _Recording.lost.wait()
+            assert closed[0].close_code == CloseCode.SLOW_CONSUMER
+            assert manager.stats().slow_consumer_disconnects == 1

@@ -43,11 +43,20 @@ SERVERS: dict[str, ServerSpec] = {
     for spec in (
         ServerSpec(
             "chat",
-            "the project's chat app (examples/chat_app: Starlette + wsbroadcast) on uvicorn,"
-            " rate limit off",
+            "the project's chat app (examples/chat_app: Starlette + wsbroadcast) on uvicorn as"
+            " `python -m examples.chat_app` serves it, with wsbroadcast's uvicorn protocol:"
+            " each envelope's frame built once and a connection's waiting frames written in"
+            " one go through the `wsbroadcast.frames` ASGI extension; rate limit off",
             "examples.chat_app",
             ("--rate-limit", "0", "--log-level", "warning"),
             redis=True,
+        ),
+        ServerSpec(
+            "chat-asgi",
+            "the same chat app on uvicorn's own websockets-sansio protocol (`--ws"
+            " websockets-sansio`): plain ASGI, one `websocket.send` per frame per client",
+            "examples.chat_app",
+            ("--ws", "websockets-sansio", "--rate-limit", "0", "--log-level", "warning"),
         ),
         ServerSpec(
             "naive",

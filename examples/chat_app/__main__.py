@@ -1,7 +1,8 @@
 """Run the chat app: ``python -m examples.chat_app --host 127.0.0.1 --port 8000``.
 
-``--server uvicorn`` (the default) serves the Starlette app; ``--server websockets`` serves
-the same routes and protocol on the ``websockets`` library's server, wsbroadcast's fast path.
+``--server uvicorn`` (the default) serves the Starlette app, with wsbroadcast's uvicorn
+WebSocket protocol (``--ws wsbroadcast``) so that it takes the fast path; ``--server
+websockets`` serves the same routes and protocol on the ``websockets`` library's server.
 """
 
 from __future__ import annotations
@@ -11,16 +12,21 @@ import asyncio
 import logging
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import uvicorn
 
 from wsbroadcast import DEFAULT_QUEUE_SIZE, backend_from_url
+from wsbroadcast.transports.uvicorn import WebSocketProtocol
 
 from .app import Settings, create_app
 from .service import ChatService
 
 __all__ = ["main", "parse_args"]
+
+_UVICORN_WS = ("wsbroadcast", "websockets-sansio")
+"""``--ws``: uvicorn's protocol, the same but for the ``wsbroadcast.frames`` ASGI extension
+that wsbroadcast's adds."""
 
 
 def _non_negative(text: str) -> float:
@@ -33,24 +39,21 @@ def _non_negative(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
-    return value
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 class _ClientMistakeFilter(logging.Filter):
@@ -83,6 +86,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="uvicorn",
         help="uvicorn: the Starlette app; websockets: the websockets library's server, which"
         " writes each broadcast frame once for all clients (default %(default)s)",
+    )
+    parser.add_argument(
+        "--ws",
+        choices=_UVICORN_WS,
+        default="wsbroadcast",
+        help="uvicorn's WebSocket protocol: wsbroadcast's, which lets the app write each"
+        " broadcast frame once for all clients, or uvicorn's own websockets-sansio, plain"
+        " ASGI (default %(default)s)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default %(default)s)")
@@ -198,6 +209,7 @@ def _run_uvicorn(args: argparse.Namespace, settings: Settings) -> None:
         port=args.port,
         log_level=args.log_level,
         lifespan="on",
+        ws=WebSocketProtocol if args.ws == "wsbroadcast" else args.ws,
         # The server refuses oversized frames itself (close 1009) before buffering them.
         ws_max_size=settings.max_message_bytes,
         # Frames are encoded once and shared by every recipient; compression would redo it

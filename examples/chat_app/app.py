@@ -10,7 +10,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,7 +17,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from wsbroadcast import CloseCode
-from wsbroadcast.transports.starlette import StarletteTransport
+from wsbroadcast.transports.starlette import starlette_transport
 
 from .service import (
     CLOSE_WAIT,
@@ -48,20 +47,6 @@ __all__ = [
 ]
 
 
-class _ChatTransport(StarletteTransport):
-    """A Starlette transport whose ``close`` gives up after :data:`CLOSE_WAIT` seconds.
-
-    The close frame queues behind everything already buffered for the socket: a client that
-    stopped reading (closed with 4008) would never read it, and its ``leave`` would wait for
-    the manager's ``close_timeout``.
-    """
-
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        """Send a close frame unless the socket is closed already; wait at most CLOSE_WAIT."""
-        with anyio.move_on_after(CLOSE_WAIT):
-            await super().close(code, reason)
-
-
 class _StarletteSocket:
     """A Starlette ``WebSocket`` as a :class:`~examples.chat_app.service.ChatSocket`."""
 
@@ -69,7 +54,9 @@ class _StarletteSocket:
 
     def __init__(self, websocket: WebSocket) -> None:
         self.websocket = websocket
-        self.transport = _ChatTransport(websocket)
+        # The fast path when served by wsbroadcast's uvicorn protocol (python -m
+        # examples.chat_app does); plain ASGI sends on any other server.
+        self.transport = starlette_transport(websocket, close_timeout=CLOSE_WAIT)
 
     async def receive(self) -> str | bytes | None:
         """The next text or binary frame, or None once the client has left."""

@@ -10,8 +10,13 @@ one write. This module is sans-I/O: it only builds bytes.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["text_frame"]
+if TYPE_CHECKING:
+    from .envelope import Envelope
+
+__all__ = ["frames_bytes", "text_frame"]
 
 _FIN_TEXT = 0x81
 
@@ -26,3 +31,17 @@ def text_frame(payload: bytes) -> bytes:
     else:
         header = struct.pack("!BBQ", _FIN_TEXT, 127, length)
     return header + payload
+
+
+def frames_bytes(items: Sequence[Envelope | str]) -> bytes:
+    """Return the frames of ``items`` back to back, for one socket write.
+
+    An envelope contributes its prepared :attr:`~wsbroadcast.Envelope.frame`, shared by every
+    recipient; a ``str`` (a one-off frame such as an error) is framed here.
+    """
+    if len(items) == 1:  # the common case: one publish since the last write
+        item = items[0]
+        return text_frame(item.encode()) if isinstance(item, str) else item.frame
+    return b"".join(
+        [text_frame(item.encode()) if isinstance(item, str) else item.frame for item in items]
+    )

@@ -9,13 +9,19 @@ concurrent sends.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol, TypedDict, runtime_checkable
 
 if TYPE_CHECKING:
     from .envelope import Envelope
 
-__all__ = ["BatchTransport", "NowaitBatchTransport", "Transport"]
+__all__ = [
+    "FRAMES_EXTENSION",
+    "BatchTransport",
+    "FramesExtension",
+    "NowaitBatchTransport",
+    "Transport",
+]
 
 
 @runtime_checkable
@@ -76,3 +82,34 @@ class NowaitBatchTransport(BatchTransport, Protocol):
         extension that prevents raw writes); raise if the peer is gone.
         """
         ...
+
+
+FRAMES_EXTENSION = "wsbroadcast.frames"
+"""The key of :class:`FramesExtension` in an ASGI WebSocket scope's ``extensions``."""
+
+
+class FramesExtension(TypedDict):
+    """An ASGI extension that lets an application write prepared frames to its socket.
+
+    ASGI has one ``websocket.send`` per frame and no way to send without waiting, so an ASGI
+    application pays the server's per-frame work once per recipient, however well it
+    batches. A server that offers this extension in ``scope["extensions"]["wsbroadcast.frames"]``
+    takes pre-built, unmasked server frames (:func:`wsbroadcast.frames.text_frame`), several
+    at a time, in one socket write. A server offers it only for a connection that negotiated
+    no WebSocket extension (such as permessage-deflate, which makes frames differ per
+    connection). :class:`wsbroadcast.transports.uvicorn.WebSocketProtocol` offers it on
+    uvicorn; :func:`wsbroadcast.transports.starlette.starlette_transport` uses it when offered.
+
+    Every callable raises :class:`ConnectionError` when the connection is not open: before the
+    application accepted it, after a close frame was sent or received, or once it is lost.
+    Frames written with it and ``websocket.send`` messages go out in the order they are made.
+    """
+
+    write: Callable[[bytes], bool]
+    """Write ``data`` (whole frames) now and return true; or, when the socket's write buffer
+    is above its high-water mark, write nothing and return false."""
+    drain: Callable[[], Awaitable[None]]
+    """Wait until the socket's write buffer is below its low-water mark."""
+    abort: Callable[[], None]
+    """Drop the TCP connection at once, discarding what is buffered (for a peer that stopped
+    reading, whose close frame would never get through)."""

@@ -15,9 +15,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE = 30.0
-SERVER_KINDS = ("uvicorn", "websockets")
-READY_LINES = {"uvicorn": "Application startup complete", "websockets": "server listening on"}
-"""What each ``--server`` logs once it serves: proof that its log is really captured."""
+SERVER_KINDS = ("uvicorn", "uvicorn-asgi", "websockets")
+SERVER_ARGS = {
+    "uvicorn": ["--server", "uvicorn"],  # wsbroadcast's uvicorn protocol: the fast path
+    "uvicorn-asgi": ["--server", "uvicorn", "--ws", "websockets-sansio"],  # plain ASGI sends
+    "websockets": ["--server", "websockets"],
+}
+READY_LINES = {
+    "uvicorn": "Application startup complete",
+    "uvicorn-asgi": "Application startup complete",
+    "websockets": "server listening on",
+}
+"""What each server logs once it serves: proof that its log is really captured."""
 
 
 def free_port() -> int:
@@ -50,7 +59,7 @@ class ChatServer:
     def start(self) -> None:
         """Start the server and wait until ``/healthz`` answers (bounded by a deadline)."""
         command = [sys.executable, "-m", "examples.chat_app", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), "--server", self.kind, *self.args]
+        command += ["--port", str(self.port), *SERVER_ARGS[self.kind], *self.args]
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
             self.process = subprocess.Popen(
                 command,
@@ -120,5 +129,5 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServ
 
 @pytest.fixture(scope="module", params=SERVER_KINDS)
 def server_kind(request: pytest.FixtureRequest) -> str:
-    """``--server``: each test that uses it runs on uvicorn and on websockets."""
+    """Each test that uses it runs on uvicorn (fast path and plain ASGI) and on websockets."""
     return str(request.param)

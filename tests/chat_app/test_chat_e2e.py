@@ -493,8 +493,10 @@ async def test_sigterm_closes_the_connections_and_exits_cleanly(
             await recv(ws)
     # uvicorn closes WebSockets with 1012 itself before the app shuts down; on websockets
     # the manager's exit closes them, with 1001.
-    assert ws.close_code == {"uvicorn": 1012, "websockets": 1001}[server_kind]
+    assert ws.close_code == {"uvicorn": 1012, "uvicorn-asgi": 1012, "websockets": 1001}[server_kind]
     # uvicorn re-raises the signal once it has shut down.
-    expected = {"uvicorn": -signal.SIGTERM, "websockets": 0}[server_kind]
+    expected = {"uvicorn": -signal.SIGTERM, "uvicorn-asgi": -signal.SIGTERM, "websockets": 0}[
+        server_kind
+    ]
     assert await anyio.to_thread.run_sync(process.wait, 15) == expected
     assert "Traceback" not in node.stderr()

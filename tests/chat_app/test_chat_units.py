@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
-from starlette.websockets import WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from examples.chat_app import Settings, create_app
 from examples.chat_app.__main__ import parse_args
@@ -17,10 +17,14 @@ from examples.chat_app.app import (
     ClientError,
     ErrorCode,
     RateLimiter,
+    _StarletteSocket,
     origin_allowed,
     parse_client_frame,
     valid_name,
 )
+from examples.chat_app.service import CLOSE_WAIT
+from wsbroadcast.transport import FRAMES_EXTENSION
+from wsbroadcast.transports.starlette import StarletteFramesTransport, StarletteTransport
 
 
 @pytest.fixture
@@ -185,7 +189,8 @@ def test_settings_and_command_line() -> None:
             Settings(**kwargs)
     args = parse_args(["--rate-limit", "0", "--allowed-origin", "https://a.test"] * 1)
     assert (args.rate_limit, args.allowed_origins, args.port) == (0, ["https://a.test"], 8000)
-    assert args.server == "uvicorn"
+    assert (args.server, args.ws) == ("uvicorn", "wsbroadcast")
+    assert parse_args(["--ws", "websockets-sansio"]).ws == "websockets-sansio"
     assert parse_args(["--server", "websockets"]).server == "websockets"
     assert parse_args(
         ["--allowed-origin", "https://a", "--allowed-origin", "https://b"]
@@ -193,7 +198,7 @@ def test_settings_and_command_line() -> None:
         "https://a",
         "https://b",
     ]
-    for bad in (["--max-text", "0"], ["--server", "hypercorn"]):
+    for bad in (["--max-text", "0"], ["--server", "hypercorn"], ["--ws", "wsproto"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
@@ -232,3 +237,22 @@ def test_history_reaches_the_redis_backend_and_the_log_hides_passwords() -> None
     )
     assert _redact("redis://u:p@h:1/0") == "redis://u:***@h:1/0"
     assert _redact("memory://?history=5") == "memory://?history=5"
+
+
+def test_the_starlette_front_end_takes_the_fast_path_when_the_server_offers_it() -> None:
+    async def receive() -> Any:
+        raise AssertionError("not called")
+
+    async def send(message: Any) -> None:
+        raise AssertionError("not called")
+
+    async def drain() -> None:
+        raise AssertionError("not called")
+
+    extension = {"write": lambda data: True, "drain": drain, "abort": lambda: None}
+    plain: Any = {"type": "websocket", "path": "/ws/a", "headers": [], "extensions": {}}
+    offered: Any = {**plain, "extensions": {FRAMES_EXTENSION: extension}}
+    assert type(_StarletteSocket(WebSocket(plain, receive, send)).transport) is StarletteTransport
+    fast = _StarletteSocket(WebSocket(offered, receive, send)).transport
+    assert isinstance(fast, StarletteFramesTransport)
+    assert fast.close_timeout == CLOSE_WAIT

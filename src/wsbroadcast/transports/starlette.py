@@ -3,10 +3,36 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+import anyio
 from starlette.websockets import WebSocket, WebSocketState
 
-__all__ = ["StarletteTransport"]
+from ..frames import frames_bytes
+from ..transport import FRAMES_EXTENSION, FramesExtension
+
+if TYPE_CHECKING:
+    from ..envelope import Envelope
+
+__all__ = ["StarletteFramesTransport", "StarletteTransport", "starlette_transport"]
+
+
+def starlette_transport(
+    websocket: WebSocket, *, close_timeout: float | None = None
+) -> StarletteTransport:
+    """The best transport for ``websocket``: use this rather than a class.
+
+    It is a :class:`StarletteFramesTransport` (the fast path) when the server offers the
+    :class:`~wsbroadcast.transport.FramesExtension` for this connection, as
+    :class:`wsbroadcast.transports.uvicorn.WebSocketProtocol` does; otherwise a
+    :class:`StarletteTransport`, which sends through plain ASGI messages.
+    """
+    extensions: Any = websocket.scope.get("extensions") or {}
+    extension: FramesExtension | None = extensions.get(FRAMES_EXTENSION)
+    if extension is not None:
+        return StarletteFramesTransport(websocket, extension, close_timeout=close_timeout)
+    return StarletteTransport(websocket, close_timeout=close_timeout)
 
 
 class StarletteTransport:
@@ -15,10 +41,15 @@ class StarletteTransport:
     A bare ``WebSocket`` works as a transport too; this adapter only spares the log a
     ``RuntimeError`` when the client left before the server closed, and skips ``accept`` if
     the application has accepted already (to send a subprotocol, say).
+
+    :param close_timeout: seconds ``close`` may take; None waits as long as the server does.
+        The close frame queues behind everything buffered for the socket, so for a client
+        that stopped reading (the one a slow-consumer close is for) it may never get out.
     """
 
-    def __init__(self, websocket: WebSocket) -> None:
+    def __init__(self, websocket: WebSocket, *, close_timeout: float | None = None) -> None:
         self.websocket = websocket
+        self.close_timeout = close_timeout
 
     async def accept(self) -> None:
         """Accept the handshake unless the application already did."""
@@ -30,13 +61,58 @@ class StarletteTransport:
         await self.websocket.send({"type": "websocket.send", "text": data})
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        """Send a close frame unless the socket is closed already."""
+        """Send a close frame unless the socket is closed already; see ``close_timeout``."""
         websocket = self.websocket
         if (
             websocket.application_state is WebSocketState.DISCONNECTED
             or websocket.client_state is WebSocketState.DISCONNECTED
         ):
             return
-        # RuntimeError: the client's disconnect raced with ours; the socket is closed either way.
-        with contextlib.suppress(RuntimeError):
-            await websocket.close(code, reason)
+        with anyio.move_on_after(self.close_timeout) as scope:
+            # RuntimeError: the client's disconnect raced with ours; it is closed either way.
+            with contextlib.suppress(RuntimeError):
+                await websocket.close(code, reason)
+        if scope.cancelled_caught:
+            self._close_timed_out()
+
+    def _close_timed_out(self) -> None:
+        """What to do when ``close`` took too long: nothing plain ASGI can do."""
+
+
+class StarletteFramesTransport(StarletteTransport):
+    """The fast path on an ASGI server that offers the ``wsbroadcast.frames`` extension.
+
+    A :class:`~wsbroadcast.transport.NowaitBatchTransport`: the manager's flusher hands it
+    every frame waiting for the connection and it writes their prepared bytes (each
+    envelope's frame is built once per publish and shared by every recipient) in one socket
+    write, without a task switch or an ASGI message per frame. When the socket is full, the
+    connection's writer waits for it to drain. A ``close`` that times out drops the TCP
+    connection, since its close frame would never get through. Build it with
+    :func:`starlette_transport`, which checks that the server offers the extension.
+    """
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        extension: FramesExtension,
+        *,
+        close_timeout: float | None = None,
+    ) -> None:
+        super().__init__(websocket, close_timeout=close_timeout)
+        self._write = extension["write"]
+        self._drain = extension["drain"]
+        self._abort = extension["abort"]
+
+    async def send_batch(self, frames: Sequence[Envelope | str], /) -> None:
+        """Write ``frames`` in one socket write, first waiting for room if the socket is full."""
+        data = frames_bytes(frames)
+        while not self._write(data):
+            await self._drain()
+
+    def send_batch_nowait(self, frames: Sequence[Envelope | str], /) -> bool:
+        """Write ``frames`` in one socket write if the socket has room; else write nothing."""
+        return self._write(frames_bytes(frames))
+
+    def _close_timed_out(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            self._abort()

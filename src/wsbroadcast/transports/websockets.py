@@ -11,7 +11,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from ..envelope import Envelope
-from ..frames import text_frame
+from ..frames import frames_bytes
 
 __all__ = ["WebsocketsTransport"]
 
@@ -69,18 +69,7 @@ class WebsocketsTransport:
         transport = connection.transport
         if connection.protocol.state is not State.OPEN or transport.is_closing():
             raise ConnectionError("the WebSocket connection is not open")
-        if len(frames) == 1:  # the common case: one publish since the last write
-            item = frames[0]
-            transport.write(text_frame(item.encode()) if isinstance(item, str) else item.frame)
-            return
-        transport.write(
-            b"".join(
-                [
-                    text_frame(item.encode()) if isinstance(item, str) else item.frame
-                    for item in frames
-                ]
-            )
-        )
+        transport.write(frames_bytes(frames))
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         """Run the closing handshake; drop the connection if it takes over ``close_timeout``."""
