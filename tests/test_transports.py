@@ -126,6 +126,19 @@ async def test_websockets_batches_prepared_frames_or_falls_back_per_connection(
     assert received[-1]["data"]["pad"] == "é" * (299 * 7)
 
 
+async def _flood_until_closed(manager: ConnectionManager, closed: list[Connection]) -> None:
+    """Broadcast 64 KiB frames until the stalled connection in ``closed`` has been closed."""
+    big = "x" * 65536
+    with anyio.fail_after(30):
+        # Bounded: 2,000 frames of 64 KiB at most, on loopback.
+        for _ in range(2000):
+            await manager.broadcast("lobby", big, "writer")
+            await anyio.lowlevel.checkpoint()
+            if closed and closed[0].state is not ConnectionState.OPEN:
+                break
+        await closed[0].wait_closed()
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_client_that_stops_reading_is_shed_on_the_fast_path() -> None:
@@ -145,15 +158,7 @@ async def test_a_client_that_stops_reading_is_shed_on_the_fast_path() -> None:
                 f"ws://127.0.0.1:{port}/", max_queue=1, compression=None, close_timeout=1
             ) as c:
                 assert json.loads(await c.recv())["type"] == "join"
-                big = "x" * 65536
-                with anyio.fail_after(30):
-                    # Bounded: 2,000 frames of 64 KiB at most, on loopback.
-                    for _ in range(2000):
-                        await manager.broadcast("lobby", big, "writer")
-                        await anyio.lowlevel.checkpoint()
-                        if closed and closed[0].state is not ConnectionState.OPEN:
-                            break
-                    await closed[0].wait_closed()
+                await _flood_until_closed(manager, closed)
                 assert closed[0].close_code == CloseCode.SLOW_CONSUMER
                 # The close frame could not get through the full buffer: the TCP connection
                 # was dropped instead of waiting for keepalive to give up.
@@ -291,17 +296,10 @@ async def test_a_client_that_stops_reading_is_shed_and_dropped_on_uvicorn() -> N
             connect(url, max_queue=1, compression=None, close_timeout=1) as c,
         ):
             assert json.loads(await c.recv())["type"] == "join"
-            big = "x" * 65536
+            await _flood_until_closed(manager, closed)
+            # The close frame could not get through the full buffer: the TCP connection was
+            # dropped rather than kept until the client reads again.
             with anyio.fail_after(30):
-                # Bounded: 2,000 frames of 64 KiB at most, on loopback.
-                for _ in range(2000):
-                    await manager.broadcast("lobby", big, "writer")
-                    await anyio.lowlevel.checkpoint()
-                    if closed and closed[0].state is not ConnectionState.OPEN:
-                        break
-                await closed[0].wait_closed()
-                # The close frame could not get through the full buffer: the TCP
-                # connection was dropped rather than kept until the client reads again.
                 await _Recording.lost.wait()
             assert closed[0].close_code == CloseCode.SLOW_CONSUMER
             assert manager.stats().slow_consumer_disconnects == 1
