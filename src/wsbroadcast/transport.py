@@ -100,8 +100,9 @@ class FramesExtension(TypedDict):
     connection). :class:`wsbroadcast.transports.uvicorn.WebSocketProtocol` offers it on
     uvicorn; :func:`wsbroadcast.transports.starlette.starlette_transport` uses it when offered.
 
-    Every callable raises :class:`ConnectionError` when the connection is not open: before the
-    application accepted it, after a close frame was sent or received, or once it is lost.
+    ``write`` and ``drain`` raise :class:`ConnectionError` when the connection is not open:
+    before the application accepted it, after a close frame was sent or received, or once it
+    is lost; ``abort`` on a connection that is gone does nothing.
     Frames written with it and ``websocket.send`` messages go out in the order they are made.
     """
 

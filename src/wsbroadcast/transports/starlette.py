@@ -114,5 +114,4 @@ class StarletteFramesTransport(StarletteTransport):
         return self._write(frames_bytes(frames))
 
     def _close_timed_out(self) -> None:
-        with contextlib.suppress(ConnectionError):
-            self._abort()
+        self._abort()

@@ -32,7 +32,7 @@ from ..transport import FRAMES_EXTENSION, FramesExtension
 
 __all__ = ["WebSocketProtocol"]
 
-_RELIED_ON = ("conn", "scope", "transport", "writable", "handshake_complete", "close_sent")
+_RELIED_ON = ("conn", "scope", "transport", "writable")
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
@@ -60,13 +60,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         return cls._compatible
 
     def _check_open(self) -> None:
-        if (
-            not self.handshake_complete
-            or self.close_sent
-            or self.disconnected
-            or self.conn.state is not State.OPEN
-            or self.transport.is_closing()
-        ):
+        # OPEN once the app accepted; not after a close frame either way (uvicorn sends and
+        # receives them through self.conn). A lost or aborted connection's transport is closing.
+        if self.conn.state is not State.OPEN or self.transport.is_closing():
             raise ConnectionError("the WebSocket connection is not open")
 
     def _write_frames(self, data: bytes) -> bool:
