@@ -26,7 +26,7 @@ def make(**overrides: object) -> Envelope:
 def test_wire_form_has_fields_in_documented_order_and_offset_timestamp() -> None:
     envelope = make()
     decoded = json.loads(envelope.text)
-    assert list(decoded) == ["type", "room", "seq", "id", "client_id", "timestamp", "data"]
+    assert list(decoded) == ["type", "room", "seq", "epoch", "id", "client_id", "timestamp", "data"]
     assert decoded["timestamp"] == "2026-11-25T12:00:00.123456+00:00"
     assert decoded["data"] == {"message": "héllo <b>"}
 

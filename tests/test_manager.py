@@ -20,6 +20,7 @@ from wsbroadcast import (
     SlowConsumerPolicy,
 )
 from wsbroadcast.backends.memory import MemoryBackend
+from wsbroadcast.envelope import Draft, Envelope
 from wsbroadcast.testing import MemoryTransport
 
 pytestmark = pytest.mark.anyio
@@ -385,10 +386,10 @@ class FlakyBackend(MemoryBackend):
             raise BackendUnavailable("presence store unreachable")
         return await super().add_presence(room, client_id)
 
-    async def publish(self, room: str, type: str, client_id: str, data: Any = None) -> Any:
+    async def publish_draft(self, draft: Draft) -> Envelope:
         if self.fail_publish:
             raise BackendUnavailable("broker unreachable")
-        return await super().publish(room, type, client_id, data)
+        return await super().publish_draft(draft)
 
 
 async def test_a_failed_connect_leaves_the_clients_other_tabs_present() -> None:

@@ -1,8 +1,9 @@
 """The backend interface: where a room's messages are ordered, stored and fanned out.
 
-A backend is the single source of order. ``publish`` assigns each room's next ``seq`` and
-the timestamp, keeps the envelope in a bounded history, and hands it to every listener
-subscribed to the room, on every node, in ``seq`` order. Backends are chosen by URL
+A backend is the single source of order. ``publish_draft`` assigns each room's next ``seq``
+in the room's stream (named by its ``epoch``), keeps the envelope in a history bounded in
+count, bytes and time, and hands it to every listener subscribed to the room, on every node,
+in ``seq`` order. Backends are chosen by URL
 (``memory://``, ``redis://host:port/db``) with :func:`backend_from_url`, which imports the
 backend's module only when its scheme is used, so the core never imports a broker client.
 """
@@ -10,7 +11,11 @@ backend's module only when its scheme is used, so the core never imports a broke
 from __future__ import annotations
 
 import abc
+import functools
 import importlib
+import math
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -18,13 +23,42 @@ from typing import Protocol
 
 from pydantic import JsonValue
 
-from .envelope import Envelope
-from .exceptions import InvalidBackendURL
+from .envelope import Draft, Envelope
+from .exceptions import InvalidBackendURL, InvalidInput
 
-__all__ = ["Backend", "History", "Listener", "Subscription", "backend_from_url"]
+__all__ = [
+    "Backend",
+    "History",
+    "Listener",
+    "ResetListener",
+    "StreamReset",
+    "Subscription",
+    "backend_from_url",
+]
 
 Listener = Callable[[Envelope], None]
 """Called once per envelope of a subscribed room, in ``seq`` order. It must not block."""
+
+
+@dataclass(frozen=True)
+class StreamReset:
+    """Told to a room's listeners when envelopes they were owed can no longer be delivered.
+
+    The stream was lost and restarted under a new ``epoch`` (a Redis that came back empty),
+    or this node fell so far behind that history was trimmed before it read it. The next
+    envelope a listener receives has ``seq > after_seq`` in stream ``epoch``; what it missed
+    is gone. The manager turns this into a ``history_lost`` frame to every member before any
+    envelope of the new stream, so no client ever sees a silent jump.
+    """
+
+    room: str
+    epoch: str
+    after_seq: int
+    """Envelopes of ``epoch`` up to this seq will not be delivered (0 for a new stream)."""
+
+
+ResetListener = Callable[[StreamReset], None]
+"""Called when a subscribed room's stream was reset or has a gap; must not block."""
 
 
 @dataclass(frozen=True)
@@ -32,9 +66,10 @@ class History:
     """The answer to ``Backend.history(room, since)``.
 
     ``complete`` is the all-or-nothing recovery flag: when true, ``envelopes`` are exactly the
-    envelopes with ``seq > since``, in order, with no gap. When false, history does not reach
-    back that far (it was trimmed, or the backend lost it, or ``since`` is ahead of the
-    room), and ``envelopes`` is empty: the client must treat its state as stale.
+    envelopes with ``seq > since`` of the stream ``epoch``, in order, with no gap. When false,
+    history does not reach back that far (it was trimmed, or the backend lost it, or the
+    caller's epoch is not the stream's, or ``since`` is ahead of the room), and ``envelopes``
+    is empty: the client must treat its state as stale.
     """
 
     room: str
@@ -45,6 +80,8 @@ class History:
     first_seq: int
     """The oldest ``seq`` still held (``last_seq + 1`` when nothing is held)."""
     envelopes: Sequence[Envelope] = ()
+    epoch: str = ""
+    """The stream's epoch ("" for a room that has no stream: never published to, or forgotten)."""
 
 
 class Subscription(Protocol):
@@ -58,9 +95,12 @@ class Subscription(Protocol):
 class Backend(abc.ABC):
     """Orders, stores and fans out the envelopes of every room.
 
-    Implementations promise, per room: ``seq`` starts at 1 and grows by exactly 1 per
-    published envelope; each listener receives every envelope published after its
-    ``subscribe`` returned, exactly once and in ``seq`` order; ``history`` is all or nothing.
+    Implementations promise, per room: ``seq`` starts at 1 in each epoch and grows by exactly
+    1 per published envelope; each listener receives every envelope published after its
+    ``subscribe`` returned, exactly once and in ``seq`` order, or is told a
+    :class:`StreamReset` first; ``history`` is all or nothing; a draft that cannot be stored
+    consumes no seq. A room with no presence and no listener is forgotten (history, epoch
+    and all) once nothing was published to it for ``history_ttl`` seconds.
 
     A backend is an async context manager: the manager enters it on its own ``async with``,
     and the backend may run background tasks (such as a broker reader) until it exits.
@@ -77,24 +117,43 @@ class Backend(abc.ABC):
     ) -> None:
         return None
 
-    @abc.abstractmethod
     async def publish(
         self, room: str, type: str, client_id: str, data: JsonValue = None
     ) -> Envelope:
-        """Assign the room's next seq and a timestamp, store, fan out, and return the envelope.
+        """Encode an envelope (:class:`~wsbroadcast.envelope.Draft`) and :meth:`publish_draft` it.
 
-        Inputs have been validated by the caller. Raises
-        :class:`~wsbroadcast.exceptions.BackendUnavailable` if the envelope could not be
-        published; in that case no seq was consumed.
+        Raises :class:`~wsbroadcast.exceptions.InvalidData` before anything is published if
+        ``data`` cannot be encoded. Names are not checked here: the manager checks them.
+        """
+        return await self.publish_draft(Draft(type, room, client_id, data))
+
+    @abc.abstractmethod
+    async def publish_draft(self, draft: Draft) -> Envelope:
+        """Assign the room's next seq (in its current epoch), store, fan out, return it.
+
+        The draft is already encoded, so nothing after the seq is taken can fail for the
+        data's sake. Raises :class:`~wsbroadcast.exceptions.BackendUnavailable` if the
+        envelope could not be published; in that case no seq was consumed.
         """
 
     @abc.abstractmethod
-    async def history(self, room: str, since: int) -> History:
-        """Return the envelopes of ``room`` with ``seq > since``, or say history is incomplete."""
+    async def history(self, room: str, since: int, epoch: str | None = None) -> History:
+        """Return the envelopes of ``room`` with ``seq > since``, or say history is incomplete.
+
+        With ``epoch`` (the epoch of the client's last envelope), history is incomplete unless
+        it is the stream's current epoch. Without it, a client that missed a restart of the
+        stream whose ``since`` is not ahead of the new stream cannot be told apart.
+        """
 
     @abc.abstractmethod
-    async def subscribe(self, room: str, listener: Listener) -> Subscription:
-        """Call ``listener`` with every envelope published to ``room`` from now on."""
+    async def subscribe(
+        self, room: str, listener: Listener, on_reset: ResetListener | None = None
+    ) -> Subscription:
+        """Call ``listener`` with every envelope published to ``room`` from now on.
+
+        ``on_reset`` is told, before any envelope that follows it, when the listener will
+        not get envelopes it was owed (see :class:`StreamReset`).
+        """
 
     @abc.abstractmethod
     async def add_presence(self, room: str, client_id: str) -> bool:
@@ -111,6 +170,36 @@ class Backend(abc.ABC):
     def health(self) -> dict[str, JsonValue]:
         """A JSON-able status for health checks and metrics; ``status`` is ``"ok"`` or not."""
         return {"status": "ok", "backend": type(self).__name__}
+
+    async def allow(self, key: str, rate: float, burst: float) -> bool:
+        """Take one token from the bucket ``key`` (refilled at ``rate`` per second, up to
+        ``burst``); false if it is empty. Backends that span nodes share the bucket between
+        them (the Redis backend does), so a limit holds across every node.
+
+        This default keeps the buckets in this process, at most :attr:`max_buckets` of them:
+        past that, the least recently used is forgotten (and starts full if used again).
+        """
+        if not (rate > 0 and burst >= 1 and math.isfinite(rate) and math.isfinite(burst)):
+            raise InvalidInput(f"need rate > 0 and burst >= 1, not {rate} and {burst}")
+        buckets = self._buckets
+        now = time.monotonic()
+        tokens, last = buckets.pop(key, (burst, now))
+        tokens = min(burst, tokens + (now - last) * rate)
+        allowed = tokens >= 1
+        if allowed:
+            tokens -= 1
+        buckets[key] = (tokens, now)
+        while len(buckets) > self.max_buckets:
+            buckets.popitem(last=False)
+        return allowed
+
+    max_buckets = 100_000
+    """Most rate-limit buckets :meth:`allow` keeps in this process."""
+
+    @functools.cached_property
+    def _buckets(self) -> OrderedDict[str, tuple[float, float]]:
+        """Rate-limit buckets of :meth:`allow`: key -> (tokens, when last refilled)."""
+        return OrderedDict()
 
 
 # scheme -> (module, class, the extra that installs what the module imports)

@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+import uuid
+from datetime import datetime, timezone
 from functools import cached_property
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_serializer
+from pydantic_core import PydanticSerializationError
 
+from ._validation import check_data
+from .exceptions import InvalidData
 from .frames import text_frame
 
-__all__ = ["Envelope"]
+__all__ = ["EPOCH_PATTERN", "Draft", "Envelope", "new_epoch"]
+
+EPOCH_PATTERN = re.compile(r"[A-Za-z0-9_\-]{1,32}")
+"""What an epoch looks like: 1-32 of ``A-Z a-z 0-9 _ -`` (it is spliced into JSON as is)."""
+
+
+def new_epoch() -> str:
+    """A fresh, random epoch for a stream that starts now (8 hex digits)."""
+    return uuid.uuid4().hex[:8]
 
 
 class Envelope(BaseModel):
     """One published message of a room, as stored in history and sent to every subscriber.
 
     Envelopes are made by a :class:`~wsbroadcast.backend.Backend`'s ``publish``, which is the
-    single source of order: it assigns ``seq`` (1, 2, 3, ... per room, gap-free) and the server
-    ``timestamp``. Envelopes are immutable, and :attr:`text` encodes one to JSON exactly once,
-    however many connections receive it (as :attr:`frame` builds its WebSocket frame once).
+    single source of order: it assigns ``seq`` (1, 2, 3, ... per room, gap-free) within the
+    room's stream, whose ``epoch`` names it. A stream starts a new epoch when its history is
+    lost (a restart of an in-memory backend, a Redis that came back empty, a room forgotten
+    after its history TTL): a client that resumes with the ``(epoch, seq)`` of its last
+    envelope either gets exactly what it missed or is told ``history_lost``, never a stream
+    it cannot tell apart from the old one.
+
+    Envelopes are immutable, and :attr:`text` is encoded exactly once, before the backend
+    numbers it (see :class:`Draft`), however many connections receive it; :attr:`frame`
+    builds its WebSocket frame once.
 
     The wire form (``text``) is a JSON object with the fields in this order:
-    ``type, room, seq, id, client_id, timestamp, data``. See ``docs/protocol.md``.
+    ``type, room, seq, epoch, id, client_id, timestamp, data``. See ``docs/protocol.md``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -29,9 +49,12 @@ class Envelope(BaseModel):
     type: str = Field(description='"message", "join", "leave" or an application-defined type.')
     room: str = Field(description="The room (topic) the envelope was published to.")
     seq: int = Field(ge=1, description="Position in the room's stream: 1, 2, 3, ... gap-free.")
+    epoch: str = Field(
+        default="", description="The room stream's epoch: changes when its history is lost."
+    )
     id: str = Field(description="Unique id of this envelope.")
     client_id: str = Field(description="Who published it, as set by the server.")
-    timestamp: datetime = Field(description="When the backend accepted it (UTC).")
+    timestamp: datetime = Field(description="When the envelope was made (UTC).")
     data: JsonValue = Field(default=None, description="The application payload.")
 
     @field_serializer("timestamp")
@@ -54,3 +77,67 @@ class Envelope(BaseModel):
         envelope = cls.model_validate_json(text)
         envelope.__dict__["text"] = text
         return envelope
+
+
+_SEQ_EPOCH = '"seq":0,"epoch":""'
+
+
+class Draft:
+    """An envelope before a backend numbers it: checked and encoded, but for seq and epoch.
+
+    Backends take drafts, not raw data, so that whatever cannot be encoded (a lone surrogate,
+    nesting too deep, an integer no client can read) is refused with
+    :class:`~wsbroadcast.exceptions.InvalidData` *before* a seq is taken: a publish either
+    raises with no seq consumed or yields an envelope every subscriber can receive. Splicing
+    the seq and epoch into the encoded text (:meth:`envelope`) cannot fail.
+    """
+
+    __slots__ = ("client_id", "data", "head", "id", "room", "size", "tail", "timestamp", "type")
+
+    def __init__(self, type: str, room: str, client_id: str, data: JsonValue = None) -> None:
+        self.type = type
+        self.room = room
+        self.client_id = client_id
+        self.data = check_data(data)
+        self.id = uuid.uuid4().hex
+        self.timestamp = datetime.now(timezone.utc)
+        template = Envelope.model_construct(
+            type=type,
+            room=room,
+            seq=0,
+            epoch="",
+            id=self.id,
+            client_id=client_id,
+            timestamp=self.timestamp,
+            data=self.data,
+        )
+        try:
+            encoded = template.__pydantic_serializer__.to_json(template)
+        except (PydanticSerializationError, ValueError) as exc:
+            raise InvalidData(f"data cannot be encoded as UTF-8 JSON: {exc}") from None
+        # type, room and client_id are checked names, so the first match is the seq field.
+        head, sep, tail = encoded.decode().partition(_SEQ_EPOCH)
+        assert sep, "the envelope's field order changed"
+        self.head = head + '"seq":'
+        self.tail = '"' + tail
+        self.size = len(encoded) + 20
+        """The envelope's size in bytes on the wire, to within the digits of seq and epoch."""
+
+    def envelope(self, seq: int, epoch: str) -> Envelope:
+        """The envelope numbered ``seq`` in the stream ``epoch``, its text spliced, not encoded."""
+        envelope = Envelope.model_construct(
+            type=self.type,
+            room=self.room,
+            seq=seq,
+            epoch=epoch,
+            id=self.id,
+            client_id=self.client_id,
+            timestamp=self.timestamp,
+            data=self.data,
+        )
+        envelope.__dict__["text"] = self.text(seq, epoch)
+        return envelope
+
+    def text(self, seq: int, epoch: str) -> str:
+        """The wire form of :meth:`envelope` (for backends that store text)."""
+        return f'{self.head}{seq},"epoch":"{epoch}{self.tail}'

@@ -31,10 +31,10 @@ from pydantic import JsonValue
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from ._validation import check_data, check_name
+from ._validation import check_name
 from .backend import Backend, History, Subscription, backend_from_url
 from .connection import Connection, ConnectionState, SlowConsumerPolicy
-from .envelope import Envelope
+from .envelope import Draft, Envelope
 from .exceptions import BackendError, InvalidInput, ManagerNotRunning
 from .protocol import CloseCode, control_frame
 from .transport import Transport
@@ -383,7 +383,7 @@ class ConnectionManager:
         check_name("type", type)
         if type in RESERVED_TYPES:
             raise InvalidInput(f"type {type!r} is reserved for unsequenced frames")
-        return await self._publish(room, type, client_id, check_data(data))
+        return await self._publish(room, type, client_id, data)
 
     async def presence(self, room: str) -> list[str]:
         """The client ids connected to ``room`` (on any node the backend spans), sorted."""
@@ -410,7 +410,7 @@ class ConnectionManager:
         )
 
     async def _publish(self, room: str, type: str, client_id: str, data: JsonValue) -> Envelope:
-        envelope = await self.backend.publish(room, type, client_id, data)
+        envelope = await self.backend.publish_draft(Draft(type, room, client_id, data))
         self._published += 1
         return envelope
 

@@ -61,7 +61,7 @@ async def recv(ws: ClientConnection) -> Any:
         return json.loads(await ws.recv())
 
 
-ENVELOPE_KEYS = ["type", "room", "seq", "id", "client_id", "timestamp", "data"]
+ENVELOPE_KEYS = ["type", "room", "seq", "epoch", "id", "client_id", "timestamp", "data"]
 
 
 @pytest.mark.anyio

@@ -3,133 +3,221 @@
 from __future__ import annotations
 
 import logging
-import uuid
-from collections import Counter, deque
-from datetime import datetime, timezone
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
-from pydantic import JsonValue
-
-from ..backend import Backend, History, Listener, Subscription
-from ..envelope import Envelope
+from ..backend import Backend, History, Listener, ResetListener, Subscription
+from ..envelope import Draft, Envelope, new_epoch
 from ..exceptions import InvalidBackendURL
 
-__all__ = ["MemoryBackend"]
+__all__ = ["DEFAULT_HISTORY", "DEFAULT_HISTORY_BYTES", "DEFAULT_HISTORY_TTL", "MemoryBackend"]
 
 logger = logging.getLogger("wsbroadcast.backends.memory")
 
 DEFAULT_HISTORY = 1000
+"""Envelopes kept per room, at most."""
+DEFAULT_HISTORY_BYTES = 4 * 1024 * 1024
+"""Bytes of envelopes (their wire form) kept per room, at most."""
+DEFAULT_HISTORY_TTL = 600.0
+"""Seconds a room with nobody in it is remembered after its last publish."""
 
 
-class _Room:
-    __slots__ = ("history", "listeners", "members", "seq")
+class _Stream:
+    """One room's stream: its epoch, counter, bounded history, listeners and presence."""
 
-    def __init__(self, history_size: int) -> None:
+    __slots__ = ("epoch", "history", "history_bytes", "listeners", "members", "seq", "sizes")
+
+    def __init__(self) -> None:
+        self.epoch = new_epoch()
         self.seq = 0
-        self.history: deque[Envelope] = deque(maxlen=history_size)
+        self.history: deque[Envelope] = deque()
+        self.sizes: deque[int] = deque()
+        self.history_bytes = 0
         self.listeners: list[Listener] = []
         self.members: Counter[str] = Counter()
 
+    @property
+    def idle(self) -> bool:
+        """Nobody listens and nobody is present: the room may be forgotten after its TTL."""
+        return not self.listeners and not self.members
+
 
 class _MemorySubscription:
-    def __init__(self, room: _Room, listener: Listener) -> None:
+    def __init__(self, backend: MemoryBackend, room: str, listener: Listener) -> None:
+        self._backend = backend
         self._room = room
         self._listener: Listener | None = listener
 
     async def aclose(self) -> None:
         if self._listener is not None:
-            self._room.listeners.remove(self._listener)
+            self._backend._unsubscribe(self._room, self._listener)
             self._listener = None
 
 
 class MemoryBackend(Backend):
     """Keeps every room in this process: for one server process, and for tests.
 
-    ``publish`` does not yield to the event loop between taking a seq and calling the
-    listeners, so envelopes reach every listener in ``seq`` order with no lock. Each room keeps
-    its last ``history_size`` envelopes in a ring buffer (default 1,000; 0 keeps none, so any
-    resume that missed something reports an incomplete history).
+    ``publish_draft`` does not yield to the event loop between taking a seq and calling the
+    listeners, so envelopes reach every listener in ``seq`` order with no lock. Each room
+    keeps its last envelopes, at most ``history_size`` of them and ``history_bytes`` of wire
+    form (0 keeps none, so any resume that missed something reports an incomplete history).
+    A room with no listener and no presence is forgotten ``history_ttl`` seconds after its
+    last publish (None: never), so rooms that nobody uses cost nothing; a later publish
+    starts a new stream, with a new epoch. Every room's epoch is new when the process starts.
+
+    :param clock: a monotonic clock in seconds (injectable for tests).
     """
 
-    def __init__(self, history_size: int = DEFAULT_HISTORY) -> None:
+    def __init__(
+        self,
+        history_size: int = DEFAULT_HISTORY,
+        *,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
+        history_ttl: float | None = DEFAULT_HISTORY_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if history_size < 0:
             raise InvalidBackendURL(f"history size must be >= 0, not {history_size}")
+        if history_bytes < 0:
+            raise InvalidBackendURL(f"history_bytes must be >= 0, not {history_bytes}")
+        if history_ttl is not None and not history_ttl > 0:
+            raise InvalidBackendURL(f"history_ttl must be positive, not {history_ttl}")
         self.history_size = history_size
-        self._rooms: dict[str, _Room] = {}
+        self.history_bytes = history_bytes
+        self.history_ttl = history_ttl
+        self._clock = clock
+        self._rooms: dict[str, _Stream] = {}
+        self._idle: OrderedDict[str, float] = OrderedDict()
+        """Idle rooms -> when they are forgotten, soonest first."""
 
     @classmethod
     def from_url(cls, url: str) -> MemoryBackend:
-        """Build from ``memory://`` with an optional ``?history=N``."""
+        """Build from ``memory://?history=N&history_bytes=B&history_ttl=S`` (all optional;
+        ``history_ttl=none`` never forgets)."""
         query = parse_qs(urlsplit(url).query)
-        unknown = set(query) - {"history"}
+        unknown = set(query) - {"history", "history_bytes", "history_ttl"}
         if unknown:
             raise InvalidBackendURL(f"memory:// does not take {sorted(unknown)}")
         try:
             history = int(query.get("history", [str(DEFAULT_HISTORY)])[-1])
+            history_bytes = int(query.get("history_bytes", [str(DEFAULT_HISTORY_BYTES)])[-1])
+            ttl_text = query.get("history_ttl", [str(DEFAULT_HISTORY_TTL)])[-1]
+            ttl = None if ttl_text.lower() == "none" else float(ttl_text)
         except ValueError:
-            raise InvalidBackendURL(f"history must be an integer in {url!r}") from None
-        return cls(history_size=history)
+            raise InvalidBackendURL(f"bad number in {url!r}") from None
+        return cls(history, history_bytes=history_bytes, history_ttl=ttl)
 
-    def _room(self, room: str) -> _Room:
-        state = self._rooms.get(room)
-        if state is None:
-            state = self._rooms[room] = _Room(self.history_size)
-        return state
+    def statistics(self) -> dict[str, int]:
+        """Rooms held now, and how many of them nobody uses (forgotten after the TTL)."""
+        self._forget_expired()
+        return {"rooms": len(self._rooms), "idle_rooms": len(self._idle)}
 
-    async def publish(
-        self, room: str, type: str, client_id: str, data: JsonValue = None
-    ) -> Envelope:
-        state = self._room(room)
-        state.seq += 1
-        envelope = Envelope.model_construct(
-            type=type,
-            room=room,
-            seq=state.seq,
-            id=uuid.uuid4().hex,
-            client_id=client_id,
-            timestamp=datetime.now(timezone.utc),
-            data=data,
-        )
-        state.history.append(envelope)
-        for listener in tuple(state.listeners):
+    # -- room lifetime
+
+    def _stream(self, room: str) -> _Stream:
+        self._forget_expired()
+        stream = self._rooms.get(room)
+        if stream is None:
+            stream = self._rooms[room] = _Stream()
+        return stream
+
+    def _forget_expired(self) -> None:
+        idle = self._idle
+        if not idle:
+            return
+        now = self._clock()
+        while idle:
+            room, deadline = next(iter(idle.items()))
+            if deadline > now:
+                return
+            del idle[room]
+            del self._rooms[room]
+
+    def _touch(self, room: str, stream: _Stream) -> None:
+        """Keep the room while it is used; start (or restart) its TTL when it is idle."""
+        if not stream.idle:
+            self._idle.pop(room, None)
+        elif self.history_ttl is not None:
+            self._idle[room] = self._clock() + self.history_ttl
+            self._idle.move_to_end(room)
+
+    # -- the Backend interface
+
+    async def publish_draft(self, draft: Draft) -> Envelope:
+        room = draft.room
+        stream = self._stream(room)
+        stream.seq += 1
+        envelope = draft.envelope(stream.seq, stream.epoch)
+        if self.history_size and draft.size <= self.history_bytes:
+            stream.history.append(envelope)
+            stream.sizes.append(draft.size)
+            stream.history_bytes += draft.size
+            while (
+                len(stream.history) > self.history_size or stream.history_bytes > self.history_bytes
+            ):
+                stream.history.popleft()
+                stream.history_bytes -= stream.sizes.popleft()
+        else:
+            stream.history.clear()
+            stream.sizes.clear()
+            stream.history_bytes = 0
+        self._touch(room, stream)
+        for listener in tuple(stream.listeners):
             try:
                 listener(envelope)
             except Exception:
                 logger.exception("listener for room %r failed; it is skipped", room)
         return envelope
 
-    async def history(self, room: str, since: int) -> History:
-        state = self._rooms.get(room)
-        if state is None:
+    async def history(self, room: str, since: int, epoch: str | None = None) -> History:
+        self._forget_expired()
+        stream = self._rooms.get(room)
+        if stream is None:
             return History(room, since, complete=since == 0, last_seq=0, first_seq=1)
-        first = state.history[0].seq if state.history else state.seq + 1
-        complete = first - 1 <= since <= state.seq
+        first = stream.history[0].seq if stream.history else stream.seq + 1
+        complete = first - 1 <= since <= stream.seq and (
+            since == 0 or epoch is None or epoch == stream.epoch
+        )
         envelopes: tuple[Envelope, ...] = ()
-        if complete and since < state.seq:
+        if complete and since < stream.seq:
             skip = since - first + 1
-            envelopes = tuple(state.history)[skip:]
-        return History(room, since, complete, state.seq, first, envelopes)
+            envelopes = tuple(stream.history)[skip:]
+        return History(room, since, complete, stream.seq, first, envelopes, stream.epoch)
 
-    async def subscribe(self, room: str, listener: Listener) -> Subscription:
-        state = self._room(room)
-        state.listeners.append(listener)
-        return _MemorySubscription(state, listener)
+    async def subscribe(
+        self, room: str, listener: Listener, on_reset: ResetListener | None = None
+    ) -> Subscription:
+        # A stream held in this process is never lost while someone listens: no resets.
+        stream = self._stream(room)
+        stream.listeners.append(listener)
+        self._touch(room, stream)
+        return _MemorySubscription(self, room, listener)
+
+    def _unsubscribe(self, room: str, listener: Listener) -> None:
+        stream = self._rooms.get(room)
+        if stream is not None and listener in stream.listeners:
+            stream.listeners.remove(listener)
+            self._touch(room, stream)
 
     async def add_presence(self, room: str, client_id: str) -> bool:
-        members = self._room(room).members
-        members[client_id] += 1
-        return members[client_id] == 1
+        stream = self._stream(room)
+        stream.members[client_id] += 1
+        self._touch(room, stream)
+        return stream.members[client_id] == 1
 
     async def remove_presence(self, room: str, client_id: str) -> bool:
-        members = self._room(room).members
-        if members[client_id] <= 0:
+        stream = self._rooms.get(room)
+        if stream is None or stream.members[client_id] <= 0:
             return False
-        members[client_id] -= 1
-        if members[client_id] == 0:
-            del members[client_id]
-            return True
-        return False
+        stream.members[client_id] -= 1
+        if stream.members[client_id]:
+            return False
+        del stream.members[client_id]
+        self._touch(room, stream)
+        return True
 
     async def presence(self, room: str) -> list[str]:
-        state = self._rooms.get(room)
-        return sorted(state.members) if state is not None else []
+        stream = self._rooms.get(room)
+        return sorted(stream.members) if stream is not None else []

@@ -30,7 +30,6 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -45,8 +44,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..backend import Backend, History, Listener, Subscription
-from ..envelope import Envelope
+from ..backend import Backend, History, Listener, ResetListener, Subscription
+from ..envelope import Draft, Envelope
 from ..exceptions import BackendError, BackendUnavailable, InvalidBackendURL
 
 __all__ = ["RedisBackend"]
@@ -548,9 +547,7 @@ class RedisBackend(Backend):
 
     # -- publish and history
 
-    async def publish(
-        self, room: str, type: str, client_id: str, data: JsonValue = None
-    ) -> Envelope:
+    async def publish_draft(self, draft: Draft) -> Envelope:
         """Number and append the envelope in one Lua script; local delivery is the reader's.
 
         A publish whose connection fails is retried once on a fresh connection; a receipt
@@ -561,25 +558,12 @@ class RedisBackend(Backend):
         published although this raised: never silently lost, at worst reported lost.
         """
         client = self._client()
-        fields: dict[str, Any] = {
-            "type": type,
-            "room": room,
-            "seq": 0,
-            "id": uuid.uuid4().hex,
-            "client_id": client_id,
-            "timestamp": datetime.now(timezone.utc),
-            "data": data,
-        }
-        # type and room are plain names, so the first '"seq":0,' is the seq field.
-        head, sep, tail = Envelope.model_construct(**fields).model_dump_json().partition('"seq":0,')
-        assert sep
-        head += '"seq":'
-        tail = "," + tail
+        room = draft.room
         keys = [
             self._key("generation"),
             self._key("room", room, "seq"),
             self._log_key(room),
-            self._key("receipt", fields["id"]),
+            self._key("receipt", draft.id),
         ]
         trim = "=" if self.exact_trim else "~"
         receipt_ms = int(2000 * self.command_timeout)
@@ -596,8 +580,8 @@ class RedisBackend(Backend):
                             self._generation or "",
                             self.history_size,
                             trim,
-                            head,
-                            tail,
+                            draft.head,
+                            f',"epoch":"{self._generation or ""}{draft.tail}',
                             receipt_ms,
                         ],
                         client=client,
@@ -618,13 +602,9 @@ class RedisBackend(Backend):
         except RedisError as exc:
             self._publish_failures += 1
             raise BackendError(f"Redis refused the publish to {room!r}: {exc}") from exc
-        seq = int(result[1])
-        fields["seq"] = seq
-        envelope = Envelope.model_construct(**fields)
-        envelope.__dict__["text"] = f"{head}{seq}{tail}"
-        return envelope
+        return draft.envelope(int(result[1]), self._generation or "")
 
-    async def history(self, room: str, since: int) -> History:
+    async def history(self, room: str, since: int, epoch: str | None = None) -> History:
         """Read the room's counter and stream in one transaction: all or nothing."""
         client = self._client()
         with self._commands(f"read the history of {room!r}"):
@@ -635,15 +615,18 @@ class RedisBackend(Backend):
                 raw_seq, entries, oldest = await pipe.execute()
         last = int(raw_seq or 0)
         first = _entry_seq(oldest[0][0]) if oldest else last + 1
-        complete = first - 1 <= since <= last
+        current = self._generation or ""
+        complete = first - 1 <= since <= last and (since == 0 or epoch in (None, current))
         envelopes: tuple[Envelope, ...] = ()
         if complete and since < last:
             envelopes = tuple(Envelope.from_text(entry["e"]) for _, entry in entries)
-        return History(room, since, complete, last, first, envelopes)
+        return History(room, since, complete, last, first, envelopes, current if last else "")
 
     # -- subscriptions and the reader
 
-    async def subscribe(self, room: str, listener: Listener) -> Subscription:
+    async def subscribe(
+        self, room: str, listener: Listener, on_reset: ResetListener | None = None
+    ) -> Subscription:
         """Register ``listener``; it gets the envelopes numbered after the room's current seq."""
         client = self._client()
         with self._commands(f"subscribe to {room!r}"):
