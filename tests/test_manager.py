@@ -206,7 +206,7 @@ async def test_resume_beyond_history_says_so_before_the_live_stream() -> None:
         assert first == {
             "type": "history_lost",
             "room": "lobby",
-            "data": {"since": 2, "first_seq": 10, "last_seq": 12},
+            "data": {"since": 2, "epoch": second["epoch"], "first_seq": 10, "last_seq": 12},
         }
         assert (second["type"], second["seq"]) == ("join", 12)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import anyio
 from pydantic import JsonValue
 
+from .backend import StreamReset
 from .envelope import Envelope
 from .protocol import CloseCode, control_frame, error_frame
 from .transport import Transport
@@ -230,6 +231,21 @@ class Connection:
             self._append(envelope)
         elif state is ConnectionState.RECOVERING:
             self._buffer(envelope)
+
+    def _reset(self, reset: StreamReset) -> None:
+        """The stream was reset: tell the client ``history_lost`` before the new stream."""
+        lost: dict[str, JsonValue] = {
+            "since": self.last_seq,
+            "epoch": reset.epoch,
+            "first_seq": reset.after_seq + 1,
+            "last_seq": reset.after_seq,
+        }
+        text = control_frame("history_lost", self.room, lost)
+        if self.state is ConnectionState.OPEN:
+            self.last_seq = reset.after_seq
+            self._append(text)
+        elif self.state is ConnectionState.RECOVERING:
+            self._buffer(text)
 
     def _push_text(self, text: str) -> bool:
         if self.state is ConnectionState.OPEN:

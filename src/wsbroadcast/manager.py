@@ -32,9 +32,9 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 from ._validation import check_name
-from .backend import Backend, History, Subscription, backend_from_url
+from .backend import Backend, History, StreamReset, Subscription, backend_from_url
 from .connection import Connection, ConnectionState, SlowConsumerPolicy
-from .envelope import Draft, Envelope
+from .envelope import EPOCH_PATTERN, Draft, Envelope
 from .exceptions import BackendError, InvalidInput, ManagerNotRunning
 from .protocol import CloseCode, control_frame
 from .transport import Transport
@@ -86,6 +86,10 @@ class _Room:
         envelope.text  # noqa: B018 -- encode once here, not in the first recipient's writer
         for connection in self.snapshot:
             connection._push(envelope)
+
+    def reset(self, reset: StreamReset) -> None:
+        for connection in self.snapshot:
+            connection._reset(reset)
 
     def add(self, connection: Connection) -> None:
         self.members.add(connection)
@@ -239,6 +243,7 @@ class ConnectionManager:
         client_id: str,
         room: str = "lobby",
         since: int | None = None,
+        epoch: str | None = None,
     ) -> Connection:
         """Accept ``transport`` and subscribe it to ``room``; announce ``join`` if it is new.
 
@@ -261,6 +266,8 @@ class ConnectionManager:
             isinstance(since, bool) or not isinstance(since, int) or since < 0
         ):
             raise InvalidInput(f"since must be a non-negative integer, not {since!r}")
+        if epoch is not None and (not isinstance(epoch, str) or not EPOCH_PATTERN.fullmatch(epoch)):
+            raise InvalidInput(f"epoch must be 1-32 of A-Z a-z 0-9 _ -, not {epoch!r}")
         await transport.accept()
         connection = Connection(
             transport,
@@ -280,7 +287,7 @@ class ConnectionManager:
                 await self._publish(room, "join", client_id, None)
             after = 0
             if since is not None:
-                after = await self._recover(connection, since)
+                after = await self._recover(connection, since, epoch)
         except BaseException as exc:
             unavailable = isinstance(exc, BackendError)
             connection._abort(
@@ -308,6 +315,7 @@ class ConnectionManager:
         client_id: str,
         room: str = "lobby",
         since: int | None = None,
+        epoch: str | None = None,
     ) -> AsyncIterator[Connection]:
         """:meth:`connect` for the length of an ``async with`` block, then :meth:`disconnect`.
 
@@ -322,7 +330,7 @@ class ConnectionManager:
         Leaving the block, however it is left, closes the connection (shielded from
         cancellation) and announces the departure. Raises what :meth:`connect` raises.
         """
-        connection = await self.connect(transport, client_id, room, since)
+        connection = await self.connect(transport, client_id, room, since, epoch)
         try:
             with connection.cancel_on_close():
                 yield connection
@@ -330,9 +338,9 @@ class ConnectionManager:
             with anyio.CancelScope(shield=True):
                 await self.disconnect(connection)
 
-    async def _recover(self, connection: Connection, since: int) -> int:
+    async def _recover(self, connection: Connection, since: int, epoch: str | None) -> int:
         """Send history after ``since`` to the socket; return the seq that live frames follow."""
-        history: History = await self.backend.history(connection.room, since)
+        history: History = await self.backend.history(connection.room, since, epoch)
         # Live frames buffered since the connection joined its room all come after anything
         # history can hold, so when history is lost they are delivered whole.
         last = since if history.complete else 0
@@ -342,6 +350,7 @@ class ConnectionManager:
                 if not history.complete:
                     lost: dict[str, JsonValue] = {
                         "since": since,
+                        "epoch": history.epoch,
                         "first_seq": history.first_seq,
                         "last_seq": history.last_seq,
                     }
@@ -420,7 +429,7 @@ class ConnectionManager:
         if room is None:
             room = self._rooms[name] = _Room(name)
             try:
-                room.subscription = await self.backend.subscribe(name, room.fan_out)
+                room.subscription = await self.backend.subscribe(name, room.fan_out, room.reset)
             except BaseException as exc:
                 room.error = exc
                 del self._rooms[name]

@@ -357,6 +357,7 @@ async def test_resume_past_history_says_history_lost(server: ChatServer) -> None
                 "room": room,
                 "data": {
                     "since": 1,
+                    "epoch": last["epoch"],
                     "first_seq": last["seq"] + 1 - HISTORY + 1,
                     "last_seq": last["seq"] + 1,
                 },
