@@ -7,9 +7,17 @@ The core imports no web framework and no broker client.
 
 from __future__ import annotations
 
-from .backend import Backend, History, Listener, Subscription, backend_from_url
-from .connection import Connection, ConnectionState, ConnectionStatistics, SlowConsumerPolicy
-from .envelope import Envelope
+from .backend import (
+    Backend,
+    History,
+    Listener,
+    ResetListener,
+    StreamReset,
+    Subscription,
+    backend_from_url,
+)
+from .connection import Connection, ConnectionStatistics
+from .envelope import Draft, Envelope
 from .exceptions import (
     BackendError,
     BackendUnavailable,
@@ -20,13 +28,22 @@ from .exceptions import (
     ManagerNotRunning,
     WSBroadcastError,
 )
-from .manager import DEFAULT_QUEUE_SIZE, RESERVED_TYPES, ConnectionManager, ManagerStats
+from .manager import RESERVED_TYPES, ConnectionManager, ManagerStats
+from .outbound import (
+    DEFAULT_QUEUE_BYTES,
+    DEFAULT_QUEUE_SIZE,
+    ConnectionState,
+    OutboundQueue,
+    QueueStatistics,
+    SlowConsumerPolicy,
+)
 from .protocol import CloseCode, control_frame, error_frame
 from .transport import Transport
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DEFAULT_QUEUE_BYTES",
     "DEFAULT_QUEUE_SIZE",
     "RESERVED_TYPES",
     "Backend",
@@ -37,6 +54,7 @@ __all__ = [
     "ConnectionManager",
     "ConnectionState",
     "ConnectionStatistics",
+    "Draft",
     "Envelope",
     "History",
     "InvalidBackendURL",
@@ -46,7 +64,11 @@ __all__ = [
     "Listener",
     "ManagerNotRunning",
     "ManagerStats",
+    "OutboundQueue",
+    "QueueStatistics",
+    "ResetListener",
     "SlowConsumerPolicy",
+    "StreamReset",
     "Subscription",
     "Transport",
     "WSBroadcastError",

@@ -67,6 +67,11 @@ class Envelope(BaseModel):
         return self.model_dump_json()
 
     @cached_property
+    def size(self) -> int:
+        """Bytes of :attr:`text` in UTF-8: what it costs in a queue and in history."""
+        return len(self.text.encode())
+
+    @cached_property
     def frame(self) -> bytes:
         """The whole WebSocket text frame for :attr:`text`, built once, for raw transports."""
         return text_frame(self.text.encode())
@@ -92,7 +97,18 @@ class Draft:
     the seq and epoch into the encoded text (:meth:`envelope`) cannot fail.
     """
 
-    __slots__ = ("client_id", "data", "head", "id", "room", "size", "tail", "timestamp", "type")
+    __slots__ = (
+        "_base_size",
+        "client_id",
+        "data",
+        "head",
+        "id",
+        "room",
+        "size",
+        "tail",
+        "timestamp",
+        "type",
+    )
 
     def __init__(self, type: str, room: str, client_id: str, data: JsonValue = None) -> None:
         self.type = type
@@ -120,8 +136,10 @@ class Draft:
         assert sep, "the envelope's field order changed"
         self.head = head + '"seq":'
         self.tail = '"' + tail
-        self.size = len(encoded) + 20
-        """The envelope's size in bytes on the wire, to within the digits of seq and epoch."""
+        self._base_size = len(encoded) - 1  # without the template's seq "0"
+        self.size = self._base_size + 20 + 8
+        """The envelope's size in bytes for a seq of up to 20 digits and an 8-character epoch
+        (what :func:`new_epoch` makes): known before the backend numbers it."""
 
     def envelope(self, seq: int, epoch: str) -> Envelope:
         """The envelope numbered ``seq`` in the stream ``epoch``, its text spliced, not encoded."""
@@ -136,6 +154,7 @@ class Draft:
             data=self.data,
         )
         envelope.__dict__["text"] = self.text(seq, epoch)
+        envelope.__dict__["size"] = self._base_size + len(str(seq)) + len(epoch)
         return envelope
 
     def text(self, seq: int, epoch: str) -> str:

@@ -2,16 +2,25 @@
 
 How a broadcast travels::
 
-    broadcast(room, data)  ->  backend.publish  (assigns seq, stores, fans out to subscribers)
+    broadcast(room, data)  ->  Draft (validated and encoded once, before any seq is taken)
+                                     |
+                           backend.publish_draft  (assigns seq in the room's epoch, stores)
                                      |
                room listener (one per room with local members, called in seq order)
                                      |
-             envelope.text encoded once  ->  Connection._push  (bounded queue, no await)
+             OutboundQueue.push, per member  (bounded in frames and bytes, no await)
                                      |
-                 one writer task per connection  ->  transport.send_text
+     the flusher (no-wait transports) or the connection's writer  ->  the socket
 
 A slow or dead client only ever fills its own queue; what happens then is the connection's
 :class:`~wsbroadcast.SlowConsumerPolicy`.
+
+Who cleans up: while :meth:`ConnectionManager.connect` runs, the connecting task owns its
+connection; once connected, the manager does. Whatever ends a connection (the application,
+its queue's policy, a send that failed, shutdown) aborts its queue, which hands it to exactly
+one closer: it leaves the room, removes presence and announces ``leave``, stops the writer
+and closes the socket, each step bounded by ``close_timeout`` and shielded from cancellation,
+so that ``wait_closed()`` always returns.
 """
 
 from __future__ import annotations
@@ -19,9 +28,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -32,20 +42,28 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 from ._validation import check_name
-from .backend import Backend, History, StreamReset, Subscription, backend_from_url
-from .connection import Connection, ConnectionState, SlowConsumerPolicy
+from .backend import Backend, StreamReset, Subscription, backend_from_url
+from .connection import Connection, ConnectionState
 from .envelope import EPOCH_PATTERN, Draft, Envelope
-from .exceptions import BackendError, InvalidInput, ManagerNotRunning
+from .exceptions import BackendError, BackendUnavailable, InvalidInput, ManagerNotRunning
+from .outbound import DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_SIZE, SlowConsumerPolicy
 from .protocol import CloseCode, control_frame
 from .transport import Transport
 
-__all__ = ["DEFAULT_QUEUE_SIZE", "RESERVED_TYPES", "ConnectionManager", "ManagerStats"]
+__all__ = [
+    "DEFAULT_QUEUE_BYTES",
+    "DEFAULT_QUEUE_SIZE",
+    "RESERVED_TYPES",
+    "ConnectionManager",
+    "ManagerStats",
+]
 
 logger = logging.getLogger("wsbroadcast")
 
-DEFAULT_QUEUE_SIZE = 1024
 RESERVED_TYPES = frozenset({"error", "history_lost", "presence"})
 """Envelope types the library uses for unsequenced frames; ``broadcast`` refuses them."""
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -53,7 +71,7 @@ class ManagerStats:
     """Counters of one :class:`ConnectionManager` since it started (gauges are current)."""
 
     connections: int
-    """Open connections now (gauge)."""
+    """Open connections now, connecting ones included (gauge)."""
     rooms: int
     """Rooms with at least one local connection now (gauge)."""
     published: int
@@ -66,12 +84,18 @@ class ManagerStats:
     """Connections closed with 4008 because their queue was full."""
     send_failures: int
     """Connections closed because a send raised (the peer was gone)."""
+    departures_lost: int = 0
+    """Departures the backend could not record in time: presence may still list the client
+    until the backend's own expiry (Redis: the node's heartbeat), and its ``leave`` may be
+    announced late or not at all."""
+    close_timeouts: int = 0
+    """Sockets whose close did not finish within ``close_timeout`` and were given up on."""
 
 
-class _Room:
+class _LocalRoom:
     """A room with local members, subscribed to the backend while it has any."""
 
-    __slots__ = ("entering", "error", "members", "name", "ready", "snapshot", "subscription")
+    __slots__ = ("entering", "members", "name", "ready", "snapshot", "subscription")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -79,17 +103,21 @@ class _Room:
         self.snapshot: tuple[Connection, ...] = ()
         self.subscription: Subscription | None = None
         self.ready = anyio.Event()
-        self.error: BaseException | None = None
         self.entering = 0
 
     def fan_out(self, envelope: Envelope) -> None:
-        envelope.text  # noqa: B018 -- encode once here, not in the first recipient's writer
+        """The backend's listener: queue ``envelope`` for every member, never blocking."""
         for connection in self.snapshot:
-            connection._push(envelope)
+            try:
+                connection.queue.push(envelope)
+            except Exception:  # a bug, never the payload's fault: close, never skip silently
+                logger.exception("could not queue %r for %r; closing it", envelope.seq, connection)
+                connection.queue.abort(CloseCode.INTERNAL_ERROR, "internal error")
 
     def reset(self, reset: StreamReset) -> None:
+        """The backend's reset listener: ``history_lost`` to every member, before the rest."""
         for connection in self.snapshot:
-            connection._reset(reset)
+            connection.queue.reset(reset.epoch, reset.after_seq)
 
     def add(self, connection: Connection) -> None:
         self.members.add(connection)
@@ -104,16 +132,20 @@ class ConnectionManager:
     """Connects WebSockets to rooms and broadcasts to them, in order, without head-of-line blocking.
 
     Use it as ``async with ConnectionManager() as manager:``; its writer tasks live in an anyio
-    task group, so it runs on asyncio and trio. Leaving the block closes every connection
-    with 1001 (Going Away).
+    task group, so it runs on asyncio and trio. Leaving the block, however it is left
+    (return, exception, cancellation), closes every connection with 1001 (Going Away),
+    announces the departures and returns within a bound set by ``close_timeout``.
 
     :param backend: a :class:`~wsbroadcast.backend.Backend` or a URL for
         :func:`~wsbroadcast.backend_from_url` (default ``memory://``).
-    :param queue_size: frames each connection may have waiting (default 1,024). A full queue
-        triggers ``slow_consumer``.
+    :param queue_size: frames each connection may have waiting (default 1,024) ...
+    :param queue_bytes: ... and bytes (default 1 MiB). A full queue triggers
+        ``slow_consumer``.
     :param slow_consumer: ``"disconnect"`` (default: close with 4008) or ``"drop_oldest"``.
-    :param close_timeout: seconds to wait for a socket to close, or for the backend to record
-        a departure, before giving up on it.
+    :param close_timeout: seconds each step of closing a connection may take (recording the
+        departure in the backend, stopping its writer, closing its socket) before it is
+        given up on; also the bound on a backend call that a connect must not abandon half
+        way (presence and ``join``).
     """
 
     def __init__(
@@ -121,11 +153,14 @@ class ConnectionManager:
         backend: Backend | str = "memory://",
         *,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
         slow_consumer: SlowConsumerPolicy | str = SlowConsumerPolicy.DISCONNECT,
         close_timeout: float = 5.0,
     ) -> None:
         if queue_size < 1:
             raise InvalidInput(f"queue_size must be at least 1, not {queue_size}")
+        if queue_bytes < 1:
+            raise InvalidInput(f"queue_bytes must be at least 1, not {queue_bytes}")
         if not close_timeout > 0:
             raise InvalidInput(f"close_timeout must be positive, not {close_timeout}")
         try:
@@ -135,18 +170,30 @@ class ConnectionManager:
             raise InvalidInput(f"slow_consumer must be one of {choices}") from None
         self.backend = backend_from_url(backend) if isinstance(backend, str) else backend
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
         self.close_timeout = close_timeout
         self._task_group: TaskGroup | None = None
         self._running = False
         self._flush_ready: list[Connection] = []
         self._flush_wakeup: anyio.Event | None = None
-        self._rooms: dict[str, _Room] = {}
+        self._rooms: dict[str, _LocalRoom] = {}
         self._connections: set[Connection] = set()
+        """Connected: the manager owns their cleanup."""
+        self._connecting: dict[Connection, anyio.CancelScope] = {}
+        """Being connected: the connecting task owns their cleanup; abort cancels it."""
+        self._connects_done: anyio.Event | None = None
+        self._present: set[Connection] = set()
+        self._dead: set[Connection] = set()
         self._published = 0
         self._delivered = 0
         self._dropped = 0
         self._slow = 0
         self._send_failures = 0
+        self._departures_lost = 0
+        self._close_timeouts = 0
+        self._backend_trouble = False
+
+    # -- lifecycle
 
     async def __aenter__(self) -> ConnectionManager:
         if self._task_group is not None:
@@ -163,47 +210,6 @@ class ConnectionManager:
         task_group.start_soon(self._run_flusher)
         return self
 
-    def _ready_to_flush(self, connection: Connection) -> None:
-        self._flush_ready.append(connection)
-        wakeup = self._flush_wakeup
-        if wakeup is not None:
-            self._flush_wakeup = None
-            wakeup.set()
-
-    async def _run_flusher(self) -> None:
-        """Write the frames of every connection made ready since the last turn, in one pass.
-
-        Used for transports with ``send_batch_nowait``: one task wakes per burst of publishes,
-        however many connections received them, and writes each connection's waiting frames
-        in one call. A connection whose socket cannot take them now is handed to its writer.
-        """
-        new_event = type(anyio.Event())  # looked up once: see Connection._drain
-        while self._running:
-            if not self._flush_ready:
-                wakeup = self._flush_wakeup = new_event()
-                await wakeup.wait()
-                # Let what is already runnable (more frames read from the network, more
-                # publishes) run first, so that a write carries more frames: one loop turn of
-                # latency for about 12% fewer writes at 500 clients (3.1 frames per write,
-                # not 2.75, measured on the benchmark).
-                await anyio.lowlevel.checkpoint()
-                continue
-            ready, self._flush_ready = self._flush_ready, []
-            for connection in ready:
-                try:
-                    if not connection._flush():
-                        self._start_writer(connection)
-                except Exception as exc:
-                    self._send_failed(connection, exc)
-
-    def _start_writer(self, connection: Connection) -> None:
-        assert self._task_group is not None
-        self._task_group.start_soon(self._run_writer, connection)
-
-    def _finish_soon(self, connection: Connection) -> None:
-        assert self._task_group is not None
-        self._task_group.start_soon(self._finish, connection)
-
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -213,18 +219,24 @@ class ConnectionManager:
         self._running = False
         if self._flush_wakeup is not None:
             self._flush_wakeup.set()
-        for connection in tuple(self._connections):
-            connection._abort(CloseCode.GOING_AWAY, "server shutting down")
+        for connection in (*self._connections, *self._connecting):
+            connection.queue.abort(CloseCode.GOING_AWAY, "server shutting down")
         assert self._task_group is not None
         try:
             return await self._task_group.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
-            # The writers never raise, so a group holding only the body's own exception is
-            # anyio's wrapping of it: let the caller see the original instead.
+            # The manager's tasks never raise, so a group holding only the body's own
+            # exception is anyio's wrapping of it: let the caller see the original instead.
             if exc is not None and group.exceptions == (exc,):
                 return None
             raise
         finally:
+            # Connects still cleaning up (their own task owns that) use the backend.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(3 * self.close_timeout):
+                while self._connecting:
+                    self._connects_done = anyio.Event()
+                    await self._connects_done.wait()
+            # Not shielded here: a backend's own task group must exit in the scope it entered.
             await self.backend.__aexit__(exc_type, exc, tb)
 
     @property
@@ -232,10 +244,11 @@ class ConnectionManager:
         """True inside ``async with manager:``, until shutdown begins (for health checks)."""
         return self._running
 
-    def _check_running(self) -> TaskGroup:
-        if not self._running or self._task_group is None:
+    def _check_running(self) -> None:
+        if not self._running:
             raise ManagerNotRunning("use the ConnectionManager inside 'async with manager:'")
-        return self._task_group
+
+    # -- connecting
 
     async def connect(
         self,
@@ -247,17 +260,27 @@ class ConnectionManager:
     ) -> Connection:
         """Accept ``transport`` and subscribe it to ``room``; announce ``join`` if it is new.
 
-        With ``since`` (the last seq the client saw; 0 for everything), the client first gets
-        the envelopes after ``since`` from history, then the live stream, with no gap and no
-        duplicate. If history does not reach back that far it gets one unsequenced
-        ``{"type": "history_lost", ...}`` frame instead, then the live stream: recovery is all
-        or nothing. The client always receives its own ``join`` (or, for a second tab, nothing)
-        so it learns where the live stream starts.
+        Without ``since`` the client's first frame is its own ``join`` (for a second tab of
+        the same client, which announces nothing, the live stream from now), and nothing
+        numbered before it follows. With ``since`` (the last seq the client saw; 0 for
+        everything) and ``epoch`` (the epoch of that envelope), the client first gets the
+        envelopes after ``since`` from history, then the live stream, with no gap and no
+        duplicate. If history does not reach back that far, or the stream is not the one the
+        epoch names (it was lost and restarted), it gets one unsequenced
+        ``{"type": "history_lost", "data": {"since", "epoch", "first_seq", "last_seq"}}``
+        frame instead, carrying the stream's current epoch, then the live stream from its
+        ``join``: recovery is all or nothing.
 
-        Raises :class:`~wsbroadcast.exceptions.InvalidName` (before accepting) for a bad room
-        or client id, and :class:`~wsbroadcast.exceptions.BackendUnavailable` (after closing
-        the socket with 1011) if the backend cannot be reached. If the socket dies or
-        overflows during recovery, the returned connection is already closed.
+        Cancelling a connect at any point leaks nothing: the connection is closed, it is in
+        no room and in no presence, and a ``leave`` is announced only after its ``join``.
+        Adding presence and publishing the ``join`` are done together or not at all.
+
+        Raises :class:`~wsbroadcast.exceptions.InvalidInput` (before accepting) for a bad room,
+        client id, ``since`` or ``epoch``; :class:`~wsbroadcast.exceptions.ManagerNotRunning`
+        outside ``async with``; and :class:`~wsbroadcast.exceptions.BackendError` (after
+        closing the socket with 1011) if the backend fails. If the socket dies or overflows,
+        or the manager shuts down, during the connect, the returned connection is already
+        closed.
         """
         self._check_running()
         check_name("client_id", client_id)
@@ -266,47 +289,151 @@ class ConnectionManager:
             isinstance(since, bool) or not isinstance(since, int) or since < 0
         ):
             raise InvalidInput(f"since must be a non-negative integer, not {since!r}")
-        if epoch is not None and (not isinstance(epoch, str) or not EPOCH_PATTERN.fullmatch(epoch)):
+        if epoch is not None and (
+            not isinstance(epoch, str) or EPOCH_PATTERN.fullmatch(epoch) is None
+        ):
             raise InvalidInput(f"epoch must be 1-32 of A-Z a-z 0-9 _ -, not {epoch!r}")
-        await transport.accept()
         connection = Connection(
             transport,
             client_id,
             room,
-            self.queue_size,
-            self.slow_consumer,
+            queue_size=self.queue_size,
+            queue_bytes=self.queue_bytes,
+            policy=self.slow_consumer,
             on_ready=self._ready_to_flush,
-            on_idle_abort=self._finish_soon,
+            on_abort=self._aborted,
         )
-        self._connections.add(connection)
+        scope = anyio.CancelScope()
+        self._connecting[connection] = scope
         try:
-            await self._enter_room(connection)
-            first = await self.backend.add_presence(room, client_id)
-            connection._present = True
-            if first:
-                await self._publish(room, "join", client_id, None)
-            after = 0
-            if since is not None:
-                after = await self._recover(connection, since, epoch)
+            with scope:
+                after = await self._join(connection, since, epoch)
         except BaseException as exc:
-            unavailable = isinstance(exc, BackendError)
-            connection._abort(
-                CloseCode.INTERNAL_ERROR, "backend unavailable" if unavailable else "connect failed"
-            )
+            if isinstance(exc, BackendError):
+                reason = "backend unavailable"
+            else:
+                reason = "connect failed" if isinstance(exc, Exception) else "connect cancelled"
+            connection.queue.abort(CloseCode.INTERNAL_ERROR, reason)
             with anyio.CancelScope(shield=True):
-                await self._finish(connection)
+                await self._close(connection)
+            self._connect_done(connection)
             raise
-        if connection.state is ConnectionState.RECOVERING:
-            connection._go_live(after)
-        if connection.state is ConnectionState.OPEN and self._running:
-            # A transport that can write without waiting gets a writer task only while its
-            # socket is full; any other has one for as long as it is open.
-            if connection._send_nowait is None:
-                self._start_writer(connection)
-        else:
-            connection._abort(CloseCode.GOING_AWAY, "server shutting down")
-            await self._finish(connection)
+        if connection.queue.closing:
+            with anyio.CancelScope(shield=True):
+                await self._close(connection)
+            self._connect_done(connection)
+            return connection
+        # From here on the manager owns the connection; no await until it is registered.
+        self._connect_done(connection)
+        self._connections.add(connection)
+        connection.queue.go_live(after)
+        if connection.send_nowait is None and not connection.queue.closing:
+            # Any other transport has a writer for as long as it is open.
+            self._start_writer(connection)
         return connection
+
+    def _connect_done(self, connection: Connection) -> None:
+        del self._connecting[connection]
+        if not self._connecting and self._connects_done is not None:
+            self._connects_done.set()
+
+    async def _join(self, connection: Connection, since: int | None, epoch: str | None) -> int:
+        """Accept, enter the room, presence and ``join``, history; the seq live frames follow."""
+        await connection.transport.accept()
+        if not self._running:
+            connection.queue.abort(CloseCode.GOING_AWAY, "server shutting down")
+        # A scheduling point whatever the transport and backend do (and where a shutdown's
+        # abort, which cancelled our scope, stops the connect).
+        await anyio.lowlevel.checkpoint()
+        await self._enter_room(connection)
+        join = await self._shielded(self._add_presence(connection))
+        # The client's first frame is its own join: nothing numbered before it follows.
+        after = join.seq - 1 if join is not None else 0
+        if since is not None:
+            after = await self._recover(connection, since, epoch, after)
+        return after
+
+    async def _shielded(self, awaitable: Awaitable[_T]) -> _T:
+        """Await a backend step that must not be abandoned half way (cancellation waits for
+        it), bounded by ``close_timeout``."""
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(self.close_timeout):
+                    result = await awaitable
+            except TimeoutError:
+                raise BackendUnavailable(
+                    f"the backend did not answer within {self.close_timeout} s"
+                ) from None
+        return result
+
+    async def _add_presence(self, connection: Connection) -> Envelope | None:
+        """Count the connection in presence and announce ``join`` if it is the client's first;
+        both or neither."""
+        room, client_id = connection.room, connection.client_id
+        first = await self.backend.add_presence(room, client_id)
+        self._present.add(connection)
+        if not first:
+            return None
+        try:
+            return await self._publish(room, "join", client_id, None)
+        except BaseException:
+            self._present.discard(connection)
+            with contextlib.suppress(Exception):
+                await self.backend.remove_presence(room, client_id)
+            raise
+
+    async def _enter_room(self, connection: Connection) -> None:
+        name = connection.room
+        while True:
+            room = self._rooms.get(name)
+            if room is None:
+                room = self._rooms[name] = _LocalRoom(name)
+                try:
+                    room.subscription = await self._shielded(
+                        self.backend.subscribe(name, room.fan_out, room.reset)
+                    )
+                except BaseException:
+                    del self._rooms[name]
+                    raise
+                finally:
+                    room.ready.set()
+                break
+            if room.subscription is not None:
+                break
+            # Another connect is subscribing the room; if it fails, try again ourselves.
+            room.entering += 1
+            try:
+                await room.ready.wait()
+            finally:
+                room.entering -= 1
+        room.add(connection)
+
+    async def _recover(
+        self, connection: Connection, since: int, epoch: str | None, after: int
+    ) -> int:
+        """Send history after ``since`` to the socket; return the seq that live frames follow."""
+        history = await self.backend.history(connection.room, since, epoch)
+        if not history.complete:
+            lost: dict[str, JsonValue] = {
+                "since": since,
+                "epoch": history.epoch,
+                "first_seq": history.first_seq,
+                "last_seq": history.last_seq,
+            }
+            frames: Sequence[Envelope | str] = [
+                control_frame("history_lost", connection.room, lost)
+            ]
+        else:
+            frames = history.envelopes
+            if frames:
+                after = frames[-1].seq
+            elif since > after:
+                after = since
+        try:
+            await connection.send_now(frames)
+        except Exception as exc:  # the socket died: the connect returns it closed
+            self._send_failed(connection, exc)
+        return after
 
     @contextlib.asynccontextmanager
     async def session(
@@ -338,31 +465,58 @@ class ConnectionManager:
             with anyio.CancelScope(shield=True):
                 await self.disconnect(connection)
 
-    async def _recover(self, connection: Connection, since: int, epoch: str | None) -> int:
-        """Send history after ``since`` to the socket; return the seq that live frames follow."""
-        history: History = await self.backend.history(connection.room, since, epoch)
-        # Live frames buffered since the connection joined its room all come after anything
-        # history can hold, so when history is lost they are delivered whole.
-        last = since if history.complete else 0
-        send = connection.transport.send_text
-        with connection._open_scope():
-            try:
-                if not history.complete:
-                    lost: dict[str, JsonValue] = {
-                        "since": since,
-                        "epoch": history.epoch,
-                        "first_seq": history.first_seq,
-                        "last_seq": history.last_seq,
-                    }
-                    await send(control_frame("history_lost", connection.room, lost))
-                    connection._delivered += 1
-                for envelope in history.envelopes:
-                    await send(envelope.text)
-                    connection._delivered += 1
-                    last = envelope.seq
-            except Exception as exc:
-                self._send_failed(connection, exc)
-        return last
+    # -- writing
+
+    def _ready_to_flush(self, connection: Connection) -> None:
+        self._flush_ready.append(connection)
+        wakeup = self._flush_wakeup
+        if wakeup is not None:
+            self._flush_wakeup = None
+            wakeup.set()
+
+    async def _run_flusher(self) -> None:
+        """Write the frames of every connection made ready since the last turn, in one pass.
+
+        Used for transports with ``send_batch_nowait``: one task wakes per burst of publishes,
+        however many connections received them, and writes each connection's waiting frames
+        in one call. A connection whose socket cannot take them now is handed to a writer.
+        """
+        new_event = type(anyio.Event())  # looked up once: see Connection.write
+        while self._running:
+            if not self._flush_ready:
+                wakeup = self._flush_wakeup = new_event()
+                await wakeup.wait()
+                # Let what is already runnable (more frames read from the network, more
+                # publishes) run first, so that each write carries more frames.
+                await anyio.lowlevel.checkpoint()
+                continue
+            ready, self._flush_ready = self._flush_ready, []
+            for connection in ready:
+                try:
+                    if not connection.flush() and not connection.writing:
+                        self._start_writer(connection)
+                except Exception as exc:
+                    self._send_failed(connection, exc)
+
+    def _start_writer(self, connection: Connection) -> None:
+        assert self._task_group is not None
+        self._task_group.start_soon(self._run_writer, connection)
+
+    async def _run_writer(self, connection: Connection) -> None:
+        try:
+            await connection.write()
+        except Exception as exc:
+            self._send_failed(connection, exc)
+
+    def _send_failed(self, connection: Connection, exc: Exception) -> None:
+        logger.debug("send to %r failed: %r", connection, exc)
+        if connection.queue.closing:
+            return
+        self._send_failures += 1
+        self._dead.add(connection)
+        connection.queue.abort(CloseCode.GOING_AWAY, f"send failed: {type(exc).__name__}")
+
+    # -- closing
 
     async def disconnect(
         self, connection: Connection, code: int = CloseCode.NORMAL, reason: str | None = None
@@ -370,10 +524,107 @@ class ConnectionManager:
         """Close ``connection``, remove it from its room and announce ``leave`` if it was the last.
 
         Frames still queued for it are dropped. Safe to call more than once and on a socket
-        that is already dead: it never raises because of the socket.
+        that is already dead: it never raises because of the socket. Returns once the
+        connection is closed (see :meth:`Connection.wait_closed`).
         """
-        connection._abort(code, reason or "")
+        connection.queue.abort(code, reason or "")
         await connection.wait_closed()
+
+    def _aborted(self, connection: Connection) -> None:
+        """The queue aborted: hand the connection to its one closer."""
+        scope = self._connecting.get(connection)
+        if scope is not None:
+            scope.cancel()  # the connecting task closes it
+        elif connection in self._connections:
+            assert self._task_group is not None
+            self._task_group.start_soon(self._close_task, connection)
+
+    async def _close_task(self, connection: Connection) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._close(connection)
+
+    async def _close(self, connection: Connection) -> None:
+        """Leave room and presence, announce ``leave``, close the socket; once per connection.
+
+        The departure is announced before the socket is closed, so that the room learns of
+        it at once even when the close frame waits behind a stalled client's full buffer or
+        its writer is stuck in a send that ignores cancellation. Call it shielded.
+        """
+        try:
+            await self._leave_room(connection)
+            await self._depart(connection)
+            if connection.writing:
+                with anyio.move_on_after(self.close_timeout):
+                    await connection.wait_writer()
+            if connection not in self._dead:
+                await self._close_socket(connection)
+        finally:
+            if connection.overflowed:
+                self._slow += 1
+            self._connections.discard(connection)
+            self._dead.discard(connection)
+            self._delivered += connection.queue.delivered
+            self._dropped += connection.queue.dropped
+            connection._set_closed()
+
+    async def _depart(self, connection: Connection) -> None:
+        """Remove the connection from presence and announce ``leave`` if it was the last."""
+        if connection not in self._present:
+            return
+        self._present.discard(connection)
+        try:
+            with anyio.fail_after(self.close_timeout):
+                if await self.backend.remove_presence(connection.room, connection.client_id):
+                    await self._publish(connection.room, "leave", connection.client_id, None)
+        except (Exception, TimeoutError) as exc:
+            self._departures_lost += 1
+            if not self._backend_trouble:
+                self._backend_trouble = True
+                logger.warning(
+                    "could not record the departure of %r (%r); more may follow until the "
+                    "backend answers again",
+                    connection,
+                    exc,
+                )
+        else:
+            self._backend_trouble = False
+
+    async def _close_socket(self, connection: Connection) -> None:
+        """Close the transport, giving up after ``close_timeout`` even if it ignores
+        cancellation (then the close goes on in a task of the manager)."""
+        done = anyio.Event()
+
+        async def close() -> None:
+            try:
+                await connection.transport.close(
+                    connection.close_code or CloseCode.NORMAL, connection.close_reason
+                )
+            except Exception as exc:
+                logger.debug("closing %r failed: %r", connection, exc)
+            finally:
+                done.set()
+
+        with anyio.move_on_after(self.close_timeout) as scope:
+            if self._task_group is not None and self._running:
+                self._task_group.start_soon(close)
+                await done.wait()
+            else:
+                await close()
+        if scope.cancelled_caught:
+            self._close_timeouts += 1
+            logger.info("%r did not close within %s s: given up", connection, self.close_timeout)
+
+    async def _leave_room(self, connection: Connection) -> None:
+        room = self._rooms.get(connection.room)
+        if room is None or connection not in room.members:
+            return
+        room.discard(connection)
+        if not room.members and not room.entering and room.subscription is not None:
+            del self._rooms[room.name]
+            with anyio.move_on_after(self.close_timeout):
+                await room.subscription.aclose()
+
+    # -- publishing
 
     async def broadcast(
         self, room: str, data: JsonValue, client_id: str, type: str = "message"
@@ -381,10 +632,12 @@ class ConnectionManager:
         """Publish ``data`` to everyone in ``room`` and return the envelope with its ``seq``.
 
         Returns as soon as the backend has ordered the envelope and it is queued for every
-        local member; it never waits for a recipient's socket. Raises
-        :class:`~wsbroadcast.exceptions.InvalidInput` for a bad room, client id, type or
-        non-JSON data (nothing is published), and
-        :class:`~wsbroadcast.exceptions.BackendUnavailable` if the backend cannot be reached.
+        local member; it never waits for a recipient's socket. The envelope is encoded once,
+        before the backend numbers it: what cannot be encoded raises
+        :class:`~wsbroadcast.exceptions.InvalidData` and takes no seq. Raises
+        :class:`~wsbroadcast.exceptions.InvalidInput` for a bad room, client id, type or data
+        (nothing is published), and :class:`~wsbroadcast.exceptions.BackendUnavailable` if
+        the backend cannot be reached.
         """
         self._check_running()
         check_name("room", room)
@@ -393,6 +646,11 @@ class ConnectionManager:
         if type in RESERVED_TYPES:
             raise InvalidInput(f"type {type!r} is reserved for unsequenced frames")
         return await self._publish(room, type, client_id, data)
+
+    async def _publish(self, room: str, type: str, client_id: str, data: JsonValue) -> Envelope:
+        envelope = await self.backend.publish_draft(Draft(type, room, client_id, data))
+        self._published += 1
+        return envelope
 
     async def presence(self, room: str) -> list[str]:
         """The client ids connected to ``room`` (on any node the backend spans), sorted."""
@@ -404,110 +662,19 @@ class ConnectionManager:
         delivered = self._delivered
         dropped = self._dropped
         slow = self._slow
-        for connection in self._connections:
-            delivered += connection._delivered
-            dropped += connection._dropped
-            slow += connection.overflowed
+        for connection in (*self._connections, *self._connecting):
+            if connection.state is not ConnectionState.CLOSED:
+                delivered += connection.queue.delivered
+                dropped += connection.queue.dropped
+                slow += connection.overflowed
         return ManagerStats(
-            connections=len(self._connections),
+            connections=len(self._connections) + len(self._connecting),
             rooms=len(self._rooms),
             published=self._published,
             delivered=delivered,
             dropped=dropped,
             slow_consumer_disconnects=slow,
             send_failures=self._send_failures,
+            departures_lost=self._departures_lost,
+            close_timeouts=self._close_timeouts,
         )
-
-    async def _publish(self, room: str, type: str, client_id: str, data: JsonValue) -> Envelope:
-        envelope = await self.backend.publish_draft(Draft(type, room, client_id, data))
-        self._published += 1
-        return envelope
-
-    async def _enter_room(self, connection: Connection) -> None:
-        name = connection.room
-        room = self._rooms.get(name)
-        if room is None:
-            room = self._rooms[name] = _Room(name)
-            try:
-                room.subscription = await self.backend.subscribe(name, room.fan_out, room.reset)
-            except BaseException as exc:
-                room.error = exc
-                del self._rooms[name]
-                raise
-            finally:
-                room.ready.set()
-        else:
-            room.entering += 1
-            try:
-                await room.ready.wait()
-            finally:
-                room.entering -= 1
-            if room.error is not None:
-                raise room.error
-        room.add(connection)
-
-    async def _leave_room(self, connection: Connection) -> None:
-        room = self._rooms.get(connection.room)
-        if room is None or connection not in room.members:
-            return
-        room.discard(connection)
-        if not room.members and not room.entering and room.subscription is not None:
-            del self._rooms[room.name]
-            await room.subscription.aclose()
-
-    async def _run_writer(self, connection: Connection) -> None:
-        with connection._open_scope():
-            try:
-                await connection._drain()
-            except Exception as exc:
-                self._send_failed(connection, exc)
-        if connection.state is not ConnectionState.OPEN:
-            await self._finish(connection)
-
-    def _send_failed(self, connection: Connection, exc: Exception) -> None:
-        logger.debug("send to %r failed: %r", connection, exc)
-        self._send_failures += 1
-        connection._transport_dead = True
-        connection._abort(CloseCode.GOING_AWAY, f"send failed: {type(exc).__name__}")
-
-    async def _finish(self, connection: Connection) -> None:
-        """Leave room and presence, announce leave, close the socket; once per connection.
-
-        The departure is announced before the socket is closed, so that the room learns of
-        it at once even when the close frame waits behind a stalled client's full buffer.
-        """
-        if connection._finishing:
-            await connection.wait_closed()
-            return
-        connection._finishing = True
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._leave_room(connection)
-                with anyio.move_on_after(self.close_timeout) as scope:
-                    try:
-                        if connection._present and await self.backend.remove_presence(
-                            connection.room, connection.client_id
-                        ):
-                            await self._publish(
-                                connection.room, "leave", connection.client_id, None
-                            )
-                    except Exception as exc:
-                        logger.warning(
-                            "could not announce the departure of %r: %r", connection, exc
-                        )
-                if scope.cancelled_caught:
-                    logger.warning("announcing the departure of %r timed out", connection)
-                if not connection._transport_dead:
-                    with anyio.move_on_after(self.close_timeout):
-                        await connection.transport.close(
-                            connection.close_code or CloseCode.NORMAL, connection.close_reason
-                        )
-            except Exception as exc:
-                logger.debug("closing %r failed: %r", connection, exc)
-            finally:
-                if connection.overflowed:
-                    self._slow += 1
-                self._connections.discard(connection)
-                self._delivered += connection._delivered
-                self._dropped += connection._dropped
-                connection._set_closed()

@@ -1,0 +1,370 @@
+"""A connection's outbound queue, sans I/O: what to send next, bounded, with its policy.
+
+This module does no I/O and imports no event loop library: it decides, the way the
+``websockets`` library's ``Protocol`` does for bytes. :class:`OutboundQueue` holds the
+frames waiting for one client — shared :class:`~wsbroadcast.Envelope` objects of its room
+and one-off control texts — bounded in frames *and* bytes, in order, without duplicates. The
+I/O layer (:class:`~wsbroadcast.Connection` and the manager's writer and flusher) takes
+batches from it and reports what it wrote; the queue never waits and never blocks a
+broadcast. Every state change is a plain method call, so it is unit-tested without a loop.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import JsonValue
+
+from .envelope import Envelope
+from .protocol import CloseCode, control_frame
+
+__all__ = [
+    "DEFAULT_QUEUE_BYTES",
+    "DEFAULT_QUEUE_SIZE",
+    "ConnectionState",
+    "OutboundQueue",
+    "QueueStatistics",
+    "SlowConsumerPolicy",
+]
+
+DEFAULT_QUEUE_SIZE = 1024
+"""Frames a connection may have waiting, by default."""
+DEFAULT_QUEUE_BYTES = 1024 * 1024
+"""Bytes a connection may have waiting, by default (Centrifugo's slow-client limit)."""
+
+Item = Envelope | str
+"""What the queue holds: a room's envelope (shared by every recipient) or a control text."""
+
+
+class SlowConsumerPolicy(str, enum.Enum):
+    """What happens when a connection's outbound queue is full and another frame arrives.
+
+    The queue is full when it holds ``queue_size`` frames or ``queue_bytes`` bytes.
+    ``DISCONNECT`` (the default) closes the connection with close code ``4008``
+    (:attr:`~wsbroadcast.CloseCode.SLOW_CONSUMER`): the client knows it fell behind and can
+    reconnect with ``since`` and ``epoch`` to recover what it missed from history.
+    ``DROP_OLDEST`` keeps the connection and discards the oldest queued frames until the new
+    one fits: the client sees a gap in ``seq`` and can resume from its last seq. Neither
+    policy ever makes a broadcast wait.
+    """
+
+    DISCONNECT = "disconnect"
+    DROP_OLDEST = "drop_oldest"
+
+
+class ConnectionState(enum.Enum):
+    """Where a connection is in its life. It only ever moves forward."""
+
+    RECOVERING = "recovering"
+    """Accepted; joining its room and replaying history. Live frames wait, bounded."""
+    OPEN = "open"
+    """Receiving the live stream."""
+    CLOSING = "closing"
+    """No longer receiving; the socket is being closed and presence updated."""
+    CLOSED = "closed"
+    """Gone: removed from its room, socket closed, ``leave`` announced if it was the last."""
+
+
+@dataclass(frozen=True)
+class QueueStatistics:
+    """A snapshot of one queue, like anyio's ``MemoryObjectStreamStatistics``."""
+
+    state: ConnectionState
+    queued: int
+    """Frames waiting now (including those being written)."""
+    queued_bytes: int
+    """Bytes waiting now (including those being written)."""
+    queue_size: int
+    queue_bytes: int
+    delivered: int
+    """Frames written to the transport."""
+    dropped: int
+    """Frames that were queued but never written (drop_oldest, or still queued at close)."""
+
+
+class _Reset:
+    """A stream reset held while recovering: ``history_lost``, then seqs restart."""
+
+    __slots__ = ("after_seq", "text")
+
+    def __init__(self, text: str, after_seq: int) -> None:
+        self.text = text
+        self.after_seq = after_seq
+
+
+class OutboundQueue:
+    """The frames waiting for one client, bounded in count and bytes, in send order.
+
+    Envelopes are queued once each (a seq not above the last one queued is a duplicate and
+    is skipped), control texts always. While :attr:`state` is ``RECOVERING`` frames are held
+    aside, under the same bounds, until :meth:`go_live` says which seq the live stream
+    follows. When a frame does not fit, the :class:`SlowConsumerPolicy` decides: drop the
+    oldest, or :meth:`abort` with 4008.
+
+    :param on_ready: called (synchronously) when frames become available to an idle writer:
+        the I/O layer schedules a write. Not called again until :meth:`take` empties it.
+    :param on_abort: called once, synchronously, when the queue aborts (by its policy or by
+        :meth:`abort`): the I/O layer starts closing the connection.
+    """
+
+    __slots__ = (
+        "_bytes",
+        "_delivered",
+        "_dropped",
+        "_held",
+        "_items",
+        "_on_abort",
+        "_on_ready",
+        "_ready",
+        "_unsent",
+        "_unsent_bytes",
+        "close_code",
+        "close_reason",
+        "last_seq",
+        "overflowed",
+        "policy",
+        "queue_bytes",
+        "queue_size",
+        "room",
+        "state",
+    )
+
+    def __init__(
+        self,
+        room: str,
+        *,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT,
+        on_ready: Callable[[], None] | None = None,
+        on_abort: Callable[[], None] | None = None,
+    ) -> None:
+        self.room = room
+        self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
+        self.policy = policy
+        self.state = ConnectionState.RECOVERING
+        self.last_seq = 0
+        """The seq of the newest envelope queued (0 before the first)."""
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.overflowed = False
+        """True once the queue overflowed under the ``disconnect`` policy."""
+        self._items: list[Item] = []
+        self._bytes = 0
+        self._held: list[Item | _Reset] = []
+        self._unsent = 0
+        self._unsent_bytes = 0
+        self._ready = False
+        self._delivered = 0
+        self._dropped = 0
+        self._on_ready = on_ready
+        self._on_abort = on_abort
+
+    def statistics(self) -> QueueStatistics:
+        """The queue's length and size now, and its counters."""
+        held = sum(1 for item in self._held if not isinstance(item, _Reset))
+        held_bytes = sum(_size(item) for item in self._held if not isinstance(item, _Reset))
+        return QueueStatistics(
+            self.state,
+            len(self._items) + held + self._unsent,
+            self._bytes + held_bytes + self._unsent_bytes,
+            self.queue_size,
+            self.queue_bytes,
+            self._delivered,
+            self._dropped,
+        )
+
+    @property
+    def delivered(self) -> int:
+        """Frames written to the transport."""
+        return self._delivered
+
+    @property
+    def dropped(self) -> int:
+        """Frames queued but never written."""
+        return self._dropped
+
+    @property
+    def closing(self) -> bool:
+        """True once the queue was aborted: nothing more is queued or taken."""
+        return self.state is ConnectionState.CLOSING or self.state is ConnectionState.CLOSED
+
+    # -- filling (never blocks, never raises)
+
+    def push(self, envelope: Envelope) -> None:
+        """Queue a room envelope unless it is a duplicate; hold it while recovering."""
+        state = self.state
+        if state is ConnectionState.OPEN:
+            seq = envelope.seq
+            if seq <= self.last_seq:
+                return
+            self.last_seq = seq
+            self._append(envelope)
+        elif state is ConnectionState.RECOVERING:
+            self._hold(envelope)
+
+    def push_text(self, text: str) -> bool:
+        """Queue a control text; false if the queue is closing (or the policy refused it)."""
+        if self.state is ConnectionState.OPEN:
+            return self._append(text)
+        if self.state is ConnectionState.RECOVERING:
+            return self._hold(text)
+        return False
+
+    def push_control(self, type: str, data: JsonValue = None) -> bool:
+        """Queue ``{"type", "room", "data"}`` (unsequenced); see :meth:`push_text`."""
+        return self.push_text(control_frame(type, self.room, data))
+
+    def reset(self, epoch: str, after_seq: int) -> None:
+        """The room's stream was reset (or has a gap): tell the client ``history_lost``.
+
+        The frame carries the new ``epoch`` and comes before any envelope that follows the
+        reset; envelopes numbered after ``after_seq`` are then accepted again.
+        """
+        if self.closing:
+            return
+        lost: dict[str, JsonValue] = {
+            "since": self.last_seq,
+            "epoch": epoch,
+            "first_seq": after_seq + 1,
+            "last_seq": after_seq,
+        }
+        text = control_frame("history_lost", self.room, lost)
+        if self.state is ConnectionState.OPEN:
+            self.last_seq = after_seq
+            self._append(text)
+        else:
+            self._held.append(_Reset(text, after_seq))
+
+    def go_live(self, after_seq: int) -> None:
+        """End recovery: the client has everything up to ``after_seq``; queue what follows.
+
+        Held envelopes numbered up to ``after_seq`` are dropped as duplicates (already sent
+        from history, or older than the client's own ``join``).
+        """
+        if self.state is not ConnectionState.RECOVERING:
+            return
+        self.state = ConnectionState.OPEN
+        self.last_seq = max(self.last_seq, after_seq)
+        held, self._held = self._held, []
+        for item in held:
+            if isinstance(item, _Reset):
+                self.last_seq = item.after_seq
+                self._append(item.text)
+            elif isinstance(item, str):
+                self._append(item)
+            else:
+                self.push(item)
+            if self.closing:
+                return
+
+    def _hold(self, item: Item) -> bool:
+        held = self._held
+        if len(held) >= self.queue_size and not self._make_room(held, 1):
+            return False
+        held.append(item)
+        return True
+
+    def _append(self, item: Item) -> bool:
+        items = self._items
+        size = _size(item)
+        # Frames being written sit outside the bounds: at most one more queue's worth.
+        while items and (len(items) >= self.queue_size or self._bytes + size > self.queue_bytes):
+            if not self._make_room(items, size):
+                return False
+        if self.state is not ConnectionState.OPEN:
+            return False
+        items.append(item)
+        self._bytes += size
+        if not self._ready:
+            self._ready = True
+            if self._on_ready is not None:
+                self._on_ready()
+        return True
+
+    def _make_room(self, items: list[Item] | list[Item | _Reset], size: int) -> bool:
+        """Apply the policy to a full queue; true if the oldest frame made way."""
+        if self.policy is SlowConsumerPolicy.DROP_OLDEST:
+            dropped = items.pop(0)
+            if items is self._items:
+                assert not isinstance(dropped, _Reset)
+                self._bytes -= _size(dropped)
+            self._dropped += 1
+            return True
+        self.overflowed = True
+        self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: outbound queue full")
+        return False
+
+    # -- draining (the writer)
+
+    @property
+    def has_frames(self) -> bool:
+        """Whether :meth:`take` would return anything."""
+        return bool(self._items) and self.state is ConnectionState.OPEN
+
+    def peek(self) -> list[Item]:
+        """The frames waiting now, in order, left in the queue (for a write that may refuse)."""
+        return self._items if self.state is ConnectionState.OPEN else []
+
+    def take(self) -> list[Item]:
+        """Hand every waiting frame to the writer, in order; they count as queued until
+        :meth:`sent` (or as dropped if the queue aborts first). Empty: the writer is idle
+        and :attr:`on_ready` will be called for the next frame."""
+        items = self._items
+        if not items or self.state is not ConnectionState.OPEN:
+            self._ready = False
+            return []
+        self._items = []
+        self._unsent += len(items)
+        self._unsent_bytes += self._bytes
+        self._bytes = 0
+        return items
+
+    def sent(self, count: int) -> None:
+        """The writer wrote ``count`` more of the frames it took to the socket."""
+        if self.closing:
+            return
+        self._unsent -= count
+        if not self._unsent:
+            self._unsent_bytes = 0
+        self._delivered += count
+
+    def count_delivered(self, count: int) -> None:
+        """``count`` frames that bypassed the queue (history replay) were written."""
+        self._delivered += count
+
+    def idle(self) -> None:
+        """The writer stopped with nothing taken: the next frame calls ``on_ready`` again."""
+        self._ready = False
+
+    # -- closing
+
+    def abort(self, code: int, reason: str) -> bool:
+        """Stop at once: drop everything, move to CLOSING; true the first time only.
+
+        Never blocks. ``on_abort`` is called on the first abort, for the I/O layer to close.
+        """
+        if self.closing:
+            return False
+        self.state = ConnectionState.CLOSING
+        self.close_code = code
+        self.close_reason = reason
+        self._dropped += len(self._items) + self._unsent
+        self._dropped += sum(1 for item in self._held if not isinstance(item, _Reset))
+        self._items = []
+        self._held = []
+        self._bytes = self._unsent = self._unsent_bytes = 0
+        if self._on_abort is not None:
+            self._on_abort()
+        return True
+
+    def set_closed(self) -> None:
+        """The I/O layer finished closing (socket closed, presence updated)."""
+        self.state = ConnectionState.CLOSED
+
+
+def _size(item: Item) -> int:
+    return item.size if isinstance(item, Envelope) else len(item.encode())
