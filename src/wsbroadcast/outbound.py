@@ -87,10 +87,10 @@ class QueueStatistics:
 class _Reset:
     """A stream reset held while recovering: ``history_lost``, then seqs restart."""
 
-    __slots__ = ("after_seq", "text")
+    __slots__ = ("after_seq", "epoch")
 
-    def __init__(self, text: str, after_seq: int) -> None:
-        self.text = text
+    def __init__(self, epoch: str, after_seq: int) -> None:
+        self.epoch = epoch
         self.after_seq = after_seq
 
 
@@ -224,20 +224,20 @@ class OutboundQueue:
         The frame carries the new ``epoch`` and comes before any envelope that follows the
         reset; envelopes numbered after ``after_seq`` are then accepted again.
         """
-        if self.closing:
-            return
+        if self.state is ConnectionState.OPEN:
+            self._reset_now(epoch, after_seq)
+        elif self.state is ConnectionState.RECOVERING:
+            self._held.append(_Reset(epoch, after_seq))
+
+    def _reset_now(self, epoch: str, after_seq: int) -> None:
         lost: dict[str, JsonValue] = {
             "since": self.last_seq,
             "epoch": epoch,
             "first_seq": after_seq + 1,
             "last_seq": after_seq,
         }
-        text = control_frame("history_lost", self.room, lost)
-        if self.state is ConnectionState.OPEN:
-            self.last_seq = after_seq
-            self._append(text)
-        else:
-            self._held.append(_Reset(text, after_seq))
+        self.last_seq = after_seq
+        self._append(control_frame("history_lost", self.room, lost))
 
     def go_live(self, after_seq: int) -> None:
         """End recovery: the client has everything up to ``after_seq``; queue what follows.
@@ -252,8 +252,7 @@ class OutboundQueue:
         held, self._held = self._held, []
         for item in held:
             if isinstance(item, _Reset):
-                self.last_seq = item.after_seq
-                self._append(item.text)
+                self._reset_now(item.epoch, item.after_seq)
             elif isinstance(item, str):
                 self._append(item)
             else:

@@ -1,0 +1,137 @@
+"""The in-memory backend: epochs, history bounded by count, bytes and time, and its URL."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsbroadcast import Envelope, InvalidBackendURL, InvalidData, backend_from_url
+from wsbroadcast.backends.memory import MemoryBackend
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_every_room_has_its_own_epoch_and_a_new_backend_new_ones() -> None:
+    first, second = MemoryBackend(), MemoryBackend()
+    a = await first.publish("a", "message", "x")
+    b = await first.publish("b", "message", "x")
+    again = await second.publish("a", "message", "x")
+    assert a.seq == b.seq == again.seq == 1
+    assert len({a.epoch, b.epoch, again.epoch}) == 3
+    assert (await first.publish("a", "message", "x")).epoch == a.epoch
+
+
+async def test_history_with_another_epoch_is_lost_but_since_zero_is_not() -> None:
+    backend = MemoryBackend()
+    envelopes = [await backend.publish("r", "message", "x", n) for n in range(3)]
+    epoch = envelopes[0].epoch
+    good = await backend.history("r", 1, epoch)
+    assert good.complete
+    assert good.epoch == epoch
+    assert [e.seq for e in good.envelopes] == [2, 3]
+    assert not (await backend.history("r", 1, "other")).complete
+    assert (await backend.history("r", 0, "other")).complete
+    assert (await backend.history("r", 1)).complete  # no epoch: the old, unchecked resume
+
+
+@pytest.mark.parametrize("since", [4, 2**64, 10**30])
+async def test_a_since_ahead_of_the_room_is_lost_however_large(since: int) -> None:
+    backend = MemoryBackend()
+    for n in range(3):
+        await backend.publish("r", "message", "x", n)
+    history = await backend.history("r", since)
+    assert not history.complete
+    assert (history.first_seq, history.last_seq) == (1, 3)
+
+
+async def test_a_room_nobody_uses_is_forgotten_after_the_ttl() -> None:
+    clock = Clock()
+    backend = MemoryBackend(history_ttl=60, clock=clock)
+    old = await backend.publish("r", "message", "x")
+    clock.now += 59
+    assert (await backend.history("r", 0)).last_seq == 1
+    clock.now += 2
+    assert backend.statistics() == {"rooms": 0, "idle_rooms": 0}
+    history = await backend.history("r", 1, old.epoch)
+    assert not history.complete
+    new = await backend.publish("r", "message", "x")
+    assert new.seq == 1
+    assert new.epoch != old.epoch
+
+
+async def test_a_room_with_a_listener_or_presence_is_never_forgotten() -> None:
+    clock = Clock()
+    backend = MemoryBackend(history_ttl=60, clock=clock)
+    received: list[Envelope] = []
+    subscription = await backend.subscribe("heard", received.append)
+    await backend.add_presence("present", "alice")
+    await backend.publish("heard", "message", "x")
+    clock.now += 3600
+    assert backend.statistics()["rooms"] == 2
+    await subscription.aclose()
+    await backend.remove_presence("present", "alice")
+    assert backend.statistics() == {"rooms": 2, "idle_rooms": 2}
+    clock.now += 61
+    assert backend.statistics()["rooms"] == 0
+
+
+async def test_twenty_thousand_abandoned_rooms_cost_nothing_after_the_ttl() -> None:
+    clock = Clock()
+    backend = MemoryBackend(history_ttl=10, clock=clock)
+    for n in range(20_000):
+        await backend.publish(f"room{n}", "message", "x", {"n": n})
+    assert backend.statistics()["rooms"] == 20_000
+    clock.now += 11
+    await backend.publish("fresh", "message", "x")
+    assert backend.statistics()["rooms"] == 1
+
+
+async def test_history_is_bounded_by_bytes_as_well_as_count() -> None:
+    backend = MemoryBackend(history_size=1000, history_bytes=100_000)
+    text = "\u0001" * 4000  # 24,000 bytes once JSON-escaped
+    for _ in range(1000):
+        last = await backend.publish("r", "message", "x", {"message": text})
+    history = await backend.history("r", last.seq - 1)
+    assert history.complete
+    kept = last.seq - history.first_seq + 1
+    assert 0 < kept * last.size <= 100_000
+    assert not (await backend.history("r", 0)).complete
+
+
+async def test_an_envelope_larger_than_the_byte_budget_empties_history() -> None:
+    backend = MemoryBackend(history_bytes=1000)
+    await backend.publish("r", "message", "x", "small")
+    big = await backend.publish("r", "message", "x", "y" * 2000)
+    history = await backend.history("r", big.seq - 1)
+    assert not history.complete
+    assert history.first_seq == big.seq + 1
+
+
+async def test_data_that_cannot_be_encoded_takes_no_seq() -> None:
+    backend = MemoryBackend()
+    await backend.publish("r", "message", "x", 1)
+    deep: object = []
+    for _ in range(300):
+        deep = [deep]
+    for bad in ("\ud800", {"k": "a\udfffb"}, deep, 2**64, -(2**63) - 1, float("nan")):
+        with pytest.raises(InvalidData):
+            await backend.publish("r", "message", "x", bad)  # type: ignore[arg-type]
+    assert (await backend.publish("r", "message", "x", 2)).seq == 2
+    assert [e.seq for e in (await backend.history("r", 0)).envelopes] == [1, 2]
+
+
+def test_url_options() -> None:
+    backend = backend_from_url("memory://?history=5&history_bytes=1000&history_ttl=none")
+    assert isinstance(backend, MemoryBackend)
+    assert (backend.history_size, backend.history_bytes, backend.history_ttl) == (5, 1000, None)
+    assert backend_from_url("memory://?history_ttl=2.5").history_ttl == 2.5  # type: ignore[attr-defined]
+    for bad in ("memory://?history_ttl=0", "memory://?history_bytes=x", "memory://?nope=1"):
+        with pytest.raises(InvalidBackendURL):
+            backend_from_url(bad)

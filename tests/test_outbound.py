@@ -1,0 +1,212 @@
+"""The sans-I/O outbound queue, without an event loop: bounds, policies, order, recovery."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wsbroadcast import CloseCode, ConnectionState, OutboundQueue, SlowConsumerPolicy
+from wsbroadcast.envelope import Draft, Envelope
+
+
+def envelope(seq: int, data: object = None, epoch: str = "e1") -> Envelope:
+    return Draft("message", "lobby", "alice", data).envelope(seq, epoch)  # type: ignore[arg-type]
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.ready = 0
+        self.aborted = 0
+
+    def on_ready(self) -> None:
+        self.ready += 1
+
+    def on_abort(self) -> None:
+        self.aborted += 1
+
+
+def make(calls: Calls, **options: object) -> OutboundQueue:
+    return OutboundQueue(
+        "lobby",
+        on_ready=calls.on_ready,
+        on_abort=calls.on_abort,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def seqs(items: list[Envelope | str]) -> list[int | str]:
+    return [item.seq if isinstance(item, Envelope) else json.loads(item)["type"] for item in items]
+
+
+def test_frames_are_held_while_recovering_and_go_live_drops_what_history_covered() -> None:
+    calls = Calls()
+    queue = make(calls)
+    for seq in (3, 4, 5):
+        queue.push(envelope(seq))
+    assert queue.take() == []
+    assert calls.ready == 0
+    queue.go_live(after_seq=4)
+    assert queue.state is ConnectionState.OPEN
+    assert calls.ready == 1
+    assert seqs(queue.take()) == [5]
+
+
+def test_duplicates_and_old_seqs_are_skipped_once_live() -> None:
+    queue = make(Calls())
+    queue.go_live(0)
+    for seq in (1, 2, 2, 1, 3):
+        queue.push(envelope(seq))
+    assert seqs(queue.take()) == [1, 2, 3]
+
+
+def test_on_ready_is_called_once_until_the_writer_goes_idle() -> None:
+    calls = Calls()
+    queue = make(calls)
+    queue.go_live(0)
+    queue.push(envelope(1))
+    queue.push(envelope(2))
+    assert calls.ready == 1
+    assert seqs(queue.take()) == [1, 2]
+    queue.sent(2)
+    assert queue.take() == []  # empty: the writer is idle now
+    queue.push(envelope(3))
+    assert calls.ready == 2
+    assert queue.statistics().delivered == 2
+
+
+def test_disconnect_policy_aborts_with_4008_when_the_frame_count_is_reached() -> None:
+    calls = Calls()
+    queue = make(calls, queue_size=2)
+    queue.go_live(0)
+    for seq in (1, 2, 3):
+        queue.push(envelope(seq))
+    assert queue.state is ConnectionState.CLOSING
+    assert (queue.close_code, queue.overflowed, calls.aborted) == (
+        CloseCode.SLOW_CONSUMER,
+        True,
+        1,
+    )
+    assert queue.statistics().dropped == 2
+    assert not queue.push_text("late")
+    queue.push(envelope(4))
+    assert queue.statistics().queued == 0
+
+
+def test_the_byte_bound_counts_control_frames_too() -> None:
+    calls = Calls()
+    queue = make(calls, queue_bytes=1000)
+    queue.go_live(0)
+    for _ in range(9):
+        assert queue.push_control("notice", "x" * 60)
+    assert queue.statistics().queued_bytes <= 1000
+    assert queue.push_control("notice", "x" * 300) is False
+    assert queue.close_code == CloseCode.SLOW_CONSUMER
+
+
+def test_drop_oldest_keeps_the_newest_within_both_bounds() -> None:
+    queue = make(Calls(), queue_size=3, queue_bytes=10_000, policy=SlowConsumerPolicy.DROP_OLDEST)
+    queue.go_live(0)
+    for seq in range(1, 11):
+        queue.push(envelope(seq, "y" * 2000))
+    stats = queue.statistics()
+    assert stats.queued_bytes <= 10_000
+    assert seqs(queue.take())[-1] == 10
+    assert stats.dropped + stats.queued == 10
+    assert queue.state is ConnectionState.OPEN
+
+
+def test_held_frames_are_bounded_by_the_same_policy() -> None:
+    calls = Calls()
+    queue = make(calls, queue_size=2)
+    for seq in (1, 2, 3):
+        queue.push(envelope(seq))
+    assert queue.state is ConnectionState.CLOSING
+    assert calls.aborted == 1
+
+
+def test_a_reset_while_recovering_is_told_in_order_and_restarts_the_seqs() -> None:
+    queue = make(Calls())
+    queue.push(envelope(7))
+    queue.reset("e2", after_seq=0)
+    queue.push(envelope(1, epoch="e2"))
+    queue.go_live(after_seq=6)
+    items = queue.take()
+    assert seqs(items) == [7, "history_lost", 1]
+    lost = json.loads(items[1])  # type: ignore[arg-type]
+    assert lost["data"] == {"since": 7, "epoch": "e2", "first_seq": 1, "last_seq": 0}
+
+
+def test_a_live_reset_is_told_before_the_new_stream() -> None:
+    queue = make(Calls())
+    queue.go_live(0)
+    queue.push(envelope(41))
+    queue.reset("e2", after_seq=0)
+    queue.push(envelope(1, epoch="e2"))
+    assert seqs(queue.take()) == [41, "history_lost", 1]
+
+
+def test_abort_is_once_and_counts_frames_being_written_as_dropped() -> None:
+    calls = Calls()
+    queue = make(calls)
+    queue.go_live(0)
+    queue.push(envelope(1))
+    queue.push(envelope(2))
+    queue.take()
+    queue.sent(1)
+    assert queue.abort(CloseCode.GOING_AWAY, "bye")
+    assert not queue.abort(CloseCode.NORMAL, "again")
+    assert (queue.close_code, calls.aborted) == (CloseCode.GOING_AWAY, 1)
+    stats = queue.statistics()
+    assert (stats.delivered, stats.dropped, stats.queued) == (1, 1, 0)
+    queue.set_closed()
+    assert queue.state is ConnectionState.CLOSED
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("push"), st.integers(1, 40)),
+            st.tuples(st.just("text"), st.integers(0, 300)),
+            st.tuples(st.just("take"), st.integers(0, 5)),
+        ),
+        max_size=80,
+    ),
+    queue_size=st.integers(1, 8),
+    queue_bytes=st.integers(200, 3000),
+    policy=st.sampled_from(list(SlowConsumerPolicy)),
+)
+def test_bounds_order_and_accounting_hold_for_any_sequence(
+    ops: list[tuple[str, int]], queue_size: int, queue_bytes: int, policy: SlowConsumerPolicy
+) -> None:
+    queue = make(Calls(), queue_size=queue_size, queue_bytes=queue_bytes, policy=policy)
+    queue.go_live(0)
+    accepted = 0
+    written: list[int] = []
+    for op, arg in ops:
+        if op == "push":
+            before = queue.last_seq
+            queue.push(envelope(arg))
+            accepted += arg > before and not queue.closing
+        elif op == "text":
+            accepted += queue.push_text(json.dumps({"type": "t", "pad": "z" * arg}))
+        else:
+            batch = queue.take()
+            queue.sent(len(batch))
+            written += [item.seq for item in batch if isinstance(item, Envelope)]
+        stats = queue.statistics()
+        if not queue.closing:
+            assert stats.queued <= queue_size
+            assert stats.queued_bytes <= max(queue_bytes, 400)  # one oversized frame alone
+    assert written == sorted(set(written))  # in order, no duplicate
+    stats = queue.statistics()
+    if not queue.closing:
+        assert stats.delivered + stats.dropped + stats.queued == accepted
+
+
+def test_invalid_items_never_reach_the_queue() -> None:
+    with pytest.raises(ValueError, match="UTF-8"):
+        envelope(1, "\ud800")
