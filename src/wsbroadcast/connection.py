@@ -10,6 +10,7 @@ done here: the queue's abort hands the connection to the manager, which owns its
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 
@@ -87,8 +88,8 @@ class Connection:
             queue_size=queue_size,
             queue_bytes=queue_bytes,
             policy=policy,
-            on_ready=self._wake if self.send_nowait is None else lambda: on_ready(self),
-            on_abort=lambda: self._aborted(on_abort),
+            on_ready=self._wake if self.send_nowait is None else functools.partial(on_ready, self),
+            on_abort=functools.partial(self._aborted, on_abort),
         )
         self._wakeup: anyio.Event | None = None
         self._writer_scope: anyio.CancelScope | None = None
@@ -206,9 +207,7 @@ class Connection:
         batch = queue.peek()
         if batch and not self.send_nowait(batch):
             return False
-        queue.take()
-        queue.sent(len(batch))
-        queue.idle()
+        queue.flushed()
         return True
 
     @property

@@ -202,7 +202,18 @@ class OutboundQueue:
             if seq <= self.last_seq:
                 return
             self.last_seq = seq
-            self._append(envelope)
+            # The hot path of every broadcast, once per recipient: _append, inlined.
+            items = self._items
+            size = envelope.size
+            if len(items) >= self.queue_size or self._bytes + size > self.queue_bytes:
+                self._append(envelope)
+                return
+            items.append(envelope)
+            self._bytes += size
+            if not self._ready:
+                self._ready = True
+                if self._on_ready is not None:
+                    self._on_ready()
         elif state is ConnectionState.RECOVERING:
             self._hold(envelope)
 
@@ -330,6 +341,14 @@ class OutboundQueue:
         if not self._unsent:
             self._unsent_bytes = 0
         self._delivered += count
+
+    def flushed(self) -> None:
+        """Everything :meth:`peek` returned was written at once (the no-wait path): the queue
+        is empty and idle, and ``on_ready`` will be called for the next frame."""
+        self._delivered += len(self._items)
+        self._items = []
+        self._bytes = 0
+        self._ready = False
 
     def count_delivered(self, count: int) -> None:
         """``count`` frames that bypassed the queue (history replay) were written."""
