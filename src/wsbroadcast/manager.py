@@ -183,7 +183,6 @@ class ConnectionManager:
         """Being connected: the connecting task owns their cleanup; abort cancels it."""
         self._connects_done: anyio.Event | None = None
         self._present: set[Connection] = set()
-        self._dead: set[Connection] = set()
         self._published = 0
         self._delivered = 0
         self._dropped = 0
@@ -513,7 +512,6 @@ class ConnectionManager:
         if connection.queue.closing:
             return
         self._send_failures += 1
-        self._dead.add(connection)
         connection.queue.abort(CloseCode.GOING_AWAY, f"send failed: {type(exc).__name__}")
 
     # -- closing
@@ -556,13 +554,13 @@ class ConnectionManager:
             if connection.writing:
                 with anyio.move_on_after(self.close_timeout):
                     await connection.wait_writer()
-            if connection not in self._dead:
-                await self._close_socket(connection)
+            # Even after a failed send: the socket may be half-open, and a transport's close
+            # must not raise on a socket that is gone.
+            await self._close_socket(connection)
         finally:
             if connection.overflowed:
                 self._slow += 1
             self._connections.discard(connection)
-            self._dead.discard(connection)
             self._delivered += connection.queue.delivered
             self._dropped += connection.queue.dropped
             connection._set_closed()
