@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 import pytest
 
 from wsbroadcast import Envelope, InvalidBackendURL, InvalidData, backend_from_url
@@ -82,15 +85,27 @@ async def test_a_room_with_a_listener_or_presence_is_never_forgotten() -> None:
     assert backend.statistics()["rooms"] == 0
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the backend does no I/O: once is enough
 async def test_twenty_thousand_abandoned_rooms_cost_nothing_after_the_ttl() -> None:
     clock = Clock()
     backend = MemoryBackend(history_ttl=10, clock=clock)
-    for n in range(20_000):
-        await backend.publish(f"room{n}", "message", "x", {"n": n})
-    assert backend.statistics()["rooms"] == 20_000
-    clock.now += 11
-    await backend.publish("fresh", "message", "x")
-    assert backend.statistics()["rooms"] == 1
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(20_000):
+            await backend.publish(f"room{n}", "message", "x", {"n": n})
+        held = tracemalloc.get_traced_memory()[0] - before
+        assert backend.statistics()["rooms"] == 20_000
+        clock.now += 11
+        await backend.publish("fresh", "message", "x")
+        assert backend.statistics()["rooms"] == 1
+        gc.collect()
+        left = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # Measured here: ~40 MB held by 20,000 rooms, a few KiB left once they are forgotten.
+    assert held > 20_000 * 1024
+    assert left < 256 * 1024, f"{left} bytes left of {held}"
 
 
 async def test_history_is_bounded_by_bytes_as_well_as_count() -> None:

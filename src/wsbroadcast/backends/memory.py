@@ -128,12 +128,18 @@ class MemoryBackend(Backend):
         if not idle:
             return
         now = self._clock()
+        forgotten = 0
         while idle:
             room, deadline = next(iter(idle.items()))
             if deadline > now:
-                return
+                break
             del idle[room]
             del self._rooms[room]
+            forgotten += 1
+        if forgotten > 1000 and forgotten > len(self._rooms):
+            # A dict never shrinks by deletion: copy it, so memory goes back after a surge.
+            self._rooms = dict(self._rooms)
+            self._idle = OrderedDict(idle)
 
     def _touch(self, room: str, stream: _Stream) -> None:
         """Keep the room while it is used; start (or restart) its TTL when it is idle."""
