@@ -170,7 +170,7 @@ async def test_a_connect_cancelled_while_subscribing_does_not_fail_the_next(
                         break
                     await anyio.lowlevel.checkpoint()
                 assert second.accepted
-                for _ in range(5):  # it now waits for the room the first one is making
+                for _ in range(20):  # it now waits for the room the first one is making
                     await anyio.lowlevel.checkpoint()
                 first_scope.cancel()
             assert "second_error" not in outcome, repr(outcome.get("second_error"))

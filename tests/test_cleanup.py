@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from pydantic import JsonValue
 
 from tests.faults import GatedAcceptBatchTransport, HangingBatchTransport, HangingTransport
 from wsbroadcast import CloseCode, Connection, ConnectionManager, ConnectionState, ManagerNotRunning
@@ -43,7 +44,7 @@ def make(kind: str) -> MemoryTransport:
 
 
 async def send(
-    manager: ConnectionManager, room: str, data: object, watchers: list[MemoryTransport]
+    manager: ConnectionManager, room: str, data: JsonValue, watchers: list[MemoryTransport]
 ) -> None:
     """Broadcast, then wait until every (healthy) watcher got it: only the victim lags."""
     envelope = await manager.broadcast(room, data, "filler")
@@ -177,7 +178,7 @@ async def test_a_connection_that_ends_while_running_is_closed(
         if paused:
             transport.pause()
             await fill_queue(manager, connection, "room", watchers)
-        assert connection.state is ConnectionState.OPEN
+        assert connection.statistics().state is ConnectionState.OPEN
         with anyio.fail_after(GUARD):
             if ending == "disconnect":
                 await manager.disconnect(connection)

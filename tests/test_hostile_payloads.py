@@ -164,7 +164,7 @@ def last_seq(transport: MemoryTransport) -> int:
 # -- the scenario
 
 
-async def broadcast_each(values: list[object]) -> None:
+async def broadcast_each(values: list[Any]) -> None:
     """Members join (some with ``since=0``, so they are owed 1..N), then each value is
     broadcast; then two late clients resume from the seq before the first value."""
     backend = MemoryBackend()  # default bounds: a few 400 kB payloads fit in its history
@@ -234,7 +234,7 @@ async def broadcast_each(values: list[object]) -> None:
 @example(values=[{"\ud800": 1}, "a\udfffb", 2**64, -(2**63) - 1, Huge(5000)])
 @example(values=[nest("x", 300, "mixed"), math.nan, {1: 2}, (1, 2), -0.0, 1e308])
 def test_a_hostile_payload_is_refused_whole_or_delivered_to_everyone(
-    async_backend: str, values: list[object]
+    async_backend: str, values: list[Any]
 ) -> None:
     anyio.run(broadcast_each, [materialize(value) for value in values], backend=async_backend)
 
@@ -268,5 +268,5 @@ HOSTILE = {
 
 @pytest.mark.parametrize("value", list(HOSTILE.values()), ids=list(HOSTILE))
 @pytest.mark.anyio
-async def test_a_named_hostile_payload_leaves_no_hole(value: object) -> None:
+async def test_a_named_hostile_payload_leaves_no_hole(value: Any) -> None:
     await broadcast_each([value, "after"])
