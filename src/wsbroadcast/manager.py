@@ -363,6 +363,7 @@ class ConnectionManager:
                 raise BackendUnavailable(
                     f"the backend did not answer within {self.close_timeout} s"
                 ) from None
+        await anyio.lowlevel.checkpoint_if_cancelled()  # a cancellation that waited for it
         return result
 
     async def _add_presence(self, connection: Connection) -> Envelope | None:
