@@ -44,13 +44,8 @@ __all__ = [
 # -- sends that never return
 
 
-class HangingTransport(MemoryTransport):
-    """A :class:`MemoryTransport` whose ``send_text`` hangs, shielded, until :meth:`release`.
-
-    Cancelling the task that sends has no effect: the send returns only once the test
-    calls :meth:`release` (then it behaves as a ``MemoryTransport`` send: it records the
-    frame, or raises if the transport was closed meanwhile). ``close`` never hangs.
-    """
+class _Hanging:
+    """Sends that hang, shielded from cancellation, until :meth:`release`."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -67,27 +62,23 @@ class HangingTransport(MemoryTransport):
             self.stuck.set()
             await self._released.wait()
 
+
+class HangingTransport(_Hanging, MemoryTransport):
+    """A :class:`MemoryTransport` whose ``send_text`` hangs, shielded, until :meth:`release`.
+
+    Cancelling the task that sends has no effect: the send returns only once the test
+    calls :meth:`release` (then it behaves as a ``MemoryTransport`` send: it records the
+    frame, or raises if the transport was closed meanwhile). ``close`` never hangs.
+    """
+
     async def send_text(self, data: str, /) -> None:
         await self._hang()
         await super().send_text(data)
 
 
-class HangingBatchTransport(MemoryBatchTransport):
+class HangingBatchTransport(_Hanging, MemoryBatchTransport):
     """The fast-path version: ``send_batch_nowait`` refuses (a full socket) until released,
     and ``send_text``/``send_batch`` hang, shielded, until :meth:`release`."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.stuck = anyio.Event()
-        self._released = anyio.Event()
-
-    def release(self) -> None:
-        self._released.set()
-
-    async def _hang(self) -> None:
-        with anyio.CancelScope(shield=True):
-            self.stuck.set()
-            await self._released.wait()
 
     async def send_text(self, data: str, /) -> None:
         await self._hang()
