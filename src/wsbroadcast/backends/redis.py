@@ -233,26 +233,28 @@ end
 """
 
 # KEYS: client hash, members set, node index. ARGV: node id, client, index entry, node
-# prefix, room ttl (ms, 0 = never).
+# prefix, room ttl (ms, 0 = never), node keys ttl (ms).
 _ADD_PRESENCE = (
     _OTHER_LIVE_NODE
     + """
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('SADD', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
 keep(ARGV[5], KEYS[1], KEYS[2])
 if n > 1 or other_live_node(KEYS[1], ARGV[1], ARGV[4]) then return 0 end
 return 1
 """
 )
 
-# Same KEYS and ARGV as _ADD_PRESENCE; ARGV[6] is the count to restore.
+# Same KEYS and ARGV as _ADD_PRESENCE; ARGV[7] is the count to restore.
 _RESTORE_PRESENCE = (
     _OTHER_LIVE_NODE
     + """
-local new = redis.call('HSET', KEYS[1], ARGV[1], ARGV[6])
+local new = redis.call('HSET', KEYS[1], ARGV[1], ARGV[7])
 redis.call('SADD', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
 keep(ARGV[5], KEYS[1], KEYS[2])
 if new == 0 or other_live_node(KEYS[1], ARGV[1], ARGV[4]) then return 0 end
 return 1
@@ -960,7 +962,7 @@ class RedisBackend(Backend):
         if created:
             try:
                 with self._commands(f"subscribe to {room!r}"):
-                    await client.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+                    await self._poke(client)
             except BackendError:
                 self._unsubscribe(room, subscriber)
                 raise
@@ -1018,12 +1020,11 @@ class RedisBackend(Backend):
                 continue
             failures = 0
             self._mark_up()
-            if generation is None or generation != self._generation:
-                # Lost data (or a generation just created): check every room, then re-read.
-                if generation is None:
-                    self._generation_unsure = True  # gone: the next turn creates a new one
-                else:
-                    self._adopt_generation(str(generation))
+            if generation != self._generation:
+                # Redis lost its data, or another node already noticed and made a new
+                # generation, or this read began before this node adopted the new one: the
+                # next turn reads it afresh (creating it if it is gone), then checks the rooms.
+                self._generation_unsure = True
                 continue
             for key, entries in response or ():
                 if key == self._wake_key:
@@ -1145,7 +1146,14 @@ class RedisBackend(Backend):
                 self._restart(name, state, epoch)
                 restarted = True
         if restarted and poke:
-            await self._redis.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+            await self._poke(self._redis)
+
+    async def _poke(self, client: Redis) -> None:
+        """Re-arm this node's reader: its blocking read returns at once and starts over."""
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+            pipe.pexpire(self._wake_key, self._node_ttl_ms)
+            await pipe.execute()
 
     # -- presence
 
@@ -1163,6 +1171,7 @@ class RedisBackend(Backend):
             f"{room} {client_id}",
             self._key("node", ""),
             self._room_ttl_ms,
+            self._node_ttl_ms,
         ]
 
     async def add_presence(self, room: str, client_id: str) -> bool:
@@ -1297,10 +1306,8 @@ class RedisBackend(Backend):
             ],
         )
         self._mark_writable()
-        if not generation:
-            self._generation_unsure = True
-        elif self._generation is not None:
-            self._adopt_generation(str(generation))
+        if generation != self._generation:
+            self._generation_unsure = True  # read afresh by _sync_generation
         return not existed
 
     async def _run_heartbeat(self) -> None:
