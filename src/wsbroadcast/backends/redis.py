@@ -1089,8 +1089,11 @@ class RedisBackend(Backend):
                         logger.exception("listener for room %r failed; it is skipped", room)
 
     def _restart(self, room: str, state: _Room, epoch: str) -> None:
-        """The room's stream is now ``epoch`` (restarted): reset listeners, read it from 1."""
-        logger.warning(
+        """The room's stream is now ``epoch`` (restarted): reset listeners, read it from 1.
+
+        Logged at INFO per room: the data loss that usually causes it is one WARNING.
+        """
+        logger.info(
             "room %r: its stream %r was lost or restarted as %r; listeners are reset",
             room,
             state.epoch,
@@ -1129,6 +1132,8 @@ class RedisBackend(Backend):
         for name, (state, _) in rooms.items():
             groups.append([name, state.epoch, str(state.last_seq), state.last_id, new_epoch()])
         groups.extend([name, "-", "0", "", ""] for name in sorted(present))
+        if not groups:
+            return
         results: list[str] = []
         for start in range(0, len(groups), _CHECK_CHUNK):
             chunk = groups[start : start + _CHECK_CHUNK]
@@ -1137,14 +1142,19 @@ class RedisBackend(Backend):
                 args.extend(group)
             results.extend(str(value) for value in await self._check_rooms_script(args=args))
         self._mark_up()
-        restarted = False
+        restarted = 0
         for index, (name, (state, version)) in enumerate(rooms.items()):
             epoch = results[2 * index]
             if self._rooms.get(name) is not state or state.version != version:
                 continue
             if state.epoch and epoch != state.epoch:
                 self._restart(name, state, epoch)
-                restarted = True
+                restarted += 1
+        if restarted:
+            logger.warning(
+                "%d rooms' streams were lost or rolled back in Redis; their listeners are reset",
+                restarted,
+            )
         if restarted and poke:
             await self._poke(self._redis)
 
@@ -1327,6 +1337,8 @@ class RedisBackend(Backend):
                 await self._reap_dead_nodes()
             except _UNREACHABLE as exc:
                 self._mark_down(exc)
+            except BackendUnavailable:
+                pass  # a publish of the resync or reaper: already marked down
             except (BackendError, RedisError) as exc:
                 self._mark_refused(exc)
 
