@@ -804,6 +804,7 @@ class RedisBackend(Backend):
             keys=[self._key("generation")], args=[uuid.uuid4().hex]
         )
         self._mark_up()
+        self._generation_unsure = False
         self._adopt_generation(str(raw))
 
     def _adopt_generation(self, generation: str) -> None:
@@ -985,7 +986,6 @@ class RedisBackend(Backend):
             try:
                 if self._generation is None or self._generation_unsure:
                     await self._sync_generation()
-                    self._generation_unsure = False
                 if self._check_pending:
                     # After an outage or a data loss, before reading on: a room whose stream
                     # was lost or rolled back is reset, not read from a stale position.
@@ -1323,14 +1323,24 @@ class RedisBackend(Backend):
     async def _run_heartbeat(self) -> None:
         while True:
             await anyio.sleep(self.heartbeat_interval)
+            refused: RedisError | None = None
             try:
-                if await self._heartbeat():
-                    self._resync_pending = True
+                try:
+                    if await self._heartbeat():
+                        self._resync_pending = True
+                except _UNREACHABLE:
+                    raise
+                except RedisError as exc:
+                    # Refused (a write under OOM): still keep the rooms alive below (PEXPIRE
+                    # is allowed then), so an outage of writes never expires them.
+                    refused = exc
                 if self._generation_unsure:
                     await self._sync_generation()
-                    self._generation_unsure = False
                 # Keeps the rooms this node uses alive, and resets any whose stream is gone.
                 await self._check_rooms(poke=True)
+                if refused is not None:
+                    self._mark_refused(refused)
+                    continue
                 if self._resync_pending:
                     await self._resync_presence()
                     self._resync_pending = False
