@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
@@ -12,20 +13,35 @@ import anyio
 import pytest
 
 from wsbroadcast import Envelope
+from wsbroadcast.backend import StreamReset
 
 ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 """redis-py's asyncio client does not run on trio: every Redis test runs on asyncio only."""
 
 
 class Recorder:
-    """A listener that records envelopes and lets a test wait for a number of them."""
+    """A listener that records envelopes (and, through :meth:`reset`, stream resets) and
+    lets a test wait for a number of them.
+
+    ``events`` holds both in the order they came, so a test can check that a reset was told
+    before any envelope of the new stream.
+    """
 
     def __init__(self) -> None:
         self.envelopes: list[Envelope] = []
+        self.resets: list[StreamReset] = []
+        self.events: list[Envelope | StreamReset] = []
         self._changed = anyio.Event()
 
     def __call__(self, envelope: Envelope) -> None:
         self.envelopes.append(envelope)
+        self.events.append(envelope)
+        self._changed.set()
+
+    def reset(self, reset: StreamReset) -> None:
+        """The ``on_reset`` to subscribe with."""
+        self.resets.append(reset)
+        self.events.append(reset)
         self._changed.set()
 
     async def wait_for(self, count: int) -> list[Envelope]:
@@ -34,6 +50,13 @@ class Recorder:
             self._changed = anyio.Event()
             await self._changed.wait()
         return self.envelopes
+
+    async def wait_for_resets(self, count: int) -> list[StreamReset]:
+        """Wait until ``count`` resets were told (bounded by the caller's ``fail_after``)."""
+        while len(self.resets) < count:
+            self._changed = anyio.Event()
+            await self._changed.wait()
+        return self.resets
 
     @property
     def seqs(self) -> list[int]:
@@ -87,6 +110,16 @@ class RedisServer:
                 self.kill()
                 pytest.fail(f"redis-server did not start on port {self.port}")
             time.sleep(0.01)
+
+    def stop(self) -> None:
+        """SIGSTOP the server: it keeps its connections open but answers nothing."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a stopped server."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL the server: no shutdown, no save, connections cut."""

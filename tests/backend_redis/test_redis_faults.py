@@ -10,6 +10,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 
+from wsbroadcast import Envelope
+from wsbroadcast.backend import StreamReset
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.exceptions import BackendError, BackendUnavailable
 
@@ -46,12 +48,13 @@ async def test_reader_resumes_where_it_stopped_after_connections_drop(
 async def test_redis_restarted_empty(make_backend: Make, redis_server: RedisServer) -> None:
     async with make_backend() as a, make_backend() as b:
         recorder = Recorder()
-        await a.subscribe("r", recorder)
+        await a.subscribe("r", recorder, recorder.reset)
         await a.add_presence("r", "alice")
         for i in range(3):
             await b.publish("r", "message", "bob", i)
         with anyio.fail_after(10):
             await recorder.wait_for(3)
+            old_epoch = recorder.envelopes[0].epoch
 
             redis_server.kill()
             with pytest.raises(BackendUnavailable):
@@ -68,26 +71,34 @@ async def test_redis_restarted_empty(make_backend: Make, redis_server: RedisServ
             await eventually(lambda: b.health()["status"] == "ok")
             assert a.health()["reconnects"] == 1
 
-            # a notices the new generation and restores alice's presence (with a join).
+            # a notices the loss, resets its listeners, and restores alice's presence (join).
             await eventually(lambda: a.health()["data_losses"] == 1)
             await recorder.wait_for(4)
             assert await b.presence("r") == ["alice"]
             after = await b.publish("r", "message", "bob", "after")
             await recorder.wait_for(5)
 
+        # The listener was told, before any envelope of the new stream, that it restarted.
+        reset = recorder.events[3]
+        assert isinstance(reset, StreamReset)
+        assert (reset.room, reset.after_seq) == ("r", 0)
+        new_epoch = reset.epoch
+        assert new_epoch != old_epoch
         join = recorder.envelopes[3]
         assert (join.type, join.client_id) == ("join", "alice")
         assert recorder.envelopes[4].id == after.id
-        # The room continues above every number handed out before the loss ...
-        assert join.seq > 1_000_000_000_000_000
-        assert after.seq == join.seq + 1
-        # ... so no old position can be mistaken for a new one: resuming is refused.
+        # The new stream starts at 1 under its new epoch: no silent jump, no reused numbers.
+        assert (join.seq, join.epoch) == (1, new_epoch)
+        assert (after.seq, after.epoch) == (2, new_epoch)
+        assert all(isinstance(event, Envelope) for event in recorder.events[4:])
+        # A client resuming in the old epoch is told history is lost.
         for node in (a, b):
-            for since in (0, 2, 3):
-                history = await node.history("r", since)
+            for since in (2, 3):
+                history = await node.history("r", since, old_epoch)
                 assert not history.complete, since
                 assert history.envelopes == ()
-        resumed = await a.history("r", join.seq)
+                assert history.epoch == new_epoch
+        resumed = await a.history("r", join.seq, new_epoch)
         assert resumed.complete
         assert [e.id for e in resumed.envelopes] == [after.id]
         assert b.health()["data_losses"] == 1
@@ -144,13 +155,13 @@ async def test_retried_publish_is_not_published_twice(
         assert envelope.seq == 1
 
 
-async def test_reader_cut_off_past_history_logs_a_gap(
+async def test_reader_cut_off_past_history_tells_a_gap(
     make_backend: Make, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     trim = {"history_size": 3, "exact_trim": True}  # the publisher trims
     async with make_backend(**trim) as a, make_backend(**trim) as b:
         recorder = Recorder()
-        await a.subscribe("r", recorder)
+        await a.subscribe("r", recorder, recorder.reset)
         await b.publish("r", "message", "bob", 1)
         with anyio.fail_after(5):
             await recorder.wait_for(1)
@@ -166,8 +177,12 @@ async def test_reader_cut_off_past_history_logs_a_gap(
                 await b.publish("r", "message", "bob", i)
             monkeypatch.setattr(a._reader, "pipeline", real)
             await recorder.wait_for(4)
-        # Only the last 3 were still in the stream: the listener sees seq jump from 1 to 8.
+        # Only the last 3 were still in the stream: the listener is told 2 to 7 are lost
+        # before it gets 8.
         assert recorder.seqs == [1, 8, 9, 10]
+        epoch = recorder.envelopes[0].epoch
+        assert recorder.events[1] == StreamReset("r", epoch, 7)
+        assert recorder.events[2] == recorder.envelopes[1]
         assert a.health()["gaps"] == 1
         assert "envelopes 2 to 7 were trimmed" in caplog.text
 

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import anyio
 import pytest
-from redis_helpers import ASYNCIO_ONLY
+from redis.asyncio import Redis
+from redis_helpers import ASYNCIO_ONLY, RedisServer
 
 from wsbroadcast import ConnectionManager
 from wsbroadcast.backends.redis import RedisBackend
@@ -60,3 +61,66 @@ async def test_connect_on_a_broadcast_on_b_resume_on_b(
                 "message",
                 "leave",
             ]
+
+
+async def test_flushall_gives_every_live_connection_history_lost_first(
+    make_backend: Callable[..., RedisBackend], redis_server: RedisServer
+) -> None:
+    admin = Redis.from_url(redis_server.url)
+    try:
+        async with (
+            ConnectionManager(make_backend()) as node_a,
+            ConnectionManager(make_backend()) as node_b,
+        ):
+            with anyio.fail_after(10):
+                clients = [("alice", node_a), ("bob", node_b), ("carol", node_a)]
+                transports = []
+                for client_id, node in clients:
+                    transport = MemoryTransport()
+                    await node.connect(transport, client_id, "room")
+                    transports.append(transport)
+                old = await node_b.broadcast("room", "before", "bob")
+                for transport in transports:
+                    await transport.wait_until(
+                        lambda t: any(m.get("id") == old.id for m in t.messages())
+                    )
+                marks = [len(transport.frames) for transport in transports]
+
+                await admin.flushall()
+                new = await node_b.broadcast("room", "after", "bob")
+                for transport in transports:
+                    await transport.wait_until(
+                        lambda t: any(m.get("id") == new.id for m in t.messages())
+                    )
+        assert new.epoch != old.epoch
+        for transport, mark in zip(transports, marks, strict=True):
+            after = transport.messages()[mark:]
+            lost = after[0]
+            assert lost["type"] == "history_lost", after
+            assert lost["data"]["epoch"] == new.epoch
+            assert lost["data"]["last_seq"] == 0
+            # Then the new stream only, from its start, with no second history_lost.
+            envelopes = after[1:]
+            assert all("seq" in m for m in envelopes), after
+            assert [m["epoch"] for m in envelopes] == [new.epoch] * len(envelopes)
+            assert [m["seq"] for m in envelopes] == list(range(1, len(envelopes) + 1))
+            assert new.id in [m["id"] for m in envelopes]
+    finally:
+        await admin.aclose()
+
+
+@pytest.mark.parametrize("since", [2**64, 10**30, 2**63])
+async def test_resume_beyond_any_seq_is_history_lost_not_an_error(
+    make_backend: Callable[..., RedisBackend], since: int
+) -> None:
+    async with ConnectionManager(make_backend()) as node:
+        with anyio.fail_after(10):
+            await node.broadcast("room", "x", "bob")
+            transport = MemoryTransport()
+            await node.connect(transport, "alice", "room", since=since)
+            await transport.wait_until(
+                lambda t: any(m["type"] == "history_lost" for m in t.messages())
+            )
+        assert transport.close_code is None
+        lost = next(m for m in transport.messages() if m["type"] == "history_lost")
+        assert lost["data"]["since"] == since
