@@ -561,10 +561,13 @@ async def test_rate_limit(limited: ChatServer) -> None:
 
 @pytest.fixture(scope="module")
 def capped(start_server: StartServer, server_kind: str) -> ChatServer:
-    return start_server(
-        "--rate-limit", "1", "--ip-rate-limit", "3", "--max-connections-per-ip", "12",
-        kind=server_kind,
-    )  # fmt: skip
+    return start_server("--rate-limit", "1", "--ip-rate-limit", "3", kind=server_kind)
+
+
+@pytest.fixture(scope="module")
+def few_per_ip(start_server: StartServer, server_kind: str) -> ChatServer:
+    """A server of its own: no connection of another test can count against the cap."""
+    return start_server("--max-connections-per-ip", "12", kind=server_kind)
 
 
 async def _outcomes(ws: ClientConnection, count: int) -> list[str]:
@@ -617,18 +620,18 @@ async def test_the_rate_limit_holds_per_ip_across_client_ids(capped: ChatServer)
 
 @pytest.mark.anyio
 @asyncio_only
-async def test_connections_per_ip_are_capped(capped: ChatServer) -> None:
+async def test_connections_per_ip_are_few_per_ip(few_per_ip: ChatServer) -> None:
     """12 connections from 127.0.0.1 are served; the 13th is refused with HTTP 429; once one
     closes, there is room again."""
     async with AsyncExitStack() as stack:
-        first = await stack.enter_async_context(client(capped, "cap-0", "cap"))
+        first = await stack.enter_async_context(client(few_per_ip, "cap-0", "cap"))
         await recv(first)
         for n in range(1, 12):
-            ws = await stack.enter_async_context(client(capped, f"cap-{n}", "cap"))
+            ws = await stack.enter_async_context(client(few_per_ip, f"cap-{n}", "cap"))
             while (await recv(ws))["client_id"] != f"cap-{n}":
                 pass
         with pytest.raises(InvalidStatus) as refusal:
-            async with client(capped, "cap-extra", "cap"):
+            async with client(few_per_ip, "cap-extra", "cap"):
                 pass
         assert refusal.value.response.status_code == 429
         await first.close()
@@ -636,23 +639,23 @@ async def test_connections_per_ip_are_capped(capped: ChatServer) -> None:
         with anyio.fail_after(10):
             while True:
                 try:
-                    async with client(capped, "cap-extra", "cap") as extra:
+                    async with client(few_per_ip, "cap-extra", "cap") as extra:
                         while (await recv(extra))["client_id"] != "cap-extra":
                             pass
                         break
                 except InvalidStatus:
                     await anyio.sleep(0.05)  # polling another process, bounded
-    text = httpx.get(f"{capped.url}/metrics").text
+    text = httpx.get(f"{few_per_ip.url}/metrics").text
     assert re.search(
         r'^chat_connections_refused_total\{reason="too_many_connections"\} [1-9]', text, re.M
     )
 
 
 def test_no_traceback_in_the_server_log(
-    server: ChatServer, limited: ChatServer, capped: ChatServer
+    server: ChatServer, limited: ChatServer, capped: ChatServer, few_per_ip: ChatServer
 ) -> None:
     """Runs last in this module: every bad input above left no traceback in stderr."""
-    for each in (server, limited, capped):
+    for each in (server, limited, capped, few_per_ip):
         log = each.stderr()
         assert each.ready_line in log  # the log is really captured
         assert "Traceback" not in log
