@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,7 +22,9 @@ from websockets.asyncio.server import ServerConnection, serve
 from wsbroadcast import CloseCode, Connection, ConnectionManager, ConnectionState, Transport
 from wsbroadcast.testing import MemoryTransport
 from wsbroadcast.transport import BatchTransport, NowaitBatchTransport
+from wsbroadcast.transports import _once
 from wsbroadcast.transports.starlette import (
+    DEFAULT_CLOSE_TIMEOUT,
     StarletteFramesTransport,
     StarletteTransport,
     starlette_transport,
@@ -303,3 +306,97 @@ async def test_a_client_that_stops_reading_is_shed_and_dropped_on_uvicorn() -> N
                 await _Recording.lost.wait()
             assert closed[0].close_code == CloseCode.SLOW_CONSUMER
             assert manager.stats().slow_consumer_disconnects == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_starlette_transport_closes_a_stalled_socket_by_default_and_says_so() -> None:
+    """Without a close_timeout of its own, a 4008 to a client that stopped reading still ends
+    with the TCP connection dropped (not ESTABLISHED with megabytes queued), and the transport
+    tells the application, which counts it."""
+    _Recording.lost = anyio.Event()
+    async with ConnectionManager(queue_size=8) as manager:
+        closed: list[Connection] = []
+        transports: list[StarletteTransport] = []
+
+        async def endpoint(websocket: WebSocket) -> None:
+            transport = starlette_transport(websocket)  # the default close_timeout
+            transports.append(transport)
+            connection = await manager.connect(transport, "stalled")
+            closed.append(connection)
+            await connection.wait_closed()
+
+        async with (
+            _uvicorn(endpoint, _Recording, deflate=False) as url,
+            connect(url, max_queue=1, compression=None, close_timeout=1) as c,
+        ):
+            assert json.loads(await c.recv())["type"] == "join"
+            await _flood_until_closed(manager, closed)
+            with anyio.fail_after(30):
+                await _Recording.lost.wait()
+            assert closed[0].close_code == CloseCode.SLOW_CONSUMER
+    assert transports[0].close_timeout == DEFAULT_CLOSE_TIMEOUT
+    assert transports[0].close_timed_out
+    assert transports[0].aborted
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_no_fast_path_is_said_once_not_per_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Three connections that negotiate permessage-deflate on uvicorn: one line from the
+    protocol (why) and one from starlette_transport (what it does instead), not three each."""
+    _once._logged.clear()
+    caplog.set_level(logging.INFO, logger="wsbroadcast.transports")
+    for _ in range(3):
+        _, transports = await _uvicorn_round(WebSocketProtocol, deflate=True)
+        assert transports == [StarletteTransport]
+    for name in ("wsbroadcast.transports.uvicorn", "wsbroadcast.transports.starlette"):
+        lines = [r.getMessage() for r in caplog.records if r.name == name]
+        assert len(lines) == 1, (name, lines)
+    assert "permessage-deflate" in caplog.text
+
+
+def _raw_exchange(url: str, request: bytes) -> bytes:
+    """Send ``request`` on a raw socket; return everything until the server closes."""
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):  # a timeout fails the test: the socket stayed open
+            received += chunk
+    return received
+
+
+def _upgrade(target: str, headers: str = "") -> bytes:
+    return (
+        f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{headers}\r\n"
+    ).encode()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (_upgrade("/?pad=" + "p" * 9000), b"414"),
+        (_upgrade("/", "".join(f"X-{n}: {n}\r\n" for n in range(200))), b"431"),
+    ],
+    ids=["request-line", "headers"],
+)
+async def test_uvicorn_protocol_sends_the_refusal_of_a_handshake_it_cannot_parse(
+    request_bytes: bytes, status: bytes
+) -> None:
+    """``websockets`` refuses the request (414, 431) while parsing it; uvicorn's protocol
+    never wrote that response and left the socket open. Here on uvicorn's own HTTP
+    protocol, which has no limits of its own, so the request reaches the WebSocket one."""
+
+    async def endpoint(websocket: WebSocket) -> None:
+        raise AssertionError("not reached")
+
+    async with _uvicorn(endpoint, WebSocketProtocol, deflate=False) as url:
+        response = await anyio.to_thread.run_sync(_raw_exchange, url, request_bytes)
+    assert response.startswith(b"HTTP/1.1 " + status + b" "), response[:200]

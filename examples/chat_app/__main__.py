@@ -1,32 +1,42 @@
 """Run the chat app: ``python -m examples.chat_app --host 127.0.0.1 --port 8000``.
 
 ``--server uvicorn`` (the default) serves the Starlette app, with wsbroadcast's uvicorn
-WebSocket protocol (``--ws wsbroadcast``) so that it takes the fast path; ``--server
+WebSocket protocol (``--ws wsbroadcast``) so that it takes the fast path, and wsbroadcast's
+httptools HTTP protocol, which puts a deadline and size limits on request heads; ``--server
 websockets`` serves the same routes and protocol on the ``websockets`` library's server.
+
+Either way the log goes to stderr, one line per record with its level and logger name, and
+SIGINT (Ctrl-C) or SIGTERM shuts the server down gracefully, in at most
+``--shutdown-timeout`` seconds, and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import logging.config
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import uvicorn
 
 from wsbroadcast import DEFAULT_QUEUE_SIZE, backend_from_url
 from wsbroadcast.transports.uvicorn import WebSocketProtocol
+from wsbroadcast.transports.uvicorn_http import HttpToolsProtocol
 
 from .app import Settings, create_app
-from .service import ChatService
+from .service import CLOSE_WAIT, ChatService
 
 __all__ = ["main", "parse_args"]
 
 _UVICORN_WS = ("wsbroadcast", "websockets-sansio")
-"""``--ws``: uvicorn's protocol, the same but for the ``wsbroadcast.frames`` ASGI extension
-that wsbroadcast's adds."""
+"""``--ws``: wsbroadcast's uvicorn protocol with or without the ``wsbroadcast.frames`` ASGI
+extension (``websockets-sansio``: plain ASGI sends, as on uvicorn's own protocol, with the
+same protections at the edge)."""
 
 
 def _non_negative(text: str) -> float:
@@ -54,6 +64,60 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
+
+
+def _positive(text: str) -> float:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+"""Every line of the log, on both servers: when, how bad, and which logger said it."""
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """The ``logging.config.dictConfig`` of both servers: one stderr handler on the root
+    logger, so uvicorn's, the app's (``examples.chat_app``) and the library's
+    (``wsbroadcast...``) records all get :data:`LOG_FORMAT`."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "plain",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+        "loggers": {
+            name: {"handlers": [], "level": level.upper(), "propagate": True}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+    }
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, exiting normally after a graceful shutdown on SIGINT or SIGTERM.
+
+    uvicorn re-raises the signal it caught once it has shut down, so Ctrl-C ends in a
+    ``KeyboardInterrupt`` traceback and SIGTERM in death by signal; the chat app shut down
+    cleanly by then, so it exits 0, as on the websockets server.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, forgetting the signals caught before it would raise them again."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list):
+                    captured.clear()
 
 
 class _ClientMistakeFilter(logging.Filter):
@@ -92,8 +156,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=_UVICORN_WS,
         default="wsbroadcast",
         help="uvicorn's WebSocket protocol: wsbroadcast's, which lets the app write each"
-        " broadcast frame once for all clients, or uvicorn's own websockets-sansio, plain"
-        " ASGI (default %(default)s)",
+        " broadcast frame once for all clients, or websockets-sansio, plain ASGI sends as"
+        " on uvicorn's own (both with wsbroadcast's bounds at the edge; default %(default)s)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default %(default)s)")
@@ -103,7 +167,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=_non_negative,
         default=20,
         metavar="N",
-        help="messages per second per connection, bursts of 2N; 0 turns it off (default 20)",
+        help="messages per second per client id, across its tabs (and nodes, on Redis), bursts"
+        " of 2N; 0 turns it off, and the per-IP limit unless --ip-rate-limit is given"
+        " (default 20)",
+    )
+    parser.add_argument(
+        "--ip-rate-limit",
+        type=_non_negative,
+        default=None,
+        metavar="N",
+        help="messages per second per IP address, across its client ids, bursts of 2N; 0 turns"
+        " it off (default: five times --rate-limit)",
+    )
+    parser.add_argument(
+        "--max-connections-per-ip",
+        type=_non_negative_int,
+        default=256,
+        metavar="N",
+        help="WebSocket connections one IP address may have open on this process; more are"
+        " refused with HTTP 429; 0: no cap (default 256)",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="time a client has to send its request line and headers (default 10)",
+    )
+    parser.add_argument(
+        "--max-write-buffer",
+        type=_positive_int,
+        default=4 * 1024 * 1024,
+        metavar="BYTES",
+        help="bytes waiting in a connection's socket write buffer (pongs included) before it"
+        " is closed with 4008 as a slow consumer (default 4194304)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=_positive_int,
+        default=10,
+        metavar="SECONDS",
+        help="on SIGINT or SIGTERM, how long to wait for connections to close before cutting"
+        " them (default 10)",
     )
     parser.add_argument(
         "--max-message-bytes",
@@ -167,6 +272,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = Settings(
             backend=args.backend,
             rate_limit=args.rate_limit,
+            ip_rate_limit=args.ip_rate_limit,
+            max_connections_per_ip=args.max_connections_per_ip,
+            handshake_timeout=args.handshake_timeout,
+            max_write_buffer=args.max_write_buffer,
+            shutdown_timeout=args.shutdown_timeout,
             max_message_bytes=args.max_message_bytes,
             max_text=args.max_text,
             queue_size=args.queue_size,
@@ -185,9 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _run_websockets(args: argparse.Namespace, settings: Settings) -> None:
     from .websockets_server import run
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
-    )
+    logging.config.dictConfig(logging_config(args.log_level))
     main = run(ChatService(settings), args.host, args.port, args.send_buffer)
     try:
         # uvloop when it is installed (uvicorn[standard] brings it), as uvicorn does.
@@ -203,13 +311,26 @@ def _run_websockets(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _run_uvicorn(args: argparse.Namespace, settings: Settings) -> None:
+    # Both --ws choices get the protocol's bounds on outbound bytes, refused handshakes and
+    # shutdown; websockets-sansio sends through plain ASGI, as uvicorn's own protocol does.
+    ws = WebSocketProtocol.configure(
+        max_write_buffer=settings.max_write_buffer,
+        close_wait=CLOSE_WAIT,
+        offer_frames=args.ws == "wsbroadcast",
+    )
     config = uvicorn.Config(
         create_app(settings),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        log_config=logging_config(args.log_level),
         lifespan="on",
-        ws=WebSocketProtocol if args.ws == "wsbroadcast" else args.ws,
+        # A deadline and size limits on request heads, handshakes included (uvicorn has
+        # neither); whichever WebSocket protocol --ws names.
+        http=HttpToolsProtocol.configure(head_timeout=settings.handshake_timeout),
+        ws=ws,
+        # Connections that will not close (a client that stopped reading) are cut after it.
+        timeout_graceful_shutdown=settings.shutdown_timeout,
         # The server refuses oversized frames itself (close 1009) before buffering them.
         ws_max_size=settings.max_message_bytes,
         # Frames are encoded once and shared by every recipient; compression would redo it
@@ -217,7 +338,7 @@ def _run_uvicorn(args: argparse.Namespace, settings: Settings) -> None:
         ws_per_message_deflate=False,
     )
     logging.getLogger("uvicorn.error").addFilter(_ClientMistakeFilter())
-    server = uvicorn.Server(config)
+    server = _Server(config)
     if args.send_buffer is None:
         server.run()
     else:

@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from wsbroadcast import CloseCode
 from wsbroadcast.transports.starlette import starlette_transport
+from wsbroadcast.transports.uvicorn import WebSocketProtocol
 
 from .service import (
     CLOSE_WAIT,
     ChatService,
     ClientError,
     ErrorCode,
+    FrameTooBig,
     Handshake,
     HttpResponse,
     RateLimiter,
@@ -59,9 +62,15 @@ class _StarletteSocket:
         self.transport = starlette_transport(websocket, close_timeout=CLOSE_WAIT)
 
     async def receive(self) -> str | bytes | None:
-        """The next text or binary frame, or None once the client has left."""
+        """The next text or binary frame, or None once the client has left.
+
+        Raises :class:`FrameTooBig` for a disconnect with 1009: uvicorn refused a frame over
+        ``ws_max_size`` and closed the connection itself.
+        """
         message: Any = await self.websocket.receive()
         if message["type"] != "websocket.receive":  # websocket.disconnect
+            if message.get("code") == CloseCode.MESSAGE_TOO_BIG:
+                raise FrameTooBig
             return None
         text: str | None = message.get("text")
         return text if text is not None else bytes(message.get("bytes") or b"")
@@ -105,7 +114,7 @@ class _StarletteFrontEnd:
         return _response(await self.service.room(request.path_params["room"]))
 
     async def chat_socket(self, websocket: WebSocket) -> None:
-        """``WS /ws/{client_id}?room=NAME&since=SEQ``."""
+        """``WS /ws/{client_id}?room=NAME&since=SEQ&epoch=E``."""
         handshake = Handshake(
             path=websocket.url.path,
             client_id=websocket.path_params["client_id"],
@@ -113,18 +122,32 @@ class _StarletteFrontEnd:
             origin=websocket.headers.get("origin"),
             host=websocket.headers.get("host"),
             secure=websocket.url.scheme == "wss",
+            client_ip=websocket.client.host if websocket.client else None,
         )
         request = self.service.check_handshake(handshake)
         if isinstance(request, Refusal):
+            if request.status != HTTPStatus.FORBIDDEN and _can_deny(websocket):
+                response = PlainTextResponse(f"{request.detail}\n", status_code=request.status)
+                await websocket.send_denial_response(response)
+                return
             # A close before accept is an HTTP 403 on uvicorn.
             await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=request.reason)
             return
         await self.service.serve(request, _StarletteSocket(websocket))
 
 
+def _can_deny(websocket: WebSocket) -> bool:
+    """Whether the server can answer a handshake with any HTTP response (uvicorn can)."""
+    extensions: Any = websocket.scope.get("extensions") or {}
+    return "websocket.http.response" in extensions
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the chat app; its ``lifespan`` runs the connection manager."""
     service = ChatService(settings or Settings())
+    # Closes for a full write buffer happen in wsbroadcast's uvicorn protocol, which counts
+    # them for the process; on any other server there are none.
+    service.write_buffer_overflows = lambda: WebSocketProtocol.slow_consumers
     front = _StarletteFrontEnd(service)
     app = Starlette(
         routes=[

@@ -6,12 +6,14 @@ Routes (documented in ``docs/protocol.md``, "The chat app's WebSocket protocol")
     GET  /healthz       {"status": "ok", ...}
     GET  /metrics       Prometheus text format
     GET  /rooms/{room}  {"room", "online", "seq"}
-    WS   /ws/{client_id}?room=NAME&since=SEQ
+    WS   /ws/{client_id}?room=NAME&since=SEQ&epoch=EPOCH
 
-Everything a client sends is checked at the edge before it reaches the manager: names and
-``since`` at the handshake (refused with HTTP 403), the ``Origin`` header against cross-site
-WebSocket hijacking, and every frame for size, rate, JSON shape and text length. A client's
-mistake gets an unsequenced error frame on its own connection, never a traceback in the log.
+Everything a client sends is checked at the edge before it reaches the manager: names,
+``since`` and ``epoch`` at the handshake (refused with HTTP 403), the ``Origin`` header
+against cross-site WebSocket hijacking, connections per IP address (HTTP 429), and every
+frame for size, rate (per client id across its tabs and nodes, and per IP address), JSON
+shape and text length. A client's mistake gets an unsequenced error frame on its own
+connection, never a traceback in the log.
 
 Nothing here imports a web server. A front end (:mod:`examples.chat_app.app` on Starlette,
 :mod:`examples.chat_app.websockets_server` on the ``websockets`` library) matches the routes,
@@ -29,7 +31,7 @@ import logging
 import math
 import re
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -47,12 +49,13 @@ from wsbroadcast import (
     Connection,
     ConnectionManager,
     ConnectionState,
+    InvalidData,
     InvalidInput,
     ManagerNotRunning,
     Transport,
     WSBroadcastError,
-    control_frame,
 )
+from wsbroadcast.envelope import EPOCH_PATTERN
 
 __all__ = [
     "ChatRequest",
@@ -78,6 +81,8 @@ _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _SINCE = re.compile(r"[0-9]{1,18}")
 CLOSE_WAIT: Final = 1.0
 """Seconds to wait for a close frame to be written before giving up on the socket."""
+TRY_AGAIN_LATER: Final = 1013
+"""Close code for a connection over the per-IP cap that passed the handshake in a race."""
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -103,6 +108,9 @@ class ErrorCode:
     UNAVAILABLE: Final = "unavailable"
     """The message could not be published: the backend (Redis) cannot be reached or refused
     it. Not the client's fault; nothing was broadcast, and the client may retry."""
+    INVALID_MESSAGE: Final = "invalid_message"
+    """``message`` cannot be encoded (a lone UTF-16 surrogate such as ``"\\ud800"``, valid
+    JSON but not text): nothing was broadcast and no seq was used."""
 
 
 ERROR_CODES: Final = tuple(
@@ -110,10 +118,12 @@ ERROR_CODES: Final = tuple(
 )
 """Every error code, for metrics."""
 REFUSALS: Final = (
+    "bad_epoch",
     "bad_name",
     "bad_since",
     "forbidden_origin",
     "message_too_big",
+    "too_many_connections",
     "unavailable",
 )
 """Why a handshake was refused or a connection closed for breaking a rule (or, for
@@ -135,7 +145,20 @@ class Settings:
     backend: str = "memory://"
     """Backend URL for :func:`wsbroadcast.backend_from_url`."""
     rate_limit: float = 20
-    """Frames per second per connection (burst ``2 * rate_limit``); 0 turns it off."""
+    """Frames per second per client id, across its tabs and (on Redis) nodes; bursts of
+    ``2 * rate_limit``. 0 turns it off (and the per-IP limit, unless that is set)."""
+    ip_rate_limit: float | None = None
+    """Frames per second per IP address, across its client ids (bursts of twice that);
+    None: five times :attr:`rate_limit`; 0 turns it off."""
+    max_connections_per_ip: int = 256
+    """WebSocket connections one IP address may have open on this process; 0: no cap."""
+    handshake_timeout: float = 10.0
+    """Seconds a client has to send its request line and headers."""
+    max_write_buffer: int = 4 * 1024 * 1024
+    """Bytes a connection's socket write buffer may hold (pongs included) before it is closed
+    as a slow consumer with 4008."""
+    shutdown_timeout: int = 10
+    """Seconds the server waits for connections and tasks on shutdown before cutting them."""
     max_message_bytes: int = 65536
     """Largest frame accepted (UTF-8 bytes); a larger one closes the connection with 1009."""
     max_text: int = 4000
@@ -150,17 +173,32 @@ class Settings:
     """The manager's slow-consumer policy."""
 
     def __post_init__(self) -> None:
-        if not (self.rate_limit >= 0 and math.isfinite(self.rate_limit)):
-            raise ValueError(f"rate_limit must be a finite number >= 0, not {self.rate_limit}")
-        for name in ("max_message_bytes", "max_text", "queue_size"):
+        for name in ("rate_limit", "ip_rate_limit"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, not {value}")
+        if not (self.handshake_timeout > 0 and math.isfinite(self.handshake_timeout)):
+            raise ValueError(f"handshake_timeout must be positive, not {self.handshake_timeout}")
+        if self.max_connections_per_ip < 0:
+            raise ValueError(
+                f"max_connections_per_ip must be >= 0, not {self.max_connections_per_ip}"
+            )
+        for name in ("max_message_bytes", "max_text", "queue_size", "max_write_buffer"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
         if self.history is not None and self.history < 0:
             raise ValueError(f"history must be >= 0, not {self.history}")
+        if self.shutdown_timeout < 1:
+            raise ValueError(f"shutdown_timeout must be at least 1, not {self.shutdown_timeout}")
         for origin in self.allowed_origins:
             if _normalize_origin(origin) is None:
                 raise ValueError(f"allowed_origins: {origin!r} is not scheme://host[:port]")
+
+    @property
+    def effective_ip_rate_limit(self) -> float:
+        """:attr:`ip_rate_limit`, or five times :attr:`rate_limit` when it is None."""
+        return 5 * self.rate_limit if self.ip_rate_limit is None else self.ip_rate_limit
 
     def backend_url(self) -> str:
         """The backend URL, with ``history=N`` added when :attr:`history` is set."""
@@ -235,6 +273,70 @@ class RateLimiter:
         return False
 
 
+class _LocalBuckets:
+    """Rate-limit buckets kept in this process, by key: what :meth:`ChatService` falls back
+    on while the backend cannot answer ``allow`` (fail open, but still limited per node).
+
+    At most ``max_buckets``; past that the least recently used is forgotten.
+    """
+
+    def __init__(self, max_buckets: int = 100_000) -> None:
+        self.max_buckets = max_buckets
+        self._buckets: OrderedDict[tuple[str, float], RateLimiter] = OrderedDict()
+
+    def allow(self, key: str, rate: float) -> bool:
+        """Take a token from ``key``'s bucket (``rate`` per second, bursts of twice that)."""
+        buckets = self._buckets
+        limiter = buckets.pop((key, rate), None) or RateLimiter(rate)
+        buckets[key, rate] = limiter
+        while len(buckets) > self.max_buckets:
+            buckets.popitem(last=False)
+        return limiter.allow()
+
+
+class _OutageLog:
+    """One WARNING per backend outage, however many operations fail during it.
+
+    The first failure is logged as a warning; the next ones, until an operation succeeds
+    again, at DEBUG; the first success after an outage is logged at INFO. While an outage
+    lasts, it also quiets the manager's per-connection warnings about departures it could
+    not announce (see :meth:`filter`).
+    """
+
+    _QUIETED = ("could not announce the departure of", "announcing the departure of")
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        """Log that ``what`` failed because the backend did."""
+        if self.down:
+            logger.debug("%s: %s", what, exc)
+            return
+        self.down = True
+        logger.warning(
+            "backend unavailable (%s: %s); until it is back, failures are logged at DEBUG",
+            what,
+            exc,
+        )
+
+    def worked(self) -> None:
+        """An operation on the backend succeeded: end the outage, if there was one."""
+        if self.down:
+            self.down = False
+            logger.info("backend available again")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """A logging filter for ``wsbroadcast``: demote per-connection departure warnings to
+        DEBUG while the backend is down (one line per connection would flood the log)."""
+        if self.down and record.levelno == logging.WARNING:
+            message = str(record.msg)
+            if message.startswith(self._QUIETED):
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+                return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def _normalize_origin(origin: str) -> str | None:
     """``scheme://host:port`` in lower case with the port made explicit, or None if malformed."""
     try:
@@ -307,6 +409,16 @@ _BACKEND_METRICS: Final = (
 )  # fmt: skip
 """``health()`` keys exported when the backend reports them: (key, metric, type, help)."""
 
+_EDGE_METRICS: Final = (
+    ("close_aborts", "chat_close_aborts_total", "counter",
+     "Connections dropped because their close frame could not be written in time (a client"
+     " that stopped reading)."),
+    ("write_buffer_overflows", "chat_write_buffer_overflows_total", "counter",
+     "Connections closed with 4008 because their socket's write buffer (pongs included)"
+     " passed --max-write-buffer."),
+)  # fmt: skip
+"""Counters of the edge: (attribute of _Counters or the front end, metric, type, help)."""
+
 _MANAGER_METRICS: Final = (
     ("connections", "chat_connections", "gauge", "Open WebSocket connections."),
     ("rooms", "chat_rooms", "gauge", "Rooms with at least one connection."),
@@ -350,6 +462,7 @@ def _size(frame: str | bytes) -> int:
 @dataclass
 class _Counters:
     messages: int = 0
+    close_aborts: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     refused: Counter[str] = field(default_factory=Counter)
 
@@ -386,6 +499,8 @@ class Handshake:
     """The ``Host`` header."""
     secure: bool
     """Whether the request came over TLS."""
+    client_ip: str | None = None
+    """The peer's IP address (None if the server does not say), for the per-IP limits."""
 
 
 @dataclass(frozen=True)
@@ -396,16 +511,22 @@ class ChatRequest:
     room: str
     since: int | None
     """The last seq the client saw (resume), or None for the live stream only."""
+    epoch: str | None = None
+    """The epoch of the client's last envelope (with ``since``), or None."""
+    client_ip: str | None = None
+    """The peer's IP address, for the per-IP limits."""
 
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a WebSocket handshake is refused (an HTTP 403 on every front end)."""
+    """Why a WebSocket handshake is refused: an HTTP error on every front end."""
 
     reason: str
     """One of :data:`REFUSALS`, counted in ``/metrics``."""
     detail: str
     """For the log."""
+    status: int = HTTPStatus.FORBIDDEN
+    """403, or 429 for a client over the per-IP connection cap."""
 
 
 class FrameTooBig(Exception):
@@ -442,6 +563,11 @@ class ChatService:
         self.settings = settings
         self.manager: ConnectionManager | None = None
         self.counters = _Counters()
+        self.write_buffer_overflows: Callable[[], int] = lambda: 0
+        """The front end's count of connections closed for a full write buffer."""
+        self.outage = _OutageLog()
+        self._local_buckets = _LocalBuckets()
+        self._per_ip: Counter[str] = Counter()
         html = CHAT_HTML.read_text(encoding="utf-8")
         csp = [
             "default-src 'none'",
@@ -476,13 +602,18 @@ class ChatService:
             queue_size=settings.queue_size,
             slow_consumer=settings.slow_consumer,
         )
-        async with manager:
-            self.manager = manager
-            logger.info("chat app running with backend %s", _redact(settings.backend_url()))
-            try:
-                yield
-            finally:
-                self.manager = None
+        core_logger = logging.getLogger("wsbroadcast")
+        core_logger.addFilter(self.outage.filter)
+        try:
+            async with manager:
+                self.manager = manager
+                logger.info("chat app running with backend %s", _redact(settings.backend_url()))
+                try:
+                    yield
+                finally:
+                    self.manager = None
+        finally:
+            core_logger.removeFilter(self.outage.filter)
 
     # HTTP routes
 
@@ -524,6 +655,13 @@ class ChatService:
                 (name, kind, help, [("", getattr(stats, key))])
                 for key, name, kind, help in _MANAGER_METRICS
             ]
+        edge = {
+            "close_aborts": counters.close_aborts,
+            "write_buffer_overflows": self.write_buffer_overflows(),
+        }
+        families += [
+            (name, kind, help, [("", edge[key])]) for key, name, kind, help in _EDGE_METRICS
+        ]
         families += [
             (
                 "chat_messages_published_total",
@@ -569,19 +707,20 @@ class ChatService:
             # A since beyond any seq reads no envelopes but still reports the last seq.
             history = await manager.backend.history(name, 2**62)
         except BackendError as exc:
-            logger.warning("GET /rooms/%s: %s", name, exc)
+            self.outage.failed(f"GET /rooms/{name}", exc)
             return HttpResponse.json(
                 {"error": "backend unavailable"}, HTTPStatus.SERVICE_UNAVAILABLE
             )
+        self.outage.worked()
         body: dict[str, JsonValue] = {"room": name, "online": list(online), "seq": history.last_seq}
         return HttpResponse.json(body)
 
     # The WebSocket route
 
     def check_handshake(self, handshake: Handshake) -> ChatRequest | Refusal:
-        """Check ``WS /ws/{client_id}?room=NAME&since=SEQ`` before the server accepts it.
+        """Check ``WS /ws/{client_id}?room=NAME&since=SEQ&epoch=E`` before the server accepts it.
 
-        A refusal is counted and logged here; the front end answers it with HTTP 403.
+        A refusal is counted and logged here; the front end answers it with its HTTP status.
         """
         checked = self._check(handshake)
         if isinstance(checked, Refusal):
@@ -600,14 +739,45 @@ class ChatService:
             if _SINCE.fullmatch(since_text) is None:
                 return Refusal("bad_since", "since must be an integer >= 0")
             since = int(since_text)
+        epoch = query.get("epoch")
+        if epoch is not None and EPOCH_PATTERN.fullmatch(epoch) is None:
+            return Refusal("bad_epoch", "epoch must be 1-32 of A-Z a-z 0-9 _ -")
         secure, allowed = handshake.secure, self.settings.allowed_origins
         if not origin_allowed(origin, handshake.host, secure, allowed):
             return Refusal("forbidden_origin", f"origin {origin!r} not allowed")
-        return ChatRequest(client_id, room, since)
+        ip = handshake.client_ip
+        cap = self.settings.max_connections_per_ip
+        if cap and ip is not None and self._per_ip[ip] >= cap:
+            detail = f"{ip} has {cap} connections open already"
+            return Refusal("too_many_connections", detail, HTTPStatus.TOO_MANY_REQUESTS)
+        return ChatRequest(client_id, room, since, epoch, ip)
 
     async def serve(self, request: ChatRequest, socket: ChatSocket) -> None:
         """Run one client's connection: join, then publish its good frames and answer its bad
         ones until it leaves or the manager closes it, then leave."""
+        ip = request.client_ip
+        if ip is None:
+            await self._serve(request, socket)
+            return
+        # Counted from here, with no await before the check, so that the handshake's check
+        # and this count cannot be raced on uvicorn; on websockets, handshakes checked
+        # together may all get here, and those over the cap are closed with 1013.
+        self._per_ip[ip] += 1
+        try:
+            cap = self.settings.max_connections_per_ip
+            if cap and self._per_ip[ip] > cap:
+                self.counters.refused["too_many_connections"] += 1
+                logger.info("refused WebSocket from %s: over %d connections", ip, cap)
+                with contextlib.suppress(RuntimeError, *socket.gone):
+                    await socket.transport.close(TRY_AGAIN_LATER, "too many connections")
+                return
+            await self._serve(request, socket)
+        finally:
+            self._per_ip[ip] -= 1
+            if not self._per_ip[ip]:
+                del self._per_ip[ip]
+
+    async def _serve(self, request: ChatRequest, socket: ChatSocket) -> None:
         manager = self.manager
         transport = socket.transport
         if manager is None:
@@ -615,11 +785,12 @@ class ChatService:
             return
         client_id, room = request.client_id, request.room
         try:
-            since = await self._check_stream(manager, transport, room, request.since)
-            connection = await manager.connect(transport, client_id, room, since=since)
+            connection = await manager.connect(
+                transport, client_id, room, since=request.since, epoch=request.epoch
+            )
         except BackendError as exc:
             self.counters.refused["unavailable"] += 1
-            logger.warning("refused %s in room %s: %s", client_id, room, exc)
+            self.outage.failed(f"connect {client_id} to room {room}", exc)
             await self._close_unavailable(socket)
             return
         except ManagerNotRunning:  # the server began shutting down during the handshake
@@ -631,13 +802,16 @@ class ChatService:
             return
         except socket.gone:  # the client left during the handshake
             return
+        self.outage.worked()
         try:
             # Stops receiving once the manager closed the connection (slow consumer, shutdown).
             with connection.cancel_on_close():
-                await self._receive(manager, socket, connection)
+                await self._receive(manager, socket, connection, request)
         finally:
             with anyio.CancelScope(shield=True):
                 await manager.disconnect(connection)
+            if getattr(transport, "aborted", False):
+                self.counters.close_aborts += 1
 
     @staticmethod
     async def _close_unavailable(socket: ChatSocket) -> None:
@@ -651,40 +825,51 @@ class ChatService:
             await transport.accept()
             await transport.close(CloseCode.INTERNAL_ERROR, "backend unavailable")
 
-    @staticmethod
-    async def _check_stream(
-        manager: ConnectionManager, transport: Transport, room: str, since: int | None
-    ) -> int | None:
-        """Handle a ``since`` that is ahead of the room: the stream restarted under the client.
-
-        That happens when the server restarted with the memory backend. The core would report
-        ``history_lost`` but then skip the new stream up to ``since``; instead the client is
-        told first and then gets the new stream from its start (``since=0``).
-        """
-        if not since:
-            return since
-        history = await manager.backend.history(room, 2**62)
-        if since <= history.last_seq:
-            return since
-        await transport.accept()
-        lost: dict[str, JsonValue] = {
-            "since": since,
-            "first_seq": history.first_seq,
-            "last_seq": history.last_seq,
-        }
-        await transport.send_text(control_frame("history_lost", room, lost))
-        return 0
-
     def _error(self, connection: Connection, error: ClientError) -> None:
         self.counters.errors[error.code] += 1
         connection.send_error(error.code, error.detail)
 
+    async def _allow(self, manager: ConnectionManager, key: str, rate: float) -> bool:
+        """Take a token from the backend's bucket ``key`` (shared by every node on Redis).
+
+        Fails open to a bucket in this process while the backend cannot answer, so that an
+        outage neither stops the chat nor lifts the limit.
+        """
+        try:
+            allowed = await manager.backend.allow(key, rate, 2 * rate)
+        except BackendError as exc:
+            self.outage.failed("rate limit", exc)
+            return self._local_buckets.allow(key, rate)
+        return allowed
+
+    async def _rate_limited(
+        self, manager: ConnectionManager, connection: Connection, request: ChatRequest
+    ) -> str | None:
+        """Why this frame is over a rate limit (per client id, per IP), or None."""
+        settings = self.settings
+        rate = settings.rate_limit
+        key = f"chat:rate:client:{connection.client_id}"
+        if rate > 0 and not await self._allow(manager, key, rate):
+            return f"at most {rate:g} messages per second per client id; this one was dropped"
+        ip_rate = settings.effective_ip_rate_limit
+        if ip_rate > 0 and request.client_ip is not None:
+            key = f"chat:rate:ip:{request.client_ip}"
+            if not await self._allow(manager, key, ip_rate):
+                return (
+                    f"at most {ip_rate:g} messages per second from one address; this one was"
+                    " dropped"
+                )
+        return None
+
     async def _receive(
-        self, manager: ConnectionManager, socket: ChatSocket, connection: Connection
+        self,
+        manager: ConnectionManager,
+        socket: ChatSocket,
+        connection: Connection,
+        request: ChatRequest,
     ) -> None:
         """Read the client's frames until it leaves; publish the good ones, answer the bad."""
         settings = self.settings
-        limiter = RateLimiter(settings.rate_limit) if settings.rate_limit > 0 else None
         max_bytes = settings.max_message_bytes
         while connection.state is ConnectionState.OPEN:
             try:
@@ -702,11 +887,9 @@ class ChatService:
                 return
             if frame is None:
                 return
-            if limiter is not None and not limiter.allow():
-                detail = (
-                    f"at most {settings.rate_limit:g} messages per second; this one was dropped"
-                )
-                self._error(connection, ClientError(ErrorCode.RATE_LIMITED, detail))
+            limited = await self._rate_limited(manager, connection, request)
+            if limited is not None:
+                self._error(connection, ClientError(ErrorCode.RATE_LIMITED, limited))
                 continue
             if isinstance(frame, bytes):
                 detail = 'send text frames holding JSON {"message": ...}'
@@ -719,10 +902,16 @@ class ChatService:
             try:
                 await manager.broadcast(connection.room, {"message": result}, connection.client_id)
             except BackendError as exc:
-                logger.warning("message from %r not published: %s", connection, exc)
+                self.outage.failed(f"message from {connection!r}", exc)
                 detail = "the message could not be published (backend unavailable); try again"
                 self._error(connection, ClientError(ErrorCode.UNAVAILABLE, detail))
+            except InvalidData as exc:
+                # ascii(): the refused text may hold the lone surrogate, which no log can print.
+                logger.info("message from %r refused: %s", connection, ascii(str(exc)))
+                detail = '"message" cannot be encoded as text (a lone UTF-16 surrogate?)'
+                self._error(connection, ClientError(ErrorCode.INVALID_MESSAGE, detail))
             except WSBroadcastError as exc:
                 logger.warning("message from %r not published: %s", connection, exc)
             else:
+                self.outage.worked()
                 self.counters.messages += 1

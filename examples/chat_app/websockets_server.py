@@ -10,29 +10,79 @@ the same bytes for an envelope, so :class:`~wsbroadcast.transports.websockets.We
 writes each envelope's frame, built once per publish, to all of them in one socket write per
 batch. Compression would redo the work per connection (and make ``max_size`` apply after
 decompression).
+
+The edge is bounded as on uvicorn: ``open_timeout`` is the handshake deadline
+(``--handshake-timeout``), ``websockets`` answers 414 and 431 to an oversized request line or
+header block itself, and :class:`BoundedServerConnection` closes a connection whose socket
+write buffer (pongs included) passes ``--max-write-buffer`` with 4008.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import signal
 import socket
 import weakref
 from http import HTTPStatus
+from typing import ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import anyio
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from wsbroadcast import CloseCode
 from wsbroadcast.transports.websockets import WebsocketsTransport
 
 from .service import CLOSE_WAIT, ChatRequest, ChatService, FrameTooBig, Handshake, HttpResponse
 
-__all__ = ["WebsocketsFrontEnd", "run"]
+__all__ = ["BoundedServerConnection", "WebsocketsFrontEnd", "run"]
+
+logger = logging.getLogger("examples.chat_app")
+
+
+class BoundedServerConnection(ServerConnection):
+    """A ``websockets`` server connection whose outbound bytes are bounded.
+
+    ``websockets`` answers every ping with a pong written to the socket whether or not the
+    client reads, so a client that sends pings and never reads grows the server's memory
+    without limit. After each read, if the socket's write buffer holds more than
+    :attr:`max_write_buffer` bytes, the connection is closed as a slow consumer: a 4008 close
+    frame, no more reading, and the TCP connection is dropped after :attr:`close_wait`
+    seconds if it has not closed by then (the close frame waits behind what the client does
+    not read).
+    """
+
+    max_write_buffer: ClassVar[int] = 4 * 1024 * 1024
+    close_wait: ClassVar[float] = CLOSE_WAIT
+    overflows: ClassVar[int] = 0
+    """Connections closed for a full write buffer in this process, for ``/metrics``."""
+
+    _overflowed = False
+
+    def data_received(self, data: bytes) -> None:
+        """``websockets``' own, then the write buffer's bound."""
+        super().data_received(data)
+        transport = self.transport
+        if self._overflowed or transport.get_write_buffer_size() <= self.max_write_buffer:
+            return
+        self._overflowed = True
+        BoundedServerConnection.overflows += 1
+        logger.info(
+            "%s - WebSocket closed with 4008: over %d bytes waiting to be written",
+            self.remote_address,
+            self.max_write_buffer,
+        )
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_close(CloseCode.SLOW_CONSUMER, "slow consumer: write buffer full")
+            self.send_data()
+        transport.pause_reading()
+        self.loop.call_later(self.close_wait, transport.abort)
 
 
 class _WebsocketsSocket:
@@ -117,10 +167,12 @@ class WebsocketsFrontEnd:
             origin=request.headers.get("Origin"),
             host=request.headers.get("Host"),
             secure=connection.transport.get_extra_info("sslcontext") is not None,
+            client_ip=_peer_ip(connection),
         )
         checked = service.check_handshake(handshake)
         if not isinstance(checked, ChatRequest):
-            return _plain(HTTPStatus.FORBIDDEN, f"Forbidden: {checked.reason}\n")
+            status = HTTPStatus(checked.status)
+            return _plain(status, f"{status.phrase}: {checked.reason}\n")
         self._accepted[connection] = checked
         return None
 
@@ -130,12 +182,25 @@ class WebsocketsFrontEnd:
         await self.service.serve(request, _WebsocketsSocket(connection))
 
 
+def _peer_ip(connection: ServerConnection) -> str | None:
+    address = connection.remote_address
+    return str(address[0]) if address else None
+
+
 async def run(service: ChatService, host: str, port: int, send_buffer: int | None) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully.
 
     Shutdown stops accepting, then leaves the manager, which closes every connection with
-    1001 (Going Away) after announcing its ``leave``; then waits for the handlers to return.
+    1001 (Going Away) after announcing its ``leave``; then waits for the handlers to return,
+    at most ``shutdown_timeout`` seconds (then the remaining connections are cut).
     """
+    settings = service.settings
+    connection_class = type(
+        "BoundedServerConnection",
+        (BoundedServerConnection,),
+        {"max_write_buffer": settings.max_write_buffer},
+    )
+    service.write_buffer_overflows = lambda: BoundedServerConnection.overflows
     front = WebsocketsFrontEnd(service)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -156,11 +221,19 @@ async def run(service: ChatService, host: str, port: int, send_buffer: int | Non
             process_request=front.process_request,
             compression=None,
             # websockets refuses oversized frames itself (close 1009) before buffering them.
-            max_size=service.settings.max_message_bytes,
+            max_size=settings.max_message_bytes,
             close_timeout=CLOSE_WAIT,
+            # The handshake's deadline: a client that dribbles its request is closed.
+            open_timeout=settings.handshake_timeout,
+            create_connection=connection_class,
         )
         try:
             await stop.wait()
         finally:
             server.close(close_connections=False)
-    await server.wait_closed()
+    with anyio.move_on_after(settings.shutdown_timeout) as waiting:
+        await server.wait_closed()
+    if waiting.cancelled_caught:
+        logger.warning("shutdown: connections still open after %ss, cut", settings.shutdown_timeout)
+        for connection in server.connections:
+            connection.transport.abort()

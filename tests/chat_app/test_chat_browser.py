@@ -5,17 +5,18 @@ Never ``playwright install``: the browser is ``/usr/bin/chromium`` from the ``ch
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page, WebSocketRoute
+    from playwright.sync_api import Browser, Page, WebSocket, WebSocketRoute
 
     from conftest import ChatServer, StartServer
 
@@ -66,6 +67,23 @@ def open_chat(
         lambda message: errors.append(message.text) if message.type == "error" else None,
     )
     page.chat_errors = errors  # type: ignore[attr-defined]
+    urls: list[str] = []
+    envelopes: list[dict[str, Any]] = []
+
+    def watch(ws: WebSocket) -> None:
+        """Record the URL of each WebSocket the page opens and every envelope it receives."""
+        urls.append(ws.url)
+
+        def received(payload: str | bytes) -> None:
+            frame = json.loads(payload)
+            if "seq" in frame:
+                envelopes.append(frame)
+
+        ws.on("framereceived", received)
+
+    page.on("websocket", watch)
+    page.chat_urls = urls  # type: ignore[attr-defined]
+    page.chat_envelopes = envelopes  # type: ignore[attr-defined]
     page.goto(f"{server.url}/?client_id={client_id}&room={room}")
     wait_online(page)
     return page
@@ -133,11 +151,19 @@ def test_two_pages_chat_safely_and_survive_a_restart(browser: Browser, server: C
     if not SCREENSHOT.exists() or os.environ.get("UPDATE_SCREENSHOT"):
         SCREENSHOT.write_bytes(png)
 
-    # A server restart: both reconnect by themselves and chat on.
+    # A server restart (memory://: every stream starts again under a new epoch): both
+    # reconnect by themselves, resuming with the (epoch, seq) of the last envelope they
+    # showed; the server answers history_lost, which the page shows once, then chats on.
+    last = {
+        page: page.chat_envelopes[-1]  # type: ignore[attr-defined]
+        for page in (alice, bob)
+    }
     server.restart()
     wait_online(alice)
     wait_online(bob)
-    wait_for_line(alice, "notice", "Some earlier messages could not be recovered.")
+    notice = "Some earlier messages could not be recovered."
+    wait_for_line(alice, "notice", notice)
+    wait_for_line(bob, "notice", notice)
     say(bob, "after the restart")
     wait_for_line(alice, "message", "after the restart")
     wait_for_line(bob, "message", "after the restart")
@@ -146,6 +172,13 @@ def test_two_pages_chat_safely_and_survive_a_restart(browser: Browser, server: C
         # Nothing shown twice: every message line from before the restart appears once.
         assert shown.count("message: Hello Bob!") == 1
         assert shown.count("message: after the restart") == 1
+        # One notice, no reconnect loop: the page stayed on the connection that got it.
+        assert shown.count(f"notice: {notice}") == 1
+        assert page.get_attribute("#status", "data-state") == "online"
+        urls = page.chat_urls  # type: ignore[attr-defined]
+        resumed = [url for url in urls if "since=" in url]
+        assert resumed, urls
+        assert f"since={last[page]['seq']}&epoch={last[page]['epoch']}" in resumed[0], resumed
 
     # A closed page shows up as a leave for the other.
     bob.context.close()

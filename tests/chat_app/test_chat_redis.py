@@ -335,6 +335,10 @@ async def test_redis_refusing_writes(start_server: StartServer, server_kind: str
                 await _refused(node, "bob", "full")  # presence refused
                 await _refused(node, "bob", "other")  # subscribe refused
                 assert httpx.get(f"{node.url}/rooms/full", timeout=5).status_code == 503
+                # /healthz is 503 exactly when the backend says it is not ok (the Redis
+                # backend reports refused writes as "degraded").
+                status, body = health(node)
+                assert (status == 503) == (body["backend"]["status"] != "ok"), body
                 await admin.config_set("maxmemory", 0)
                 await send(ann, "room again")
                 assert [f["type"] for f in await recv_until(ann, "room again")] == ["message"]
@@ -345,3 +349,51 @@ async def test_redis_refusing_writes(start_server: StartServer, server_kind: str
         await admin.aclose()
         redis.kill()
     _assert_no_traceback(node)
+
+
+def _app_warnings(node: ChatServer) -> list[str]:
+    return [line for line in node.stderr().splitlines() if " WARNING examples.chat_app: " in line]
+
+
+async def test_one_warning_per_outage_and_healthz_follows_the_backend(
+    start_server: StartServer, server_kind: str
+) -> None:
+    """While Redis is down, every failed send, connect and room read is answered (and
+    /healthz is 503), but the app logs one warning for the outage, not one per failure;
+    /healthz is 200 again and the log says so once Redis is back."""
+    redis = _start_redis()
+    try:
+        url = f"{redis.url}?heartbeat=0.2&presence_ttl=2"
+        node = start_server("--backend", url, kind=server_kind)
+        try:
+            async with client(node, "ann", "quiet") as ann:
+                await recv(ann)
+                assert health(node)[0] == 200
+                redis.kill()
+                for n in range(5):
+                    await send(ann, f"during {n}")
+                    error = await recv(ann)
+                    assert (error["type"], error["data"]["code"]) == ("error", "unavailable")
+                for _ in range(3):
+                    response = httpx.get(f"{node.url}/rooms/quiet", timeout=5)
+                    assert response.status_code == 503
+                await _refused(node, "bob", "quiet")
+                with anyio.fail_after(10):
+                    await eventually(lambda: health(node)[0] == 503)
+                assert health(node)[1]["status"] == "degraded"
+                warnings = _app_warnings(node)
+                assert len(warnings) == 1, warnings
+                assert "backend unavailable" in warnings[0]
+
+                await anyio.to_thread.run_sync(redis.start)
+                with anyio.fail_after(15):
+                    await eventually(lambda: health(node)[0] == 200)
+                await send(ann, "after")
+                await recv_until(ann, "after")
+            assert len(_app_warnings(node)) == 1
+            assert "INFO examples.chat_app: backend available again" in node.stderr()
+            _assert_no_traceback(node)
+        finally:
+            node.stop()
+    finally:
+        redis.kill()

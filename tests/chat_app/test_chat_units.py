@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +23,7 @@ from examples.chat_app.app import (
     parse_client_frame,
     valid_name,
 )
-from examples.chat_app.service import CLOSE_WAIT
+from examples.chat_app.service import CLOSE_WAIT, _LocalBuckets, _OutageLog
 from wsbroadcast.transport import FRAMES_EXTENSION
 from wsbroadcast.transports.starlette import StarletteFramesTransport, StarletteTransport
 
@@ -256,3 +257,54 @@ def test_the_starlette_front_end_takes_the_fast_path_when_the_server_offers_it()
     fast = _StarletteSocket(WebSocket(offered, receive, send)).transport
     assert isinstance(fast, StarletteFramesTransport)
     assert fast.close_timeout == CLOSE_WAIT
+
+
+def test_edge_settings_and_flags() -> None:
+    """The edge's flags: defaults, the per-IP rate following --rate-limit, bad values."""
+    args = parse_args([])
+    assert (args.max_connections_per_ip, args.handshake_timeout, args.shutdown_timeout) == (
+        256, 10.0, 10
+    )  # fmt: skip
+    assert (args.ip_rate_limit, args.max_write_buffer) == (None, 4 * 1024 * 1024)
+    assert Settings(rate_limit=20).effective_ip_rate_limit == 100
+    assert Settings(rate_limit=0).effective_ip_rate_limit == 0
+    assert Settings(rate_limit=0, ip_rate_limit=7).effective_ip_rate_limit == 7
+    for bad in (
+        {"ip_rate_limit": -1},
+        {"max_connections_per_ip": -1},
+        {"handshake_timeout": 0},
+        {"max_write_buffer": 0},
+        {"shutdown_timeout": 0},
+    ):
+        kwargs: Any = bad
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Settings(**kwargs)
+    for argv in (["--handshake-timeout", "0"], ["--max-connections-per-ip", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+
+
+def test_local_buckets_limit_per_key_and_forget_the_least_recently_used() -> None:
+    """The fallback while the backend cannot answer ``allow``: per key, bounded in number."""
+    buckets = _LocalBuckets(max_buckets=2)
+    assert [buckets.allow("a", 1) for _ in range(3)] == [True, True, False]  # burst of 2
+    assert buckets.allow("b", 1)
+    assert buckets.allow("c", 1)  # "a" is forgotten: three keys, room for two
+    assert buckets.allow("a", 1)  # a full bucket again
+
+
+def test_outage_log_warns_once_per_outage(caplog: pytest.LogCaptureFixture) -> None:
+    outage = _OutageLog()
+    caplog.set_level(logging.DEBUG, logger="examples.chat_app")
+    for n in range(5):
+        outage.failed(f"send {n}", ConnectionError("down"))
+    outage.worked()
+    outage.worked()
+    outage.failed("again", ConnectionError("down"))
+    levels = [(r.levelname, r.getMessage().split(" (")[0]) for r in caplog.records]
+    assert levels == [
+        ("WARNING", "backend unavailable"),
+        *[("DEBUG", f"send {n}: down") for n in range(1, 5)],
+        ("INFO", "backend available again"),
+        ("WARNING", "backend unavailable"),
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -11,27 +12,47 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from ..frames import frames_bytes
 from ..transport import FRAMES_EXTENSION, FramesExtension
+from ._once import log_once
 
 if TYPE_CHECKING:
     from ..envelope import Envelope
 
-__all__ = ["StarletteFramesTransport", "StarletteTransport", "starlette_transport"]
+__all__ = [
+    "DEFAULT_CLOSE_TIMEOUT",
+    "StarletteFramesTransport",
+    "StarletteTransport",
+    "starlette_transport",
+]
+
+logger = logging.getLogger("wsbroadcast.transports.starlette")
+
+DEFAULT_CLOSE_TIMEOUT = 2.0
+"""Seconds a close may take by default: a close frame queued behind a client that stopped
+reading never gets out, so waiting without a bound would keep its socket forever."""
 
 
 def starlette_transport(
-    websocket: WebSocket, *, close_timeout: float | None = None
+    websocket: WebSocket, *, close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT
 ) -> StarletteTransport:
     """The best transport for ``websocket``: use this rather than a class.
 
     It is a :class:`StarletteFramesTransport` (the fast path) when the server offers the
     :class:`~wsbroadcast.transport.FramesExtension` for this connection, as
     :class:`wsbroadcast.transports.uvicorn.WebSocketProtocol` does; otherwise a
-    :class:`StarletteTransport`, which sends through plain ASGI messages.
+    :class:`StarletteTransport`, which sends through plain ASGI messages (said once in the
+    log of ``wsbroadcast.transports.starlette``, at INFO, not once per connection).
     """
     extensions: Any = websocket.scope.get("extensions") or {}
     extension: FramesExtension | None = extensions.get(FRAMES_EXTENSION)
     if extension is not None:
         return StarletteFramesTransport(websocket, extension, close_timeout=close_timeout)
+    log_once(
+        logger,
+        logging.INFO,
+        "the ASGI server offers no wsbroadcast.frames extension (it is not"
+        " wsbroadcast.transports.uvicorn.WebSocketProtocol, or the connection negotiated"
+        " permessage-deflate): sending one websocket.send per frame, without the fast path",
+    )
     return StarletteTransport(websocket, close_timeout=close_timeout)
 
 
@@ -42,14 +63,24 @@ class StarletteTransport:
     ``RuntimeError`` when the client left before the server closed, and skips ``accept`` if
     the application has accepted already (to send a subprotocol, say).
 
-    :param close_timeout: seconds ``close`` may take; None waits as long as the server does.
-        The close frame queues behind everything buffered for the socket, so for a client
-        that stopped reading (the one a slow-consumer close is for) it may never get out.
+    :param close_timeout: seconds ``close`` may take (default 2); None waits as long as the
+        server does. The close frame queues behind everything buffered for the socket, so for
+        a client that stopped reading (the one a slow-consumer close is for) it may never get
+        out. When it times out, :attr:`close_timed_out` is set; plain ASGI has no way to drop
+        the TCP connection, so the server keeps it until its own timeouts end it (the fast
+        path, :class:`StarletteFramesTransport`, drops it and sets :attr:`aborted`).
     """
 
-    def __init__(self, websocket: WebSocket, *, close_timeout: float | None = None) -> None:
+    def __init__(
+        self, websocket: WebSocket, *, close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT
+    ) -> None:
         self.websocket = websocket
         self.close_timeout = close_timeout
+        self.close_timed_out = False
+        """True once a ``close`` took longer than ``close_timeout`` (the client stopped
+        reading): an application counts these in its metrics."""
+        self.aborted = False
+        """True once the TCP connection was dropped because ``close`` timed out."""
 
     async def accept(self) -> None:
         """Accept the handshake unless the application already did."""
@@ -73,6 +104,7 @@ class StarletteTransport:
             with contextlib.suppress(RuntimeError):
                 await websocket.close(code, reason)
         if scope.cancelled_caught:
+            self.close_timed_out = True
             self._close_timed_out()
 
     def _close_timed_out(self) -> None:
@@ -96,7 +128,7 @@ class StarletteFramesTransport(StarletteTransport):
         websocket: WebSocket,
         extension: FramesExtension,
         *,
-        close_timeout: float | None = None,
+        close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         super().__init__(websocket, close_timeout=close_timeout)
         self._write = extension["write"]
@@ -115,3 +147,4 @@ class StarletteFramesTransport(StarletteTransport):
 
     def _close_timed_out(self) -> None:
         self._abort()
+        self.aborted = True

@@ -19,36 +19,113 @@ permessage-deflate compresses per connection, so with compression on (uvicorn's 
 clients that ask for it fall back to ``websocket.send``. The protocol relies on attributes of
 uvicorn's ``WebSocketsSansIOProtocol`` (tested with uvicorn 0.54); if a uvicorn release
 changes them, it stops offering the extension, and applications fall back to plain ASGI.
+
+What it adds to uvicorn's protocol besides the extension:
+
+- Bounded outbound bytes. A client that sends pings and never reads gets a pong per ping,
+  written to a socket it does not drain: without a bound the server's memory grows with
+  every ping. Whenever the socket's write buffer (``transport.get_write_buffer_size()``,
+  pongs and every other frame included) passes :attr:`WebSocketProtocol.max_write_buffer`,
+  the connection is closed as a slow consumer: a 4008 close frame, then the TCP connection
+  is dropped if it has not closed within :attr:`WebSocketProtocol.close_wait` seconds.
+  Reading stops at once, so no more pings are answered.
+- Refusals that reach the client. A handshake that ``websockets`` refuses while parsing it
+  (request line over 8 KiB: 414; a header line over 8 KiB or over 128 headers: 431) has its
+  response written and the socket closed, where uvicorn's protocol logs it and leaves the
+  socket open.
+- A bounded shutdown. A connection whose 1012 close cannot get out (a stalled client) is
+  dropped after ``close_wait``, so it does not hold up the server's exit.
+
+:meth:`WebSocketProtocol.configure` makes a subclass with other limits. For the HTTP side of
+the handshake (a deadline for the request head, limits on its size), serve with
+:class:`wsbroadcast.transports.uvicorn_http.HttpToolsProtocol`.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, cast
+import logging
+from typing import Any, ClassVar, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
+from ..protocol import CloseCode
 from ..transport import FRAMES_EXTENSION, FramesExtension
+from ._once import log_once
 
 __all__ = ["WebSocketProtocol"]
+
+logger = logging.getLogger("wsbroadcast.transports.uvicorn")
 
 _RELIED_ON = ("conn", "scope", "transport", "writable")
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's ``websockets-sansio`` WebSocket protocol offering ``wsbroadcast.frames``."""
+    """uvicorn's ``websockets-sansio`` WebSocket protocol offering ``wsbroadcast.frames``,
+    with outbound bytes bounded per connection (see the module's documentation)."""
+
+    max_write_buffer: ClassVar[int] = 4 * 1024 * 1024
+    """Bytes the socket's write buffer may hold before the connection is closed with 4008."""
+    close_wait: ClassVar[float] = 2.0
+    """Seconds a close frame that cannot get out (slow consumer, shutdown) is given before
+    the TCP connection is dropped."""
+    offer_frames: ClassVar[bool] = True
+    """Whether to offer the extension; false keeps the protections only, with plain ASGI
+    sends (to compare the two, say)."""
+    slow_consumers: ClassVar[int] = 0
+    """Connections closed because their write buffer passed :attr:`max_write_buffer`, in this
+    process (on this class and its subclasses), for metrics."""
 
     _compatible: ClassVar[bool | None] = None
 
+    @classmethod
+    def configure(
+        cls,
+        *,
+        max_write_buffer: int | None = None,
+        close_wait: float | None = None,
+        offer_frames: bool | None = None,
+    ) -> type[WebSocketProtocol]:
+        """A subclass with other limits (None keeps one), to pass as uvicorn's ``ws``."""
+        options: dict[str, Any] = {}
+        if offer_frames is not None:
+            options["offer_frames"] = offer_frames
+        if max_write_buffer is not None:
+            if max_write_buffer < 1:
+                raise ValueError(f"max_write_buffer must be positive, not {max_write_buffer}")
+            options["max_write_buffer"] = max_write_buffer
+        if close_wait is not None:
+            if not close_wait > 0:
+                raise ValueError(f"close_wait must be positive, not {close_wait}")
+            options["close_wait"] = close_wait
+        return type(cls.__name__, (cls,), options)
+
     async def run_asgi(self) -> None:
         """Add the extension to the connection's scope, then run the application."""
-        if not self.conn.extensions and self._check_compatible():
+        if not self.offer_frames:
+            pass
+        elif self.conn.extensions:
+            log_once(
+                logger,
+                logging.INFO,
+                "a connection negotiated permessage-deflate: no wsbroadcast.frames fast path"
+                " for such connections (serve with ws_per_message_deflate=False to keep it)",
+            )
+        elif self._check_compatible():
             extension: FramesExtension = {
                 "write": self._write_frames,
                 "drain": self._drain_frames,
                 "abort": self._abort,
             }
             self.scope["extensions"][FRAMES_EXTENSION] = cast("dict[object, object]", extension)
+        else:
+            log_once(
+                logger,
+                logging.WARNING,
+                "this uvicorn's websockets-sansio protocol lacks what"
+                f" wsbroadcast.transports.uvicorn relies on ({', '.join(_RELIED_ON)}):"
+                " no wsbroadcast.frames fast path",
+            )
         await super().run_asgi()
 
     def _check_compatible(self) -> bool:
@@ -58,6 +135,62 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
                 self.scope.get("extensions"), dict
             )
         return cls._compatible
+
+    def data_received(self, data: bytes) -> None:
+        """uvicorn's, plus: write a refused handshake's response; bound the write buffer."""
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            # websockets refused the request while parsing it (414, 431) and queued its
+            # response, which uvicorn's protocol never writes: write it and close.
+            self.logger.info(
+                "WebSocket handshake refused: %s", self.conn.handshake_exc or "invalid request"
+            )
+            self.handshake_initiated = self.handshake_complete = self.close_sent = True
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+            return
+        self._check_write_buffer()
+
+    async def send(self, message: Any) -> None:
+        """uvicorn's; a handshake answered with an HTTP response (``websocket.http.response``,
+        a denial) counts as complete, so that uvicorn does not log an error for it."""
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            self.handshake_complete = True
+
+    def shutdown(self) -> None:
+        """uvicorn's (a 1012 close), and drop the connection if it has not closed in time."""
+        super().shutdown()
+        self._abort_later()
+
+    def _check_write_buffer(self) -> None:
+        """Close as a slow consumer once the write buffer passes :attr:`max_write_buffer`."""
+        transport = self.transport
+        if transport.get_write_buffer_size() <= self.max_write_buffer or transport.is_closing():
+            return
+        WebSocketProtocol.slow_consumers += 1  # on the base class, which subclasses share
+        reason = "slow consumer: write buffer full"
+        self.logger.info(
+            "%s - WebSocket closed with 4008: over %d bytes waiting to be written",
+            f"{self.client[0]}:{self.client[1]}" if self.client else "?",
+            self.max_write_buffer,
+        )
+        if self.conn.state is State.OPEN:
+            self.conn.send_close(CloseCode.SLOW_CONSUMER, reason)
+            transport.write(b"".join(self.conn.data_to_send()))
+        if not self.close_sent:
+            self.close_sent = True
+            self.queue.put_nowait(
+                {"type": "websocket.disconnect", "code": CloseCode.SLOW_CONSUMER, "reason": reason}
+            )
+        transport.close()  # stops reading now; the socket closes once the buffer is flushed
+        self._abort_later()
+
+    def _abort_later(self) -> None:
+        """Drop the TCP connection after :attr:`close_wait` unless it closed by then."""
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self.close_timer = self.loop.call_later(self.close_wait, self.transport.abort)
 
     def _check_open(self) -> None:
         # OPEN once the app accepted; not after a close frame either way (uvicorn sends and
@@ -70,6 +203,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if not self.writable.is_set():
             return False
         self.transport.write(data)
+        self._check_write_buffer()
         return True
 
     async def _drain_frames(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 
 import anyio
@@ -12,8 +13,11 @@ from websockets.protocol import State
 
 from ..envelope import Envelope
 from ..frames import frames_bytes
+from ._once import log_once
 
 __all__ = ["WebsocketsTransport"]
+
+logger = logging.getLogger("wsbroadcast.transports.websockets")
 
 
 class WebsocketsTransport:
@@ -32,12 +36,25 @@ class WebsocketsTransport:
 
     :param close_timeout: seconds ``close`` may take before the TCP connection is dropped.
         A client that stopped reading (the one a slow-consumer close is for) never drains its
-        buffer, so the close frame could wait behind it until keepalive gave up.
+        buffer, so the close frame could wait behind it until keepalive gave up. Such a close
+        sets :attr:`close_timed_out` and :attr:`aborted`, for the application's metrics.
     """
 
     def __init__(self, connection: ServerConnection, *, close_timeout: float = 2.0) -> None:
         self.connection = connection
         self.close_timeout = close_timeout
+        self.close_timed_out = False
+        """True once a ``close`` took longer than ``close_timeout``."""
+        self.aborted = False
+        """True once the TCP connection was dropped because ``close`` timed out."""
+        if connection.protocol.extensions:
+            log_once(
+                logger,
+                logging.INFO,
+                "a connection negotiated a WebSocket extension (permessage-deflate): its"
+                " frames are encoded per connection, without the fast path (serve with"
+                " compression=None to keep it)",
+            )
 
     async def accept(self) -> None:
         """Nothing to do: the handshake is complete when the handler runs."""
@@ -77,4 +94,5 @@ class WebsocketsTransport:
             with contextlib.suppress(ConnectionClosed):
                 await self.connection.close(code, reason or "")
         if scope.cancelled_caught:
+            self.close_timed_out = self.aborted = True
             self.connection.transport.abort()
