@@ -48,7 +48,7 @@ SERVERS: dict[str, ServerSpec] = {
             " each envelope's frame built once and a connection's waiting frames written in"
             " one go through the `wsbroadcast.frames` ASGI extension; rate limit off",
             "examples.chat_app",
-            ("--rate-limit", "0", "--log-level", "warning"),
+            ("--rate-limit", "0", "--max-connections-per-ip", "0", "--log-level", "warning"),
             redis=True,
         ),
         ServerSpec(
@@ -56,7 +56,16 @@ SERVERS: dict[str, ServerSpec] = {
             "the same chat app on uvicorn's own websockets-sansio protocol (`--ws"
             " websockets-sansio`): plain ASGI, one `websocket.send` per frame per client",
             "examples.chat_app",
-            ("--ws", "websockets-sansio", "--rate-limit", "0", "--log-level", "warning"),
+            (
+                "--ws",
+                "websockets-sansio",
+                "--rate-limit",
+                "0",
+                "--max-connections-per-ip",
+                "0",
+                "--log-level",
+                "warning",
+            ),
         ),
         ServerSpec(
             "naive",
@@ -81,7 +90,16 @@ SERVERS: dict[str, ServerSpec] = {
             "the project's chat app on the websockets server (--server websockets): each"
             " envelope's frame built once, a connection's waiting frames in one write",
             "examples.chat_app",
-            ("--server", "websockets", "--rate-limit", "0", "--log-level", "warning"),
+            (
+                "--server",
+                "websockets",
+                "--rate-limit",
+                "0",
+                "--max-connections-per-ip",
+                "0",
+                "--log-level",
+                "warning",
+            ),
         ),
         ServerSpec(
             "socketio",

@@ -72,11 +72,17 @@ def nodes(start_server: StartServer) -> Iterator[Nodes]:
 
 @asynccontextmanager
 async def client(
-    node: ChatServer, client_id: str, room: str, since: int | None = None
+    node: ChatServer,
+    client_id: str,
+    room: str,
+    since: int | None = None,
+    epoch: str | None = None,
 ) -> AsyncIterator[ClientConnection]:
     url = f"{node.ws_url}/ws/{client_id}?room={room}"
     if since is not None:
         url += f"&since={since}"
+    if epoch is not None:
+        url += f"&epoch={epoch}"
     async with connect(url) as ws:
         yield ws
 
@@ -261,7 +267,8 @@ async def _outage_and_recovery(
         assert (await recv(ben))["client_id"] == "ben"
         assert (await recv(ann))["client_id"] == "ben"
         await send(ann, "before")
-        old_seq = (await recv_until(ben, "before"))[-1]["seq"]
+        before = (await recv_until(ben, "before"))[-1]
+        old_seq, old_epoch = before["seq"], before["epoch"]
         await recv_until(ann, "before")
 
         redis.kill()
@@ -294,26 +301,33 @@ async def _outage_and_recovery(
         await send(ben, "after")
         after_ann = await recv_until(ann, "after")
         after_ben = await recv_until(ben, "after")
-        # Both read the new stream from its start: the same frames, gap-free, numbered
-        # above anything handed out before Redis lost its data.
-        assert after_ann == after_ben
-        seqs = [f["seq"] for f in after_ann]
-        assert seqs[0] > old_seq
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        # Both are told the stream was lost, with its new epoch, before anything of the new
+        # stream, then read the new stream from its start: the same frames, gap-free.
+        for frames in (after_ann, after_ben):
+            lost = frames[0]
+            assert lost["type"] == "history_lost"
+            assert lost["data"]["since"] == old_seq
+            new_epoch = lost["data"]["epoch"]
+            assert new_epoch != old_epoch
+            seqs = [f["seq"] for f in frames[1:]]
+            assert seqs == list(
+                range(lost["data"]["first_seq"], lost["data"]["first_seq"] + len(seqs))
+            )
+            assert {f["epoch"] for f in frames[1:]} == {new_epoch}
+        assert after_ann[1:] == after_ben[1:]
         for node in (node_a, node_b):
             assert health(node)[1]["status"] == "ok"
             assert metric(node, "chat_backend_connected") == 1
             assert metric(node, "chat_backend_reconnects_total") == 1
             assert metric(node, "chat_backend_data_losses_total") == 1
 
-        async with client(node_b, "cat", room, since=old_seq) as cat:
+        async with client(node_b, "cat", room, since=old_seq, epoch=old_epoch) as cat:
             lost = await recv(cat)
             assert lost["type"] == "history_lost"
             assert lost["data"]["since"] == old_seq
-            assert lost["data"]["first_seq"] > old_seq
+            assert lost["data"]["epoch"] == new_epoch
             join = await recv(cat)
-            assert (join["type"], join["client_id"]) == ("join", "cat")
-            assert join["seq"] > old_seq
+            assert (join["type"], join["client_id"], join["epoch"]) == ("join", "cat", new_epoch)
         with anyio.fail_after(10):
             await eventually(lambda: sorted(room_info(node_a, room)["online"]) == ["ann", "ben"])
     assert "Redis unreachable" in node_a.stderr()
