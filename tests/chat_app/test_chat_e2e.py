@@ -622,16 +622,17 @@ async def test_the_rate_limit_holds_per_ip_across_client_ids(capped: ChatServer)
 @asyncio_only
 async def test_connections_per_ip_are_few_per_ip(few_per_ip: ChatServer) -> None:
     """12 connections from 127.0.0.1 are served; the 13th is refused with HTTP 429; once one
-    closes, there is room again."""
+    closes, there is room again. One room each, so that no client has unread frames that
+    would hold its close handshake back."""
     async with AsyncExitStack() as stack:
-        first = await stack.enter_async_context(client(few_per_ip, "cap-0", "cap"))
+        first = await stack.enter_async_context(client(few_per_ip, "cap-0", "cap-0"))
         await recv(first)
         for n in range(1, 12):
-            ws = await stack.enter_async_context(client(few_per_ip, f"cap-{n}", "cap"))
+            ws = await stack.enter_async_context(client(few_per_ip, f"cap-{n}", f"cap-{n}"))
             while (await recv(ws))["client_id"] != f"cap-{n}":
                 pass
         with pytest.raises(InvalidStatus) as refusal:
-            async with client(few_per_ip, "cap-extra", "cap"):
+            async with client(few_per_ip, "cap-extra", "cap-extra"):
                 pass
         assert refusal.value.response.status_code == 429
         await first.close()
@@ -639,7 +640,7 @@ async def test_connections_per_ip_are_few_per_ip(few_per_ip: ChatServer) -> None
         with anyio.fail_after(10):
             while True:
                 try:
-                    async with client(few_per_ip, "cap-extra", "cap") as extra:
+                    async with client(few_per_ip, "cap-extra", "cap-extra") as extra:
                         while (await recv(extra))["client_id"] != "cap-extra":
                             pass
                         break
