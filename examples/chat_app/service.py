@@ -430,6 +430,10 @@ _MANAGER_METRICS: Final = (
      "Connections closed with 4008 because their queue was full."),
     ("send_failures", "chat_send_failures_total", "counter",
      "Connections closed because a send to them failed."),
+    ("departures_lost", "chat_departures_lost_total", "counter",
+     "Departures the backend could not record in time (presence and leave may lag)."),
+    ("close_timeouts", "chat_close_timeouts_total", "counter",
+     "Sockets whose close did not finish within the manager's close timeout."),
 )  # fmt: skip
 """The manager's :class:`~wsbroadcast.ManagerStats`: (attribute, metric, type, help)."""
 

@@ -125,6 +125,7 @@ def test_http_routes(server: ChatServer) -> None:
     for name in (
         "chat_connections", "chat_rooms", "chat_messages_published_total",
         "chat_deliveries_total", "chat_drops_total", "chat_slow_consumer_disconnects_total",
+        "chat_departures_lost_total", "chat_close_timeouts_total",
         'chat_errors_total{code="invalid_json"}',
     ):  # fmt: skip
         assert re.search(rf"^{re.escape(name)} \d+$", metrics.text, re.MULTILINE), name
