@@ -166,8 +166,8 @@ def targets(results: list[RunResult]) -> str:
     asgi = _find(results, "chat-asgi", "fanout", TARGET_CLIENTS)
     if asgi is not None and naive is not None:
         lines.append(
-            "- **The same chat app on uvicorn's own protocol** (`--ws websockets-sansio`,"
-            f" plain ASGI): CPU/delivery {asgi.cpu_us_per_delivery:.1f} µs ="
+            "- **The same chat app with plain ASGI sends** (`--ws websockets-sansio`, as on"
+            f" uvicorn's own protocol): CPU/delivery {asgi.cpu_us_per_delivery:.1f} µs ="
             f" **{_ratio(asgi.cpu_us_per_delivery, naive.cpu_us_per_delivery)}** naive;"
             f" lost {asgi.lost}, duplicated {asgi.duplicates}; p99 {asgi.p99_ms:.1f} ms."
             " For the record: with one `websocket.send` per frame per client, every ASGI app"

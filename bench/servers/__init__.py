@@ -53,8 +53,9 @@ SERVERS: dict[str, ServerSpec] = {
         ),
         ServerSpec(
             "chat-asgi",
-            "the same chat app on uvicorn's own websockets-sansio protocol (`--ws"
-            " websockets-sansio`): plain ASGI, one `websocket.send` per frame per client",
+            "the same chat app with plain ASGI sends (`--ws websockets-sansio`: wsbroadcast's"
+            " uvicorn protocol without its frames extension, one `websocket.send` per frame per"
+            " client, as on uvicorn's own protocol)",
             "examples.chat_app",
             (
                 "--ws",

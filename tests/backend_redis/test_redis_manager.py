@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import anyio
+import anyio.lowlevel
 import pytest
 from redis.asyncio import Redis
 from redis_helpers import ASYNCIO_ONLY, RedisServer
@@ -124,3 +125,45 @@ async def test_resume_beyond_any_seq_is_history_lost_not_an_error(
         assert transport.close_code is None
         lost = next(m for m in transport.messages() if m["type"] == "history_lost")
         assert lost["data"]["since"] == since
+
+
+async def test_own_join_first_while_another_node_publishes(
+    make_backend: Callable[..., RedisBackend],
+) -> None:
+    """Connections join on node a while node b publishes to the room without pause: each
+    new connection's first frame is its own join, and the seqs after it are gap-free (the
+    envelopes numbered before its join, read by node a meanwhile, are not delivered)."""
+    async with (
+        ConnectionManager(make_backend()) as node_a,
+        ConnectionManager(make_backend()) as node_b,
+    ):
+        await node_a.connect(MemoryTransport(), "anchor", "busy")  # node a reads the room
+        stop = anyio.Event()
+        published = 0
+
+        async def publish() -> None:
+            nonlocal published
+            while not stop.is_set():
+                await node_b.broadcast("busy", published, "publisher")
+                published += 1
+
+        transports = [MemoryTransport() for _ in range(20)]
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as group:
+                group.start_soon(publish)
+                while published < 5:
+                    await anyio.lowlevel.checkpoint()
+                for i, transport in enumerate(transports):
+                    await node_a.connect(transport, f"c{i}", "busy")
+                stop.set()
+            last = await node_b.broadcast("busy", "end", "publisher")
+            for transport in transports:
+                await transport.wait_until(
+                    lambda t: bool(t.envelopes()) and t.envelopes()[-1]["seq"] >= last.seq
+                )
+        assert published > 20  # the publisher really ran during the connects
+        for i, transport in enumerate(transports):
+            envelopes = transport.envelopes()
+            assert (envelopes[0]["type"], envelopes[0]["client_id"]) == ("join", f"c{i}")
+            seqs = [e["seq"] for e in envelopes]
+            assert seqs == list(range(seqs[0], last.seq + 1)), f"c{i}: {seqs}"

@@ -9,8 +9,10 @@ message silently.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -409,5 +411,45 @@ async def test_one_warning_per_outage_and_healthz_follows_the_backend(
             _assert_no_traceback(node)
         finally:
             node.stop()
+    finally:
+        redis.kill()
+
+
+async def test_a_client_ids_rate_limit_holds_across_tabs_on_both_nodes(
+    start_server: StartServer,
+) -> None:
+    """One client id with a tab on each node sends as fast as it can: the two nodes share one
+    bucket through Redis, so together they let through what one bucket allows (burst 2 plus
+    1 per second of the test), where separate buckets would let through twice that."""
+    redis = _start_redis()
+    try:
+        url = f"{redis.url}?heartbeat=0.2&presence_ttl=2"
+        args = ("--backend", url, "--rate-limit", "1", "--ip-rate-limit", "0")
+        pair = start_server(*args), start_server(*args, kind="websockets")
+        try:
+            async with (
+                client(pair[0], "same", "rated-a") as a,
+                client(pair[1], "same", "rated-b") as b,
+            ):
+                await recv(a)
+                await recv(b)
+                started = time.monotonic()
+                for n in range(10):
+                    await send(a, f"a{n}")
+                    await send(b, f"b{n}")
+                accepted = 0
+                for ws in (a, b):
+                    for _ in range(10):
+                        frame = await recv(ws)
+                        if frame["type"] == "message":
+                            accepted += 1
+                        else:
+                            assert frame["data"]["code"] == "rate_limited", frame
+                elapsed = time.monotonic() - started
+            assert 2 <= accepted <= 2 + math.ceil(elapsed) + 1, (accepted, elapsed)
+            _assert_no_traceback(*pair)
+        finally:
+            for node in pair:
+                node.stop()
     finally:
         redis.kill()
