@@ -279,16 +279,20 @@ class _Recording(WebSocketProtocol):
             _Recording.lost.set()
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_a_client_that_stops_reading_is_shed_and_dropped_on_uvicorn() -> None:
+async def _shed_a_stalled_client_on_uvicorn(
+    make: Callable[[WebSocket], StarletteTransport],
+) -> list[StarletteTransport]:
+    """A client that stops reading after its join, flooded on uvicorn with wsbroadcast's
+    protocol until the manager closes it with 4008; returns once its TCP connection is gone.
+    """
     _Recording.lost = anyio.Event()
+    transports: list[StarletteTransport] = []
     async with ConnectionManager(queue_size=8) as manager:
         closed: list[Connection] = []
 
         async def endpoint(websocket: WebSocket) -> None:
-            transport = starlette_transport(websocket, close_timeout=0.5)
-            assert isinstance(transport, StarletteFramesTransport)
+            transport = make(websocket)
+            transports.append(transport)
             connection = await manager.connect(transport, "stalled")
             closed.append(connection)
             await connection.wait_closed()
@@ -306,6 +310,16 @@ async def test_a_client_that_stops_reading_is_shed_and_dropped_on_uvicorn() -> N
                 await _Recording.lost.wait()
             assert closed[0].close_code == CloseCode.SLOW_CONSUMER
             assert manager.stats().slow_consumer_disconnects == 1
+    return transports
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_client_that_stops_reading_is_shed_and_dropped_on_uvicorn() -> None:
+    [transport] = await _shed_a_stalled_client_on_uvicorn(
+        lambda websocket: starlette_transport(websocket, close_timeout=0.5)
+    )
+    assert isinstance(transport, StarletteFramesTransport)
 
 
 @pytest.mark.anyio
@@ -314,27 +328,7 @@ async def test_starlette_transport_closes_a_stalled_socket_by_default_and_says_s
     """Without a close_timeout of its own, a 4008 to a client that stopped reading still ends
     with the TCP connection dropped (not ESTABLISHED with megabytes queued), and the transport
     tells the application, which counts it."""
-    _Recording.lost = anyio.Event()
-    async with ConnectionManager(queue_size=8) as manager:
-        closed: list[Connection] = []
-        transports: list[StarletteTransport] = []
-
-        async def endpoint(websocket: WebSocket) -> None:
-            transport = starlette_transport(websocket)  # the default close_timeout
-            transports.append(transport)
-            connection = await manager.connect(transport, "stalled")
-            closed.append(connection)
-            await connection.wait_closed()
-
-        async with (
-            _uvicorn(endpoint, _Recording, deflate=False) as url,
-            connect(url, max_queue=1, compression=None, close_timeout=1) as c,
-        ):
-            assert json.loads(await c.recv())["type"] == "join"
-            await _flood_until_closed(manager, closed)
-            with anyio.fail_after(30):
-                await _Recording.lost.wait()
-            assert closed[0].close_code == CloseCode.SLOW_CONSUMER
+    transports = await _shed_a_stalled_client_on_uvicorn(starlette_transport)
     assert transports[0].close_timeout == DEFAULT_CLOSE_TIMEOUT
     assert transports[0].close_timed_out
     assert transports[0].aborted

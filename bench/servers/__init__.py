@@ -38,6 +38,9 @@ class ServerSpec:
         return [sys.executable, "-m", self.module, "--host", "127.0.0.1", "--port", str(port)]
 
 
+_CHAT_ARGS = ("--rate-limit", "0", "--max-connections-per-ip", "0", "--log-level", "warning")
+"""The chat app's flags under load from one address: no rate limit, no per-IP cap."""
+
 SERVERS: dict[str, ServerSpec] = {
     spec.name: spec
     for spec in (
@@ -48,7 +51,7 @@ SERVERS: dict[str, ServerSpec] = {
             " each envelope's frame built once and a connection's waiting frames written in"
             " one go through the `wsbroadcast.frames` ASGI extension; rate limit off",
             "examples.chat_app",
-            ("--rate-limit", "0", "--max-connections-per-ip", "0", "--log-level", "warning"),
+            _CHAT_ARGS,
             redis=True,
         ),
         ServerSpec(
@@ -57,16 +60,7 @@ SERVERS: dict[str, ServerSpec] = {
             " uvicorn protocol without its frames extension, one `websocket.send` per frame per"
             " client, as on uvicorn's own protocol)",
             "examples.chat_app",
-            (
-                "--ws",
-                "websockets-sansio",
-                "--rate-limit",
-                "0",
-                "--max-connections-per-ip",
-                "0",
-                "--log-level",
-                "warning",
-            ),
+            ("--ws", "websockets-sansio", *_CHAT_ARGS),
         ),
         ServerSpec(
             "naive",
@@ -91,16 +85,7 @@ SERVERS: dict[str, ServerSpec] = {
             "the project's chat app on the websockets server (--server websockets): each"
             " envelope's frame built once, a connection's waiting frames in one write",
             "examples.chat_app",
-            (
-                "--server",
-                "websockets",
-                "--rate-limit",
-                "0",
-                "--max-connections-per-ip",
-                "0",
-                "--log-level",
-                "warning",
-            ),
+            ("--server", "websockets", *_CHAT_ARGS),
         ),
         ServerSpec(
             "socketio",
