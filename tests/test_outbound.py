@@ -210,3 +210,35 @@ def test_bounds_order_and_accounting_hold_for_any_sequence(
 def test_invalid_items_never_reach_the_queue() -> None:
     with pytest.raises(ValueError, match="UTF-8"):
         envelope(1, "\ud800")
+
+
+def test_held_frames_are_bounded_in_bytes_too() -> None:
+    calls = Calls()
+    queue = make(calls, queue_bytes=1000)
+    queue.push(envelope(1, "y" * 400))
+    queue.push(envelope(2, "y" * 400))
+    assert queue.statistics().queued_bytes <= 1000
+    queue.push(envelope(3, "y" * 400))
+    assert queue.close_code == CloseCode.SLOW_CONSUMER
+    assert calls.aborted == 1
+
+
+def test_drop_oldest_while_recovering_never_drops_a_reset() -> None:
+    queue = make(Calls(), queue_size=3, policy=SlowConsumerPolicy.DROP_OLDEST)
+    queue.push(envelope(5))
+    queue.reset("e2", after_seq=0)
+    for seq in (1, 2, 3, 4):
+        queue.push(envelope(seq, epoch="e2"))
+    queue.go_live(after_seq=4)
+    # Held: 5, the reset, 1..4 with 5 and 1 dropped; live, the queue holds three frames.
+    assert seqs(queue.take()) == ["history_lost", 3, 4]
+    assert queue.statistics().dropped == 3
+
+
+def test_drop_oldest_keeps_control_frames_while_there_is_an_envelope_to_drop() -> None:
+    queue = make(Calls(), queue_size=2, policy=SlowConsumerPolicy.DROP_OLDEST)
+    queue.go_live(0)
+    queue.push_control("notice", "keep me")
+    for seq in (1, 2, 3):
+        queue.push(envelope(seq))
+    assert seqs(queue.take()) == ["notice", 3]

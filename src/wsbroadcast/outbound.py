@@ -45,9 +45,10 @@ class SlowConsumerPolicy(str, enum.Enum):
     ``DISCONNECT`` (the default) closes the connection with close code ``4008``
     (:attr:`~wsbroadcast.CloseCode.SLOW_CONSUMER`): the client knows it fell behind and can
     reconnect with ``since`` and ``epoch`` to recover what it missed from history.
-    ``DROP_OLDEST`` keeps the connection and discards the oldest queued frames until the new
-    one fits: the client sees a gap in ``seq`` and can resume from its last seq. Neither
-    policy ever makes a broadcast wait.
+    ``DROP_OLDEST`` keeps the connection and discards the oldest queued envelopes until the
+    new frame fits (control frames such as errors and ``history_lost`` are kept while there
+    is an envelope to drop, since history cannot give them back): the client sees a gap in
+    ``seq`` and can resume from its last seq. Neither policy ever makes a broadcast wait.
     """
 
     DISCONNECT = "disconnect"
@@ -114,6 +115,8 @@ class OutboundQueue:
         "_delivered",
         "_dropped",
         "_held",
+        "_held_bytes",
+        "_held_count",
         "_items",
         "_on_abort",
         "_on_ready",
@@ -155,6 +158,8 @@ class OutboundQueue:
         self._items: list[Item] = []
         self._bytes = 0
         self._held: list[Item | _Reset] = []
+        self._held_count = 0
+        self._held_bytes = 0
         self._unsent = 0
         self._unsent_bytes = 0
         self._ready = False
@@ -165,8 +170,7 @@ class OutboundQueue:
 
     def statistics(self) -> QueueStatistics:
         """The queue's length and size now, and its counters."""
-        held = sum(1 for item in self._held if not isinstance(item, _Reset))
-        held_bytes = sum(_size(item) for item in self._held if not isinstance(item, _Reset))
+        held, held_bytes = self._held_count, self._held_bytes
         return QueueStatistics(
             self.state,
             len(self._items) + held + self._unsent,
@@ -261,6 +265,7 @@ class OutboundQueue:
         self.state = ConnectionState.OPEN
         self.last_seq = max(self.last_seq, after_seq)
         held, self._held = self._held, []
+        self._held_count = self._held_bytes = 0
         for item in held:
             if isinstance(item, _Reset):
                 self._reset_now(item.epoch, item.after_seq)
@@ -272,10 +277,26 @@ class OutboundQueue:
                 return
 
     def _hold(self, item: Item) -> bool:
+        """Hold a live frame while recovering, under the same bounds and policy as the queue
+        (a held reset is never dropped: it is what tells the client)."""
         held = self._held
-        if len(held) >= self.queue_size and not self._make_room(held, 1):
-            return False
+        size = _size(item)
+        while self._held_count and (
+            self._held_count >= self.queue_size or self._held_bytes + size > self.queue_bytes
+        ):
+            if self.policy is not SlowConsumerPolicy.DROP_OLDEST:
+                self.overflowed = True
+                self.abort(CloseCode.SLOW_CONSUMER, "slow consumer: outbound queue full")
+                return False
+            index = next(i for i, old in enumerate(held) if not isinstance(old, _Reset))
+            dropped = held.pop(index)
+            assert not isinstance(dropped, _Reset)
+            self._held_count -= 1
+            self._held_bytes -= _size(dropped)
+            self._dropped += 1
         held.append(item)
+        self._held_count += 1
+        self._held_bytes += size
         return True
 
     def _append(self, item: Item) -> bool:
@@ -295,13 +316,13 @@ class OutboundQueue:
                 self._on_ready()
         return True
 
-    def _make_room(self, items: list[Item] | list[Item | _Reset], size: int) -> bool:
+    def _make_room(self, items: list[Item], size: int) -> bool:
         """Apply the policy to a full queue; true if the oldest frame made way."""
         if self.policy is SlowConsumerPolicy.DROP_OLDEST:
-            dropped = items.pop(0)
-            if items is self._items:
-                assert not isinstance(dropped, _Reset)
-                self._bytes -= _size(dropped)
+            # The oldest envelope: history holds it for a resume, while a control frame
+            # (an error, a history_lost) exists nowhere else. Only controls: the oldest.
+            index = next((i for i, old in enumerate(items) if isinstance(old, Envelope)), 0)
+            self._bytes -= _size(items.pop(index))
             self._dropped += 1
             return True
         self.overflowed = True
@@ -371,9 +392,10 @@ class OutboundQueue:
         self.close_code = code
         self.close_reason = reason
         self._dropped += len(self._items) + self._unsent
-        self._dropped += sum(1 for item in self._held if not isinstance(item, _Reset))
+        self._dropped += self._held_count
         self._items = []
         self._held = []
+        self._held_count = self._held_bytes = 0
         self._bytes = self._unsent = self._unsent_bytes = 0
         if self._on_abort is not None:
             self._on_abort()
