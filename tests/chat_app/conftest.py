@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ READY_LINES = {
     "uvicorn": "Application startup complete",
     "uvicorn-asgi": "Application startup complete",
     "websockets": "server listening on",
+    "hypercorn": "Running on http://",
 }
 """What each server logs once it serves: proof that its log is really captured."""
 
@@ -37,7 +39,14 @@ def free_port() -> int:
 
 
 class ChatServer:
-    """``python -m examples.chat_app`` in a subprocess on 127.0.0.1, its output in files."""
+    """``python -m examples.chat_app`` in a subprocess on 127.0.0.1, its output in files.
+
+    Kind ``hypercorn`` (in no :data:`SERVER_KINDS`: only the tests that ask for it) runs
+    ``python -m hypercorn --worker-class trio`` instead, with ``args`` as hypercorn's flags
+    and application (``module:expression``). Its main process serves through a worker
+    process that it spawns, so it starts in a process group of its own, killed whole if it
+    lingers.
+    """
 
     def __init__(self, directory: Path, args: list[str], kind: str = "uvicorn") -> None:
         self.port = free_port()
@@ -56,17 +65,24 @@ class ChatServer:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        """The command line that starts the server (run from the repository's root)."""
+        if self.kind == "hypercorn":
+            command = [sys.executable, "-m", "hypercorn", "--worker-class", "trio"]
+            return [*command, "--bind", f"127.0.0.1:{self.port}", *self.args]
+        command = [sys.executable, "-m", "examples.chat_app", "--host", "127.0.0.1"]
+        return [*command, "--port", str(self.port), *SERVER_ARGS[self.kind], *self.args]
+
     def start(self) -> None:
         """Start the server and wait until ``/healthz`` answers (bounded by a deadline)."""
-        command = [sys.executable, "-m", "examples.chat_app", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), *SERVER_ARGS[self.kind], *self.args]
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
             self.process = subprocess.Popen(
-                command,
+                self.command(),
                 cwd=ROOT,
                 stdout=out,
                 stderr=err,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=self.kind == "hypercorn",
             )
         deadline = time.monotonic() + STARTUP_DEADLINE
         while True:
@@ -90,7 +106,10 @@ class ChatServer:
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            process.kill()
+            if self.kind == "hypercorn":  # its worker too: the group is the server's own
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
             process.wait(timeout=15)
 
     def restart(self) -> None:
