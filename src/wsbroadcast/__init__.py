@@ -38,6 +38,7 @@ from .outbound import (
     SlowConsumerPolicy,
 )
 from .protocol import CloseCode, control_frame, error_frame
+from .publisher import Publisher
 from .transport import Transport
 
 __version__ = "0.1.0.dev0"
@@ -65,6 +66,7 @@ __all__ = [
     "ManagerNotRunning",
     "ManagerStats",
     "OutboundQueue",
+    "Publisher",
     "QueueStatistics",
     "ResetListener",
     "SlowConsumerPolicy",

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 
 from pydantic import ConfigDict, JsonValue, TypeAdapter, ValidationError
 
-from .exceptions import InvalidData, InvalidName
+from .exceptions import InvalidData, InvalidInput, InvalidName
+from .protocol import RESERVED_TYPES
 
 NAME_MAX_LENGTH = 64
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -31,6 +32,17 @@ def check_name(field: str, value: object) -> str:
     if _NAME.fullmatch(value) is None:
         raise InvalidName(field, value, "may only contain A-Z a-z 0-9 _ . -")
     return value
+
+
+def check_publication(room: str, client_id: str | None, type: str) -> None:
+    """Check what a publish names: a room, a client id or None (the server), a type that is
+    not one of the reserved unsequenced ones."""
+    check_name("room", room)
+    if client_id is not None:
+        check_name("client_id", client_id)
+    check_name("type", type)
+    if type in RESERVED_TYPES:
+        raise InvalidInput(f"type {type!r} is reserved for unsequenced frames")
 
 
 def check_data(value: object) -> JsonValue:

@@ -118,7 +118,7 @@ class Backend(abc.ABC):
         return None
 
     async def publish(
-        self, room: str, type: str, client_id: str, data: JsonValue = None
+        self, room: str, type: str, client_id: str | None, data: JsonValue = None
     ) -> Envelope:
         """Encode an envelope (:class:`~wsbroadcast.envelope.Draft`) and :meth:`publish_draft` it.
 

@@ -55,7 +55,10 @@ class Envelope(BaseModel):
         default="", description="The room stream's epoch: changes when its history is lost."
     )
     id: str = Field(description="Unique id of this envelope.")
-    client_id: str = Field(description="Who published it, as set by the server.")
+    client_id: str | None = Field(
+        description="Who published it, as set by the server; null when the server itself did"
+        " (no client id can be null, so it cannot be forged)."
+    )
     timestamp: datetime = Field(description="When the envelope was made (UTC).")
     data: JsonValue = Field(default=None, description="The application payload.")
 
@@ -98,6 +101,10 @@ def _json_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _client_json(client_id: str | None) -> str:
+    return "null" if client_id is None else _json_string(client_id)
+
+
 class Draft:
     """An envelope before a backend numbers it: checked and encoded, but for seq and epoch.
 
@@ -121,7 +128,7 @@ class Draft:
         "type",
     )
 
-    def __init__(self, type: str, room: str, client_id: str, data: JsonValue = None) -> None:
+    def __init__(self, type: str, room: str, client_id: str | None, data: JsonValue = None) -> None:
         self.type = type
         self.room = room
         self.client_id = client_id
@@ -135,7 +142,7 @@ class Draft:
         # The same text as Envelope.model_dump_json(), fields in the same order.
         self.head = f'{{"type":{_json_string(type)},"room":{_json_string(room)},"seq":'
         self.tail = (
-            f'","id":"{self.id}","client_id":{_json_string(client_id)},'
+            f'","id":"{self.id}","client_id":{_client_json(client_id)},'
             f'"timestamp":"{self.timestamp.isoformat()}","data":{encoded.decode()}}}'
         )
         self._base_size = len(self.head.encode()) + len(self.tail.encode()) + len(',"epoch":"')

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar
@@ -41,13 +41,13 @@ from pydantic import JsonValue
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from ._validation import check_name
+from ._validation import check_name, check_publication
 from .backend import Backend, StreamReset, Subscription, backend_from_url
 from .connection import Connection, ConnectionState
 from .envelope import EPOCH_PATTERN, Draft, Envelope
 from .exceptions import BackendError, BackendUnavailable, InvalidInput, ManagerNotRunning
 from .outbound import DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_SIZE, SlowConsumerPolicy
-from .protocol import CloseCode, control_frame
+from .protocol import RESERVED_TYPES, CloseCode, control_frame
 from .transport import Transport
 
 __all__ = [
@@ -60,8 +60,6 @@ __all__ = [
 
 logger = logging.getLogger("wsbroadcast")
 
-RESERVED_TYPES = frozenset({"error", "history_lost", "presence"})
-"""Envelope types the library uses for unsequenced frames; ``broadcast`` refuses them."""
 
 _T = TypeVar("_T")
 
@@ -146,6 +144,10 @@ class ConnectionManager:
         departure in the backend, stopping its writer, closing its socket) before it is
         given up on; also the bound on a backend call that a connect must not abandon half
         way (presence and ``join``).
+    :param announce: whether ``join`` and ``leave`` envelopes are published when a client
+        arrives in or leaves a room: true (the default), false, or a function of the room
+        name, so that large or quiet rooms can go without them. Presence answers either way.
+        Every node of a room should say the same for it.
     """
 
     def __init__(
@@ -156,6 +158,7 @@ class ConnectionManager:
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         slow_consumer: SlowConsumerPolicy | str = SlowConsumerPolicy.DISCONNECT,
         close_timeout: float = 5.0,
+        announce: bool | Callable[[str], bool] = True,
     ) -> None:
         if queue_size < 1:
             raise InvalidInput(f"queue_size must be at least 1, not {queue_size}")
@@ -172,6 +175,7 @@ class ConnectionManager:
         self.queue_size = queue_size
         self.queue_bytes = queue_bytes
         self.close_timeout = close_timeout
+        self._announce = announce
         self._task_group: TaskGroup | None = None
         self._running = False
         self._flush_ready: list[Connection] = []
@@ -237,6 +241,11 @@ class ConnectionManager:
                     await self._connects_done.wait()
             # Not shielded here: a backend's own task group must exit in the scope it entered.
             await self.backend.__aexit__(exc_type, exc, tb)
+
+    def announces(self, room: str) -> bool:
+        """Whether ``join`` and ``leave`` are published in ``room`` (see ``announce``)."""
+        announce = self._announce
+        return announce if isinstance(announce, bool) else bool(announce(room))
 
     @property
     def running(self) -> bool:
@@ -372,7 +381,7 @@ class ConnectionManager:
         room, client_id = connection.room, connection.client_id
         first = await self.backend.add_presence(room, client_id)
         self._present.add(connection)
-        if not first:
+        if not first or not self.announces(room):
             return None
         try:
             return await self._publish(room, "join", client_id, None)
@@ -573,7 +582,8 @@ class ConnectionManager:
         self._present.discard(connection)
         try:
             with anyio.fail_after(self.close_timeout):
-                if await self.backend.remove_presence(connection.room, connection.client_id):
+                last = await self.backend.remove_presence(connection.room, connection.client_id)
+                if last and self.announces(connection.room):
                     await self._publish(connection.room, "leave", connection.client_id, None)
         except (Exception, TimeoutError) as exc:
             self._departures_lost += 1
@@ -626,9 +636,13 @@ class ConnectionManager:
     # -- publishing
 
     async def broadcast(
-        self, room: str, data: JsonValue, client_id: str, type: str = "message"
+        self, room: str, data: JsonValue, client_id: str | None = None, type: str = "message"
     ) -> Envelope:
         """Publish ``data`` to everyone in ``room`` and return the envelope with its ``seq``.
+
+        ``client_id`` is who sent it; None (the default) publishes as the server itself: the
+        envelope's ``client_id`` is JSON ``null``, which no client id can be, so a client
+        cannot pass itself off as the server (a POST handler, a job, a notification).
 
         Returns as soon as the backend has ordered the envelope and it is queued for every
         local member; it never waits for a recipient's socket. The envelope is encoded once,
@@ -639,14 +653,12 @@ class ConnectionManager:
         the backend cannot be reached.
         """
         self._check_running()
-        check_name("room", room)
-        check_name("client_id", client_id)
-        check_name("type", type)
-        if type in RESERVED_TYPES:
-            raise InvalidInput(f"type {type!r} is reserved for unsequenced frames")
+        check_publication(room, client_id, type)
         return await self._publish(room, type, client_id, data)
 
-    async def _publish(self, room: str, type: str, client_id: str, data: JsonValue) -> Envelope:
+    async def _publish(
+        self, room: str, type: str, client_id: str | None, data: JsonValue
+    ) -> Envelope:
         envelope = await self.backend.publish_draft(Draft(type, room, client_id, data))
         self._published += 1
         return envelope

@@ -12,7 +12,10 @@ import json
 
 from pydantic import JsonValue
 
-__all__ = ["CloseCode", "control_frame", "error_frame"]
+__all__ = ["RESERVED_TYPES", "CloseCode", "control_frame", "error_frame"]
+
+RESERVED_TYPES = frozenset({"error", "history_lost", "presence"})
+"""Envelope types the library uses for unsequenced frames; ``broadcast`` refuses them."""
 
 
 class CloseCode(enum.IntEnum):
