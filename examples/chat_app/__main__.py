@@ -240,6 +240,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="envelopes kept per room for resume (default: the backend's, 1000 for memory://)",
     )
     parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        dest="api_keys",
+        help="a key for POST /api/rooms/{room}/messages with 'Authorization: Bearer KEY'"
+        " (repeatable; at least 16 characters); without one the route is off (uvicorn only:"
+        " the websockets server reads no request body)",
+    )
+    parser.add_argument(
         "--allowed-origin",
         action="append",
         default=[],
@@ -282,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             queue_size=args.queue_size,
             history=args.history,
             allowed_origins=tuple(args.allowed_origins),
+            api_keys=tuple(args.api_keys),
         )
         backend_from_url(settings.backend_url())  # fail now, not at startup, on a bad URL
     except ValueError as exc:  # InvalidBackendURL is a ValueError too

@@ -113,6 +113,17 @@ class _StarletteFrontEnd:
         """``GET /rooms/{room}``."""
         return _response(await self.service.room(request.path_params["room"]))
 
+    async def publish(self, request: Request) -> Response:
+        """``POST /api/rooms/{room}/messages``."""
+        body = await request.body()
+        response = await self.service.publish(
+            request.path_params["room"],
+            request.headers.get("authorization"),
+            request.headers.get("content-type"),
+            body,
+        )
+        return _response(response)
+
     async def chat_socket(self, websocket: WebSocket) -> None:
         """``WS /ws/{client_id}?room=NAME&since=SEQ&epoch=E``."""
         handshake = Handshake(
@@ -155,6 +166,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/healthz", front.healthz, methods=["GET"]),
             Route("/metrics", front.metrics, methods=["GET"]),
             Route("/rooms/{room}", front.room, methods=["GET"]),
+            Route("/api/rooms/{room}/messages", front.publish, methods=["POST"]),
             WebSocketRoute("/ws/{client_id}", front.chat_socket),
         ],
         lifespan=front.lifespan,

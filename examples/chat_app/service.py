@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -171,6 +172,9 @@ class Settings:
     """Origins besides the server's own that may open a WebSocket (``scheme://host[:port]``)."""
     slow_consumer: str = "disconnect"
     """The manager's slow-consumer policy."""
+    api_keys: tuple[str, ...] = ()
+    """Keys that may ``POST /api/rooms/{room}/messages`` (``Authorization: Bearer KEY``);
+    none: the route is off (404)."""
 
     def __post_init__(self) -> None:
         for name in ("rate_limit", "ip_rate_limit"):
@@ -191,6 +195,9 @@ class Settings:
             raise ValueError(f"history must be >= 0, not {self.history}")
         if self.shutdown_timeout < 1:
             raise ValueError(f"shutdown_timeout must be at least 1, not {self.shutdown_timeout}")
+        for key in self.api_keys:
+            if len(key) < 16 or not key.isprintable() or " " in key:
+                raise ValueError("api keys must be at least 16 printable characters, no space")
         for origin in self.allowed_origins:
             if _normalize_origin(origin) is None:
                 raise ValueError(f"allowed_origins: {origin!r} is not scheme://host[:port]")
@@ -458,6 +465,11 @@ def _backend_families(health: dict[str, JsonValue]) -> list[_Family]:
     return families
 
 
+def _api_error(error: ClientError, status: int = HTTPStatus.BAD_REQUEST) -> HttpResponse:
+    """An HTTP API error: ``{"error": {"code", "detail"}}``, the WebSocket error's data."""
+    return HttpResponse.json({"error": {"code": error.code, "detail": error.detail}}, status)
+
+
 def _size(frame: str | bytes) -> int:
     """A frame's size on the wire, in bytes."""
     return len(frame.encode()) if isinstance(frame, str) else len(frame)
@@ -718,6 +730,72 @@ class ChatService:
         self.outage.worked()
         body: dict[str, JsonValue] = {"room": name, "online": list(online), "seq": history.last_seq}
         return HttpResponse.json(body)
+
+    async def publish(
+        self, room: str, authorization: str | None, content_type: str | None, body: bytes
+    ) -> HttpResponse:
+        """``POST /api/rooms/{room}/messages``: publish ``{"message": text}`` as the server.
+
+        Off (404) unless :attr:`Settings.api_keys` is set; 401 without a valid
+        ``Authorization: Bearer KEY``. The body is checked as a WebSocket frame is, with the
+        same error codes (400 ``{"error": {"code", "detail"}}``, 413 over
+        ``max_message_bytes``); 202 with the envelope, whose ``client_id`` is null (the server).
+        """
+        keys = self.settings.api_keys
+        if not keys:
+            return HttpResponse.json({"error": "not found"}, HTTPStatus.NOT_FOUND)
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not any(
+            hmac.compare_digest(given.strip().encode(), key.encode()) for key in keys
+        ):
+            return HttpResponse(
+                HTTPStatus.UNAUTHORIZED,
+                "application/json",
+                b'{"error":"a valid Authorization: Bearer key is required"}',
+                {"WWW-Authenticate": 'Bearer realm="chat"'},
+            )
+        if not valid_name(room):
+            error = "room must be 1-64 characters of A-Z a-z 0-9 _ . -"
+            return HttpResponse.json({"error": error}, HTTPStatus.BAD_REQUEST)
+        if content_type is None or content_type.split(";")[0].strip() != "application/json":
+            return _api_error(
+                ClientError(ErrorCode.INVALID_JSON, "send Content-Type: application/json"),
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            )
+        if len(body) > self.settings.max_message_bytes:
+            detail = f"the body is limited to {self.settings.max_message_bytes} bytes"
+            return _api_error(
+                ClientError("message_too_big", detail), HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+            )
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return _api_error(ClientError(ErrorCode.INVALID_JSON, "the body is not UTF-8"))
+        result = parse_client_frame(text, self.settings.max_text)
+        if isinstance(result, ClientError):
+            self.counters.errors[result.code] += 1
+            return _api_error(result)
+        manager = self.manager
+        if manager is None:
+            return HttpResponse.json(
+                {"error": "server not running"}, HTTPStatus.SERVICE_UNAVAILABLE
+            )
+        try:
+            envelope = await manager.broadcast(room, {"message": result})
+        except InvalidData:
+            detail = '"message" cannot be encoded as text (a lone UTF-16 surrogate?)'
+            refused = ClientError(ErrorCode.INVALID_MESSAGE, detail)
+            self.counters.errors[refused.code] += 1
+            return _api_error(refused)
+        except BackendError as exc:
+            self.outage.failed(f"POST /api/rooms/{room}/messages", exc)
+            detail = "the message could not be published (backend unavailable); try again"
+            return _api_error(
+                ClientError(ErrorCode.UNAVAILABLE, detail), HTTPStatus.SERVICE_UNAVAILABLE
+            )
+        self.outage.worked()
+        self.counters.messages += 1
+        return HttpResponse(HTTPStatus.ACCEPTED, "application/json", envelope.text.encode())
 
     # The WebSocket route
 

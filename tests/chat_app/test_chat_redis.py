@@ -453,3 +453,39 @@ async def test_a_client_ids_rate_limit_holds_across_tabs_on_both_nodes(
                 node.stop()
     finally:
         redis.kill()
+
+
+async def test_an_http_publish_on_one_node_reaches_clients_on_both(
+    start_server: StartServer,
+) -> None:
+    key = "node-key-0123456789abcdef"
+    redis = _start_redis()
+    try:
+        url = f"{redis.url}?heartbeat=0.2&presence_ttl=2"
+        node_a = start_server("--backend", url, "--api-key", key)
+        node_b = start_server("--backend", url, kind="websockets")
+        try:
+            async with (
+                client(node_a, "ann", "alerts") as ann,
+                client(node_b, "ben", "alerts") as ben,
+            ):
+                await recv(ann)
+                await recv(ben)
+                assert (await recv(ann))["client_id"] == "ben"
+                response = httpx.post(
+                    f"{node_a.url}/api/rooms/alerts/messages",
+                    json={"message": "disk full"},
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=5,
+                )
+                assert response.status_code == 202
+                envelope = response.json()
+                assert envelope["client_id"] is None
+                assert await recv(ann) == envelope
+                assert await recv(ben) == envelope
+            _assert_no_traceback(node_a, node_b)
+        finally:
+            node_a.stop()
+            node_b.stop()
+    finally:
+        redis.kill()
