@@ -45,6 +45,8 @@ from pydantic import JsonValue
 
 from wsbroadcast import (
     DEFAULT_QUEUE_SIZE,
+    NAME_CHARACTERS,
+    NAME_MAX_LENGTH,
     BackendError,
     CloseCode,
     Connection,
@@ -55,6 +57,7 @@ from wsbroadcast import (
     ManagerNotRunning,
     Transport,
     WSBroadcastError,
+    is_valid_name,
 )
 from wsbroadcast.envelope import EPOCH_PATTERN
 
@@ -78,7 +81,6 @@ __all__ = [
 logger = logging.getLogger("examples.chat_app")
 
 CHAT_HTML: Final = Path(__file__).with_name("static") / "chat.html"
-_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _SINCE = re.compile(r"[0-9]{1,18}")
 CLOSE_WAIT: Final = 1.0
 """Seconds to wait for a close frame to be written before giving up on the socket."""
@@ -218,8 +220,9 @@ class Settings:
 
 
 def valid_name(value: str) -> bool:
-    """Whether ``value`` is a valid client id or room: 1-64 of ``A-Z a-z 0-9 _ . -``."""
-    return _NAME.fullmatch(value) is not None
+    """Whether ``value`` is a valid client id or room: the library's name grammar
+    (:mod:`wsbroadcast.names`, 1-64 of ``A-Z a-z 0-9 _ . - : # @``), not a copy of it."""
+    return is_valid_name(value)
 
 
 def parse_client_frame(text: str, max_text: int) -> str | ClientError:
@@ -711,7 +714,7 @@ class ChatService:
     async def room(self, name: str) -> HttpResponse:
         """``GET /rooms/{room}``: who is online and the room's last seq."""
         if not valid_name(name):
-            error = "room must be 1-64 characters of A-Z a-z 0-9 _ . -"
+            error = f"room must be 1-{NAME_MAX_LENGTH} characters of {NAME_CHARACTERS}"
             return HttpResponse.json({"error": error}, HTTPStatus.BAD_REQUEST)
         manager = self.manager
         if manager is None:
@@ -755,7 +758,7 @@ class ChatService:
                 {"WWW-Authenticate": 'Bearer realm="chat"'},
             )
         if not valid_name(room):
-            error = "room must be 1-64 characters of A-Z a-z 0-9 _ . -"
+            error = f"room must be 1-{NAME_MAX_LENGTH} characters of {NAME_CHARACTERS}"
             return HttpResponse.json({"error": error}, HTTPStatus.BAD_REQUEST)
         if content_type is None or content_type.split(";")[0].strip() != "application/json":
             return _api_error(

@@ -29,6 +29,7 @@ from .exceptions import (
     WSBroadcastError,
 )
 from .manager import RESERVED_TYPES, ConnectionManager, ManagerStats
+from .names import NAME_CHARACTERS, NAME_MAX_LENGTH, NAME_PATTERN, check_name, is_valid_name
 from .outbound import (
     DEFAULT_QUEUE_BYTES,
     DEFAULT_QUEUE_SIZE,
@@ -46,6 +47,9 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "DEFAULT_QUEUE_BYTES",
     "DEFAULT_QUEUE_SIZE",
+    "NAME_CHARACTERS",
+    "NAME_MAX_LENGTH",
+    "NAME_PATTERN",
     "RESERVED_TYPES",
     "Backend",
     "BackendError",
@@ -75,6 +79,8 @@ __all__ = [
     "Transport",
     "WSBroadcastError",
     "backend_from_url",
+    "check_name",
     "control_frame",
     "error_frame",
+    "is_valid_name",
 ]

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 from pydantic import ConfigDict, JsonValue, TypeAdapter, ValidationError
 
-from .exceptions import InvalidData, InvalidInput, InvalidName
+from .exceptions import InvalidData, InvalidInput
+from .names import NAME_MAX_LENGTH, check_name
 from .protocol import RESERVED_TYPES
 
-NAME_MAX_LENGTH = 64
-_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+__all__ = [
+    "INT_MAX",
+    "INT_MIN",
+    "MAX_DEPTH",
+    "NAME_MAX_LENGTH",
+    "check_data",
+    "check_name",
+    "check_publication",
+]
+
 _DATA = TypeAdapter(JsonValue, config=ConfigDict(allow_inf_nan=False))
 
 MAX_DEPTH = 64
@@ -19,19 +27,6 @@ MAX_DEPTH = 64
 INT_MIN = -(2**63)
 INT_MAX = 2**64 - 1
 """Integers must fit in 64 bits, signed or unsigned, so that every client parses them back."""
-
-
-def check_name(field: str, value: object) -> str:
-    """Return ``value`` if it is a valid room, client id or type name, else raise InvalidName."""
-    if not isinstance(value, str):
-        raise InvalidName(field, value, "must be a string")
-    if not value:
-        raise InvalidName(field, value, "must not be empty")
-    if len(value) > NAME_MAX_LENGTH:
-        raise InvalidName(field, value, f"must be at most {NAME_MAX_LENGTH} characters")
-    if _NAME.fullmatch(value) is None:
-        raise InvalidName(field, value, "may only contain A-Z a-z 0-9 _ . -")
-    return value
 
 
 def check_publication(room: str, client_id: str | None, type: str) -> None:

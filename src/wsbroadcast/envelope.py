@@ -90,7 +90,7 @@ class Envelope(BaseModel):
 
 
 _FIELDS = frozenset(Envelope.model_fields)
-_PLAIN = re.compile(r"[A-Za-z0-9_.\-]*")
+_PLAIN = re.compile(r"[A-Za-z0-9_.\-:#@]*")
 _DATA_JSON = TypeAdapter(JsonValue).serializer
 
 

@@ -39,7 +39,9 @@ class InvalidInput(WSBroadcastError, ValueError):
 
 
 class InvalidName(InvalidInput):
-    """A room, client id or envelope type is not 1-64 characters of ``A-Z a-z 0-9 _ . -``.
+    """A room, client id or envelope type is not 1-64 characters of ``A-Z a-z 0-9 _ . - : # @``.
+
+    The grammar is :mod:`wsbroadcast.names`.
 
     ``field`` says which argument was refused, so that an application can turn it into a
     precise error for its own client.

@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 
 import anyio
 import pytest
+from redis.asyncio import Redis
 from redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 
 from wsbroadcast import Envelope, backend_from_url
@@ -233,3 +234,58 @@ async def test_a_burst_larger_than_the_pool_waits_for_connections(make_backend: 
         history = await node.history("burst", 0)
         assert [e.seq for e in history.envelopes] == list(range(1, 31))
         assert node.health()["status"] == "ok"
+
+
+async def test_namespaced_names_round_trip(make_backend: Make, redis_server: RedisServer) -> None:
+    """``: # @`` in rooms and client ids: publish, delivery, history and presence work, and the
+    keys a room uses escape ``:`` (``%3A``), so a key still splits into its parts."""
+    room = "chat:lobby"
+    async with make_backend() as a, make_backend() as b:
+        recorder = Recorder()
+        await b.subscribe(room, recorder)
+        assert await a.add_presence(room, "alice@example.com")
+        assert await b.add_presence(room, "user#42")
+        sent = await a.publish(room, "orders.eu-1", "user#42", {"n": 1})
+        with anyio.fail_after(5):
+            [received] = await recorder.wait_for(1)
+        assert received == sent
+        assert (sent.room, sent.client_id, sent.type) == (room, "user#42", "orders.eu-1")
+        history = await b.history(room, 0)
+        assert [e.text for e in history.envelopes] == [sent.text]
+        assert await a.presence(room) == ["alice@example.com", "user#42"]
+        admin = Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            keys = set(await admin.keys("wsbroadcast:room:*"))
+            assert keys == {
+                "wsbroadcast:room:chat%3Alobby:stream",
+                "wsbroadcast:room:chat%3Alobby:log",
+                "wsbroadcast:room:chat%3Alobby:members",
+                "wsbroadcast:room:chat%3Alobby:client:alice@example.com",
+                "wsbroadcast:room:chat%3Alobby:client:user#42",
+            }
+            # The heartbeat keeps the client hashes alive under their escaped keys.
+            hashes = [key for key in keys if ":client:" in key]
+            for key in hashes:
+                await admin.pexpire(key, 100_000)
+            with anyio.fail_after(5):
+                while min([await admin.pttl(key) for key in hashes]) <= 100_000:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+        finally:
+            await admin.aclose()
+        assert await a.remove_presence(room, "alice@example.com")
+        assert await a.presence(room) == ["user#42"]
+
+
+async def test_colons_in_names_never_make_two_rooms_share_a_key(make_backend: Make) -> None:
+    """Unescaped, room ``x`` with client ``y:log`` and room ``x:client:y`` would share the key
+    ``room:x:client:y:log`` (a presence hash and a log)."""
+    async with make_backend() as a:
+        for client in ("y:log", "y:stream", "y:members"):
+            assert await a.add_presence("x", client)
+        sent = await a.publish("x:client:y", "message", "z", 1)
+        assert sent.seq == 1
+        assert await a.add_presence("x:client:y", "w")
+        assert await a.presence("x") == ["y:log", "y:members", "y:stream"]
+        assert await a.presence("x:client:y") == ["w"]
+        assert [e.text for e in (await a.history("x:client:y", 0)).envelopes] == [sent.text]
+        assert (await a.history("x", 0)).envelopes == ()

@@ -230,3 +230,23 @@ def test_resume_after_a_dropped_connection_misses_nothing(
     ]
     carol.context.close()
     dave.context.close()
+
+
+def test_namespaced_names_are_encoded_in_urls(browser: Browser, server: ChatServer) -> None:
+    """``user#42`` in ``chat:lobby``: the page percent-encodes both in the WebSocket URL and
+    in ``/rooms/{room}`` (an unescaped ``#`` would start the fragment), and chats."""
+    user = open_chat(browser, server, "user%2342", "chat%3Alobby")
+    alice = open_chat(browser, server, "alice%40example.com", "chat%3Alobby")
+    assert user.text_content("#me") == "user#42"
+    assert user.text_content("#room") == "chat:lobby"
+    url = user.chat_urls[0]  # type: ignore[attr-defined]
+    assert url.endswith("/ws/user%2342?room=chat%3Alobby"), url
+    user.wait_for_function(
+        "() => document.querySelector('#online').textContent.includes('alice@example.com')"
+    )
+    say(user, "hi from #42")
+    wait_for_line(alice, "message", "hi from #42")
+    assert alice.locator("#messages > li.message .sender").last.text_content() == "user#42"
+    assert user.chat_errors == []  # type: ignore[attr-defined]
+    for page in (user, alice):
+        page.context.close()

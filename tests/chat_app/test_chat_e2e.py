@@ -269,6 +269,11 @@ async def test_invalid_utf8_in_a_text_frame_closes_with_1007(server: ChatServer)
         "/ws/ok?room=bad%20room",
         "/ws/ok?room=" + "r" * 65,
         "/ws/ok?room=%3Cscript%3E",
+        "/ws/ok?room=a+b",  # + is a space in a query
+        "/ws/ok?room=a%2Bb",
+        "/ws/ok?room=a%7Bb%7D",
+        "/ws/ok?room=a%2Fb",
+        "/ws/a%2Fb",
         "/ws/ok?since=abc",
         "/ws/ok?since=-1",
         "/ws/ok?since=1.5",
@@ -297,6 +302,36 @@ async def test_longest_names_are_accepted(server: ChatServer) -> None:
     async with client(server, client_id, room) as ws:
         join = await recv(ws)
         assert (join["client_id"], join["room"]) == (client_id, room)
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_namespaced_names_round_trip(server: ChatServer) -> None:
+    """``user#42`` in ``chat:lobby``, percent-encoded in the URL as a browser's
+    encodeURIComponent does (``#`` unescaped would start the fragment)."""
+    async with (
+        client(server, "user%2342", "chat%3Alobby") as user,
+        client(server, "alice%40example.com", "chat%3Alobby") as alice,
+    ):
+        join = await recv(user)
+        assert (join["type"], join["client_id"], join["room"]) == ("join", "user#42", "chat:lobby")
+        assert (await recv(alice))["client_id"] == "alice@example.com"
+        assert (await recv(user))["client_id"] == "alice@example.com"
+        await user.send(json.dumps({"message": "hi"}))
+        message = await recv(alice)
+        assert await recv(user) == message
+        assert (message["room"], message["client_id"], message["data"]) == (
+            "chat:lobby", "user#42", {"message": "hi"}
+        )  # fmt: skip
+        body = httpx.get(f"{server.url}/rooms/chat%3Alobby").json()
+        assert body == {
+            "room": "chat:lobby",
+            "online": ["alice@example.com", "user#42"],
+            "seq": message["seq"],
+        }
+    refused = httpx.get(f"{server.url}/rooms/a%2Bb")
+    assert refused.status_code == 400
+    assert "A-Z a-z 0-9 _ . - : # @" in refused.json()["error"]
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,8 @@ from examples.chat_app.app import (
     parse_client_frame,
     valid_name,
 )
-from examples.chat_app.service import CLOSE_WAIT, _LocalBuckets, _OutageLog
+from examples.chat_app.service import CHAT_HTML, CLOSE_WAIT, _LocalBuckets, _OutageLog
+from wsbroadcast import NAME_PATTERN
 from wsbroadcast.transport import FRAMES_EXTENSION
 from wsbroadcast.transports.starlette import StarletteFramesTransport, StarletteTransport
 
@@ -176,8 +177,20 @@ def test_origin_allowed(origin: str | None, allowed: bool) -> None:
 def test_valid_name() -> None:
     assert valid_name("a")
     assert valid_name("A-z_0.9" * 9 + "x")
-    for bad in ("", "x" * 65, "a b", "a/b", "é", "a\n"):
+    for good in ("chat:lobby", "user#42", "orders.eu-1", "alice@example.com"):
+        assert valid_name(good), good
+    for bad in ("", "x" * 65, "a b", "a/b", "é", "a\n", "a+b", "a{b}", "a%3A"):
         assert not valid_name(bad), bad
+
+
+def test_chat_html_checks_names_with_the_library_pattern() -> None:
+    """chat.html cannot import NAME_PATTERN: its copy must say the same, and every URL it
+    builds must percent-encode the names (``#`` would start the fragment)."""
+    html = CHAT_HTML.read_text()
+    assert f"const NAME = /^{NAME_PATTERN.pattern}$/;" in html
+    assert '"/ws/" + encodeURIComponent(clientId)' in html
+    assert '"?room=" + encodeURIComponent(room)' in html
+    assert '"/rooms/" + encodeURIComponent(room)' in html
 
 
 def test_settings_and_command_line() -> None:

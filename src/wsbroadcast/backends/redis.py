@@ -17,6 +17,12 @@ last used)::
     P receipt:<envelope id>           "<seq> <epoch>" of a publish, for a few seconds
     P rate:<key>                      hash {tokens, at}: a token bucket of ``allow``
 
+``<room>`` and ``<client>`` are the names with every ``:`` written ``%3A`` (``%`` is not a
+name character, so this is one to one, and names without ``:`` are written as they are):
+a key always splits on ``:`` into the parts above, so room ``x`` with client ``y:log`` and
+room ``x:client:y`` never share a key. Nothing parses a name out of a key; the presence
+index's ``"<room> <client>"`` entries hold the names themselves (no name has a space).
+
 One reader task per backend does a single blocking ``XREAD`` over the logs of the rooms with
 local listeners (and its wake stream), and calls the listeners in seq order, or tells them a
 :class:`~wsbroadcast.backend.StreamReset` first when it cannot. See ``docs/backends.md`` for
@@ -155,12 +161,13 @@ return redis.call('HGET', KEYS[1], 'id')
 """
 
 # Checks (and keeps alive) the rooms this node reads or holds presence in. ARGV: room ttl
-# (ms, 0 = never), room key prefix, then per room five values: room, the epoch this node
-# reads ('' = no stream known yet, '-' = only refresh the TTL), the last seq it delivered,
-# the id of that envelope ('' = unknown), a candidate epoch. A stream this node was reading
-# that is gone, or whose counter went back below what it delivered, or whose entry at that
-# seq is another envelope (Redis restored from an older snapshot), is given the candidate
-# epoch atomically, so every node resets to the same new stream. Returns epoch, seq per room.
+# (ms, 0 = never), room key prefix, then per room five values: room (as written in its keys,
+# see _key_part), the epoch this node reads ('' = no stream known yet, '-' = only refresh the
+# TTL), the last seq it delivered, the id of that envelope ('' = unknown), a candidate epoch.
+# A stream this node was reading that is gone, or whose counter went back below what it
+# delivered, or whose entry at that seq is another envelope (Redis restored from an older
+# snapshot), is given the candidate epoch atomically, so every node resets to the same new
+# stream. Returns epoch, seq per room.
 _CHECK_ROOMS = """
 local ttl, prefix, out = tonumber(ARGV[1]), ARGV[2], {}
 for i = 3, #ARGV, 5 do
@@ -296,11 +303,12 @@ return 1
 """
 )
 
-# KEYS: members set. ARGV: client hash prefix, node prefix. Read-only.
+# KEYS: members set. ARGV: client hash prefix, node prefix. Read-only. The members are client
+# ids; their hashes' keys write ':' as '%3A' (see _key_part).
 _PRESENCE = """
 local out, alive = {}, {}
 for _, client in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local fields = redis.call('HGETALL', ARGV[1] .. client)
+  local fields = redis.call('HGETALL', ARGV[1] .. (string.gsub(client, ':', '%%3A')))
   for i = 1, #fields, 2 do
     local node = fields[i]
     if alive[node] == nil then alive[node] = redis.call('EXISTS', ARGV[2] .. node) == 1 end
@@ -314,9 +322,9 @@ return out
 """
 
 # KEYS: heartbeat key, nodes set, node index, wake stream, generation. ARGV: presence ttl
-# (ms), node id, node keys ttl (ms), room ttl (ms, 0 = never), client hash prefix, then the
-# "<room> <client>" pairs this node holds, whose hashes it keeps alive. Returns whether the
-# heartbeat key existed, and the generation id ('' if none).
+# (ms), node id, node keys ttl (ms), room ttl (ms, 0 = never), then the keys of the client
+# hashes this node holds, which it keeps alive. Returns whether the heartbeat key existed,
+# and the generation id ('' if none).
 _HEARTBEAT = """
 local existed = redis.call('EXISTS', KEYS[1])
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
@@ -326,10 +334,7 @@ redis.call('PEXPIRE', KEYS[3], ARGV[3])
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then
-  for i = 6, #ARGV do
-    local room, client = string.match(ARGV[i], '^(%S+) (%S+)$')
-    if room then redis.call('PEXPIRE', ARGV[5] .. room .. ':client:' .. client, ttl) end
-  end
+  for i = 5, #ARGV do redis.call('PEXPIRE', ARGV[i], ttl) end
 end
 return {existed, redis.call('HGET', KEYS[5], 'id') or ''}
 """
@@ -569,11 +574,18 @@ class RedisBackend(Backend):
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
+    def _room_key(self, room: str, *parts: str) -> str:
+        """A key of ``room``: its name with ``:`` escaped, then ``parts`` as they are."""
+        return self._key("room", _key_part(room), *parts)
+
+    def _client_key(self, room: str, client_id: str) -> str:
+        return self._room_key(room, "client", _key_part(client_id))
+
     def _log_key(self, room: str) -> str:
-        return self._key("room", room, "log")
+        return self._room_key(room, "log")
 
     def _stream_key(self, room: str) -> str:
-        return self._key("room", room, "stream")
+        return self._room_key(room, "stream")
 
     @property
     def _wake_key(self) -> str:
@@ -847,7 +859,7 @@ class RedisBackend(Backend):
         keys = [
             self._stream_key(room),
             self._log_key(room),
-            self._key("room", room, "members"),
+            self._room_key(room, "members"),
             self._key("receipt", draft.id),
         ]
         args: list[str | int] = [
@@ -1130,8 +1142,9 @@ class RedisBackend(Backend):
         present = {room for room, _ in self._presence} - set(rooms)
         groups: list[list[str]] = []
         for name, (state, _) in rooms.items():
-            groups.append([name, state.epoch, str(state.last_seq), state.last_id, new_epoch()])
-        groups.extend([name, "-", "0", "", ""] for name in sorted(present))
+            part = _key_part(name)
+            groups.append([part, state.epoch, str(state.last_seq), state.last_id, new_epoch()])
+        groups.extend([_key_part(name), "-", "0", "", ""] for name in sorted(present))
         if not groups:
             return
         results: list[str] = []
@@ -1169,8 +1182,8 @@ class RedisBackend(Backend):
 
     def _presence_keys(self, room: str, client_id: str) -> list[str]:
         return [
-            self._key("room", room, "client", client_id),
-            self._key("room", room, "members"),
+            self._client_key(room, client_id),
+            self._room_key(room, "members"),
             self._key("node", self.node_id, "presence"),
         ]
 
@@ -1285,8 +1298,8 @@ class RedisBackend(Backend):
         client = self._client()
         with self._commands(f"read presence in {room!r}"):
             members = await self._presence_script(
-                keys=[self._key("room", room, "members")],
-                args=[self._key("room", room, "client", ""), self._key("node", "")],
+                keys=[self._room_key(room, "members")],
+                args=[self._room_key(room, "client", ""), self._key("node", "")],
                 client=client,
             )
         return sorted(str(member) for member in members)
@@ -1297,7 +1310,7 @@ class RedisBackend(Backend):
         """Refresh this node's heartbeat and the TTL of the presence it holds; return whether
         the heartbeat had expired (or Redis was empty). Notes a change of generation."""
         assert self._redis is not None
-        pairs = sorted(f"{room} {client_id}" for room, client_id in self._presence)
+        hashes = sorted(self._client_key(room, client_id) for room, client_id in self._presence)
         existed, generation = await self._heartbeat_script(
             keys=[
                 self._key("node", self.node_id),
@@ -1311,8 +1324,7 @@ class RedisBackend(Backend):
                 self.node_id,
                 self._node_ttl_ms,
                 self._room_ttl_ms,
-                self._key("room", ""),
-                *pairs,
+                *hashes,
             ],
         )
         self._mark_writable()
@@ -1432,6 +1444,11 @@ class RedisBackend(Backend):
                         node,
                         leaves,
                     )
+
+
+def _key_part(name: str) -> str:
+    """``name`` as written in a key: ``:`` separates a key's parts, so it is ``%3A`` in a name."""
+    return name.replace(":", "%3A")
 
 
 def _entry_seq(entry_id: str) -> int:
