@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import logging.config
+import os
 import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -240,6 +241,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="envelopes kept per room for resume (default: the backend's, 1000 for memory://)",
     )
     parser.add_argument(
+        "--jwt-secret",
+        default=os.environ.get("CHAT_JWT_SECRET"),
+        metavar="SECRET",
+        help="require ?token=, an HS256 JWT signed with SECRET (32+ characters) whose sub is"
+        " the client id, with exp and optionally rooms (names, * wildcards); bad or expired"
+        " tokens get HTTP 403 (default: $CHAT_JWT_SECRET, else no token needed)",
+    )
+    parser.add_argument(
         "--api-key",
         action="append",
         default=[],
@@ -293,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             history=args.history,
             allowed_origins=tuple(args.allowed_origins),
             api_keys=tuple(args.api_keys),
+            jwt_secret=args.jwt_secret,
         )
         backend_from_url(settings.backend_url())  # fail now, not at startup, on a bad URL
     except ValueError as exc:  # InvalidBackendURL is a ValueError too

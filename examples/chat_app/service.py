@@ -41,6 +41,7 @@ from typing import Final, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
+import jwt
 from pydantic import JsonValue
 
 from wsbroadcast import (
@@ -73,6 +74,7 @@ __all__ = [
     "RateLimiter",
     "Refusal",
     "Settings",
+    "check_token",
     "origin_allowed",
     "parse_client_frame",
     "valid_name",
@@ -124,6 +126,7 @@ REFUSALS: Final = (
     "bad_epoch",
     "bad_name",
     "bad_since",
+    "bad_token",
     "forbidden_origin",
     "message_too_big",
     "too_many_connections",
@@ -174,6 +177,10 @@ class Settings:
     """Origins besides the server's own that may open a WebSocket (``scheme://host[:port]``)."""
     slow_consumer: str = "disconnect"
     """The manager's slow-consumer policy."""
+    jwt_secret: str | None = None
+    """When set, a WebSocket needs ``?token=``: an HS256 JWT signed with this secret whose
+    ``sub`` is the client id, with an ``exp``, and optionally ``rooms`` (names, ``*``
+    wildcards) the client may join. None: no token (anyone may connect as any id)."""
     api_keys: tuple[str, ...] = ()
     """Keys that may ``POST /api/rooms/{room}/messages`` (``Authorization: Bearer KEY``);
     none: the route is off (404)."""
@@ -197,6 +204,8 @@ class Settings:
             raise ValueError(f"history must be >= 0, not {self.history}")
         if self.shutdown_timeout < 1:
             raise ValueError(f"shutdown_timeout must be at least 1, not {self.shutdown_timeout}")
+        if self.jwt_secret is not None and len(self.jwt_secret) < 32:
+            raise ValueError("jwt_secret must be at least 32 characters (HS256 wants 256 bits)")
         for key in self.api_keys:
             if len(key) < 16 or not key.isprintable() or " " in key:
                 raise ValueError("api keys must be at least 16 printable characters, no space")
@@ -345,6 +354,39 @@ class _OutageLog:
                 record.levelno, record.levelname = logging.DEBUG, "DEBUG"
                 return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
+
+
+def check_token(token: str | None, secret: str, client_id: str, room: str) -> str | None:
+    """Why ``token`` does not let ``client_id`` into ``room``, or None if it does.
+
+    The token is an HS256 JWT (no other algorithm is accepted, so neither ``none`` nor a
+    public key passed off as a secret) with ``sub`` (the client id it speaks for) and
+    ``exp`` (required: a token without expiry would be a password forever); an optional
+    ``rooms`` claim lists the rooms it may join, ``*`` matching any run of characters.
+    """
+    if not token:
+        return "a token is required (?token=...)"
+    try:
+        claims = jwt.decode(
+            token, secret, algorithms=["HS256"], options={"require": ["sub", "exp"]}
+        )
+    except jwt.PyJWTError as exc:
+        return f"bad token: {exc}"
+    if claims["sub"] != client_id:
+        return "the token is for another client id"
+    rooms = claims.get("rooms")
+    if rooms is None:
+        return None
+    if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
+        return "the token's rooms claim is not a list of names"
+    if not any(_wildcard(pattern).fullmatch(room) for pattern in rooms):
+        return f"the token does not allow room {room!r}"
+    return None
+
+
+def _wildcard(pattern: str) -> re.Pattern[str]:
+    """``pattern`` with ``*`` matching any run of characters and nothing else special."""
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
 
 
 def _normalize_origin(origin: str) -> str | None:
@@ -830,6 +872,11 @@ class ChatService:
         secure, allowed = handshake.secure, self.settings.allowed_origins
         if not origin_allowed(origin, handshake.host, secure, allowed):
             return Refusal("forbidden_origin", f"origin {origin!r} not allowed")
+        secret = self.settings.jwt_secret
+        if secret is not None:
+            refused = check_token(query.get("token"), secret, client_id, room)
+            if refused is not None:
+                return Refusal("bad_token", refused)
         ip = handshake.client_ip
         cap = self.settings.max_connections_per_ip
         if cap and ip is not None and self._per_ip[ip] >= cap:
