@@ -1,0 +1,1 @@
+"""A small FastAPI app on wsbroadcast: see app.py."""
