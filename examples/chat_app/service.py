@@ -33,7 +33,7 @@ import math
 import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -42,6 +42,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import jwt
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import JsonValue
 
 from wsbroadcast import (
@@ -61,6 +63,7 @@ from wsbroadcast import (
     is_valid_name,
 )
 from wsbroadcast.envelope import EPOCH_PATTERN
+from wsbroadcast.metrics import ManagerCollector
 
 __all__ = [
     "ChatRequest",
@@ -446,68 +449,74 @@ def _inline_hashes(html: str, tag: str) -> list[str]:
     return hashes
 
 
-_BACKEND_METRICS: Final = (
-    ("reconnects", "chat_backend_reconnects_total", "counter",
-     "Times the backend reached its broker again after an outage."),
-    ("publish_failures", "chat_backend_publish_failures_total", "counter",
-     "Publishes the broker could not take (the sender got an 'unavailable' error)."),
-    ("data_losses", "chat_backend_data_losses_total", "counter",
-     "Times the broker came back without its data (resuming clients get history_lost)."),
-    ("gaps", "chat_backend_gaps_total", "counter",
-     "Times this node found envelopes trimmed from history before it could read them."),
-    ("reaped_nodes", "chat_backend_reaped_nodes_total", "counter",
-     "Dead nodes whose presence this node removed."),
-    ("rooms", "chat_backend_rooms", "gauge", "Rooms this node reads from the broker."),
-)  # fmt: skip
-"""``health()`` keys exported when the backend reports them: (key, metric, type, help)."""
+_METRIC_NAMES: Final = {
+    "published": "chat_envelopes_published_total",
+    "delivered": "chat_deliveries_total",
+    "dropped": "chat_drops_total",
+    "backend_up": "chat_backend_connected",
+}
+"""The :class:`~wsbroadcast.metrics.ManagerCollector`'s names that are not ``chat_`` + its
+key (``chat_connections``, ``chat_backend_reconnects_total``, ...)."""
 
-_EDGE_METRICS: Final = (
-    ("close_aborts", "chat_close_aborts_total", "counter",
-     "Connections dropped because their close frame could not be written in time (a client"
-     " that stopped reading)."),
-    ("write_buffer_overflows", "chat_write_buffer_overflows_total", "counter",
-     "Connections closed with 4008 because their socket's write buffer (pongs included)"
-     " passed --max-write-buffer."),
-)  # fmt: skip
-"""Counters of the edge: (attribute of _Counters or the front end, metric, type, help)."""
-
-_MANAGER_METRICS: Final = (
-    ("connections", "chat_connections", "gauge", "Open WebSocket connections."),
-    ("rooms", "chat_rooms", "gauge", "Rooms with at least one connection."),
-    ("published", "chat_envelopes_published_total", "counter",
-     "Envelopes published (messages, joins and leaves)."),
-    ("delivered", "chat_deliveries_total", "counter", "Frames written to sockets."),
-    ("dropped", "chat_drops_total", "counter", "Frames queued for a client but never written."),
-    ("slow_consumer_disconnects", "chat_slow_consumer_disconnects_total", "counter",
-     "Connections closed with 4008 because their queue was full."),
-    ("send_failures", "chat_send_failures_total", "counter",
-     "Connections closed because a send to them failed."),
-    ("departures_lost", "chat_departures_lost_total", "counter",
-     "Departures the backend could not record in time (presence and leave may lag)."),
-    ("close_timeouts", "chat_close_timeouts_total", "counter",
-     "Sockets whose close did not finish within the manager's close timeout."),
-)  # fmt: skip
-"""The manager's :class:`~wsbroadcast.ManagerStats`: (attribute, metric, type, help)."""
-
-_Family = tuple[str, str, str, list[tuple[str, int]]]
+_FLOAT_VALUE: Final = re.compile(rb"^([^#\n][^\n]* )([0-9.e+]+)$", re.MULTILINE)
+"""A sample line's value as ``generate_latest`` writes it: always a float."""
 
 
-def _backend_families(health: dict[str, JsonValue]) -> list[_Family]:
-    """Metric families for the backend's state: ``chat_backend_connected`` always, the
-    counters of :data:`_BACKEND_METRICS` when ``health()`` has them (the Redis backend)."""
-    families: list[_Family] = [
-        (
-            "chat_backend_connected",
-            "gauge",
-            "1 while the backend is healthy (Redis: reachable), else 0.",
-            [("", int(health.get("status") == "ok"))],
+def _integral(exposition: bytes) -> bytes:
+    """``exposition`` with whole values as integers (``3`` for ``3.0``, ``1234567`` for
+    ``1.234567e+06``): every value here is a count, and ``/metrics`` has always said so."""
+
+    def integer(match: re.Match[bytes]) -> bytes:
+        value = float(match[2])
+        return match[1] + str(int(value)).encode() if value.is_integer() else match[0]
+
+    return _FLOAT_VALUE.sub(integer, exposition)
+
+
+class _ChatCollector:
+    """The chat app's own counters, for ``/metrics`` (the manager's come from
+    :class:`~wsbroadcast.metrics.ManagerCollector`, registered while it runs)."""
+
+    def __init__(self, service: ChatService) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[Metric]:
+        service = self._service
+        counters = service.counters
+        yield GaugeMetricFamily(
+            "chat_up", "1 while the manager runs.", value=int(service.manager is not None)
         )
-    ]
-    for key, name, kind, help in _BACKEND_METRICS:
-        value = health.get(key)
-        if isinstance(value, int):
-            families.append((name, kind, help, [("", int(value))]))
-    return families
+        yield CounterMetricFamily(
+            "chat_close_aborts_total",
+            "Connections dropped because their close frame could not be written in time (a"
+            " client that stopped reading).",
+            value=counters.close_aborts,
+        )
+        yield CounterMetricFamily(
+            "chat_write_buffer_overflows_total",
+            "Connections closed with 4008 because their socket's write buffer (pongs included)"
+            " passed --max-write-buffer.",
+            value=service.write_buffer_overflows(),
+        )
+        yield CounterMetricFamily(
+            "chat_messages_published_total",
+            "Chat messages accepted and broadcast.",
+            value=counters.messages,
+        )
+        errors = CounterMetricFamily(
+            "chat_errors_total", "Error frames sent to clients, by code.", labels=["code"]
+        )
+        for code in ERROR_CODES:
+            errors.add_metric([code], counters.errors[code])
+        yield errors
+        refused = CounterMetricFamily(
+            "chat_connections_refused_total",
+            "Handshakes refused, and connections closed for breaking a rule, by reason.",
+            labels=["reason"],
+        )
+        for reason in REFUSALS:
+            refused.add_metric([reason], counters.refused[reason])
+        yield refused
 
 
 def _api_error(error: ClientError, status: int = HTTPStatus.BAD_REQUEST) -> HttpResponse:
@@ -626,6 +635,9 @@ class ChatService:
         self.counters = _Counters()
         self.write_buffer_overflows: Callable[[], int] = lambda: 0
         """The front end's count of connections closed for a full write buffer."""
+        self.registry = CollectorRegistry()
+        """What ``/metrics`` reports: the chat app's counters, and the manager's while it runs."""
+        self.registry.register(_ChatCollector(self))
         self.outage = _OutageLog()
         self._local_buckets = _LocalBuckets()
         self._per_ip: Counter[str] = Counter()
@@ -668,11 +680,14 @@ class ChatService:
         try:
             async with manager:
                 self.manager = manager
+                collector = ManagerCollector(manager, "chat", names=_METRIC_NAMES)
+                self.registry.register(collector)
                 logger.info("chat app running with backend %s", _redact(settings.backend_url()))
                 try:
                     yield
                 finally:
                     self.manager = None
+                    self.registry.unregister(collector)
         finally:
             core_logger.removeFilter(self.outage.filter)
 
@@ -704,53 +719,10 @@ class ChatService:
 
     def metrics(self) -> HttpResponse:
         """``GET /metrics``: counters and gauges in the Prometheus text format."""
-        manager = self.manager
-        counters = self.counters
-        families: list[_Family] = [
-            ("chat_up", "gauge", "1 while the manager runs.", [("", int(manager is not None))])
-        ]
-        if manager is not None:
-            families += _backend_families(manager.backend.health())
-            stats = manager.stats()
-            families += [
-                (name, kind, help, [("", getattr(stats, key))])
-                for key, name, kind, help in _MANAGER_METRICS
-            ]
-        edge = {
-            "close_aborts": counters.close_aborts,
-            "write_buffer_overflows": self.write_buffer_overflows(),
-        }
-        families += [
-            (name, kind, help, [("", edge[key])]) for key, name, kind, help in _EDGE_METRICS
-        ]
-        families += [
-            (
-                "chat_messages_published_total",
-                "counter",
-                "Chat messages accepted and broadcast.",
-                [("", counters.messages)],
-            ),
-            (
-                "chat_errors_total",
-                "counter",
-                "Error frames sent to clients, by code.",
-                [(f'{{code="{code}"}}', counters.errors[code]) for code in ERROR_CODES],
-            ),
-            (
-                "chat_connections_refused_total",
-                "counter",
-                "Handshakes refused, and connections closed for breaking a rule, by reason.",
-                [(f'{{reason="{reason}"}}', counters.refused[reason]) for reason in REFUSALS],
-            ),
-        ]
-        lines: list[str] = []
-        for name, kind, help, samples in families:
-            lines.append(f"# HELP {name} {help}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
-        body = "\n".join(lines) + "\n"
         return HttpResponse(
-            HTTPStatus.OK, "text/plain; version=0.0.4; charset=utf-8", body.encode()
+            HTTPStatus.OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            _integral(generate_latest(self.registry)),
         )
 
     async def room(self, name: str) -> HttpResponse:

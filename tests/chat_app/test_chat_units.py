@@ -23,7 +23,13 @@ from examples.chat_app.app import (
     parse_client_frame,
     valid_name,
 )
-from examples.chat_app.service import CHAT_HTML, CLOSE_WAIT, _LocalBuckets, _OutageLog
+from examples.chat_app.service import (
+    CHAT_HTML,
+    CLOSE_WAIT,
+    ChatService,
+    _LocalBuckets,
+    _OutageLog,
+)
 from wsbroadcast import NAME_PATTERN
 from wsbroadcast.transport import FRAMES_EXTENSION
 from wsbroadcast.transports.starlette import StarletteFramesTransport, StarletteTransport
@@ -321,3 +327,18 @@ def test_outage_log_warns_once_per_outage(caplog: pytest.LogCaptureFixture) -> N
         ("INFO", "backend available again"),
         ("WARNING", "backend unavailable"),
     ]
+
+
+def test_metrics_values_stay_integers_and_have_no_created_series() -> None:
+    """prometheus_client writes floats (3.0, 1.234567e+06); /metrics keeps whole numbers."""
+    service = ChatService(Settings())
+    service.counters.messages = 1234567
+    service.counters.errors["rate_limited"] = 3
+    response = service.metrics()
+    assert response.content_type == "text/plain; version=0.0.4; charset=utf-8"
+    text = response.body.decode()
+    assert re.search(r"^chat_messages_published_total 1234567$", text, re.MULTILINE)
+    assert re.search(r'^chat_errors_total\{code="rate_limited"\} 3$', text, re.MULTILINE)
+    assert re.search(r"^chat_up 0$", text, re.MULTILINE)
+    assert "_created" not in text
+    assert "# HELP chat_close_aborts_total Connections dropped" in text

@@ -1,0 +1,129 @@
+"""A Prometheus collector over a :class:`~wsbroadcast.ConnectionManager`'s statistics.
+
+Needs the ``prometheus`` extra (``pip install wsbroadcast[prometheus]``); the rest of
+wsbroadcast never imports this module or ``prometheus_client``::
+
+    from prometheus_client import REGISTRY
+    from wsbroadcast.metrics import ManagerCollector
+
+    REGISTRY.register(ManagerCollector(manager))
+
+Each scrape reads :meth:`~wsbroadcast.ConnectionManager.stats` and the backend's
+``health()``: nothing is counted twice and nothing runs between scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Final, Literal
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from .manager import ConnectionManager
+
+__all__ = ["BACKEND_METRICS", "MANAGER_METRICS", "ManagerCollector"]
+
+_Kind = Literal["counter", "gauge"]
+
+MANAGER_METRICS: Final[tuple[tuple[str, _Kind, str], ...]] = (
+    ("connections", "gauge", "Open connections, connecting ones included."),
+    ("rooms", "gauge", "Rooms with at least one local connection."),
+    ("published", "counter", "Envelopes published (broadcasts, joins and leaves)."),
+    ("delivered", "counter", "Frames written to sockets."),
+    ("dropped", "counter", "Frames queued for a connection but never written."),
+    ("slow_consumer_disconnects", "counter",
+     "Connections closed with 4008 because their queue was full."),
+    ("send_failures", "counter", "Connections closed because a send to them failed."),
+    ("departures_lost", "counter",
+     "Departures the backend could not record in time (presence and leave may lag)."),
+    ("close_timeouts", "counter",
+     "Sockets whose close did not finish within the manager's close timeout."),
+)  # fmt: skip
+"""Every field of :class:`~wsbroadcast.ManagerStats`: (field, type, help)."""
+
+BACKEND_METRICS: Final[tuple[tuple[str, _Kind, str], ...]] = (
+    ("reconnects", "counter", "Times the backend reached its broker again after an outage."),
+    ("publish_failures", "counter", "Publishes the broker could not take."),
+    ("data_losses", "counter", "Times the broker came back without its data."),
+    ("resets", "counter", "Stream resets (history_lost) told to this node's rooms."),
+    ("gaps", "counter",
+     "Times this node found envelopes trimmed from history before it could read them."),
+    ("reaped_nodes", "counter", "Dead nodes whose presence this node removed."),
+    ("rooms", "gauge", "Rooms this node reads from the broker."),
+)  # fmt: skip
+"""Integer keys of the backend's ``health()`` exported when present (the Redis backend has
+them all): (key, type, help). Their metric keys are ``backend_`` + key."""
+
+
+def _metric_keys() -> tuple[str, ...]:
+    return (
+        *(key for key, _, _ in MANAGER_METRICS),
+        "backend_up",
+        *(f"backend_{key}" for key, _, _ in BACKEND_METRICS),
+    )
+
+
+class ManagerCollector:
+    """A ``prometheus_client`` custom collector for one manager and its backend.
+
+    Reports every field of :meth:`~wsbroadcast.ConnectionManager.stats`, ``backend_up``
+    (1 while ``manager.backend.health()["status"] == "ok"``, else 0) and the integer
+    counters and gauges of :data:`BACKEND_METRICS` that ``health()`` reports. A metric is
+    named ``{prefix}_{key}`` (counters get ``_total`` from ``prometheus_client``): e.g.
+    ``wsbroadcast_connections``, ``wsbroadcast_delivered_total``, ``wsbroadcast_backend_up``,
+    ``wsbroadcast_backend_reconnects_total``. While the manager is not running only
+    ``backend_up`` is reported, as 0.
+
+    :param prefix: the start of every metric name.
+    :param names: full metric names for some keys (a field of ``ManagerStats``,
+        ``backend_up`` or ``backend_`` + a key of :data:`BACKEND_METRICS`), instead of
+        ``{prefix}_{key}``; for counters, ``_total`` may be given or left off.
+    """
+
+    def __init__(
+        self,
+        manager: ConnectionManager,
+        prefix: str = "wsbroadcast",
+        *,
+        names: Mapping[str, str] | None = None,
+    ) -> None:
+        names = dict(names or {})
+        unknown = set(names) - set(_metric_keys())
+        if unknown:
+            raise ValueError(f"unknown metric keys: {', '.join(sorted(unknown))}")
+        self.manager = manager
+        self._names = {key: names.get(key, f"{prefix}_{key}") for key in _metric_keys()}
+
+    def describe(self) -> Iterator[Metric]:
+        """Every family this collector may report, empty (for a registry's name checks)."""
+        for key, kind, help in MANAGER_METRICS:
+            yield self._family(key, kind, help, None)
+        yield self._up(None)
+        for key, kind, help in BACKEND_METRICS:
+            yield self._family(f"backend_{key}", kind, help, None)
+
+    def collect(self) -> Iterator[Metric]:
+        """The current values; never raises for a manager that is not running."""
+        manager = self.manager
+        if not manager.running:
+            yield self._up(0)
+            return
+        stats = manager.stats()
+        health = manager.backend.health()
+        for key, kind, help in MANAGER_METRICS:
+            yield self._family(key, kind, help, getattr(stats, key))
+        yield self._up(int(health.get("status") == "ok"))
+        for key, kind, help in BACKEND_METRICS:
+            value = health.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                yield self._family(f"backend_{key}", kind, help, value)
+
+    def _up(self, value: int | None) -> Metric:
+        return self._family("backend_up", "gauge", "1 while the backend is healthy, else 0.", value)
+
+    def _family(self, key: str, kind: _Kind, help: str, value: int | None) -> Metric:
+        name = self._names[key]
+        if kind == "counter":
+            return CounterMetricFamily(name, help, value=value)
+        return GaugeMetricFamily(name, help, value=value)
