@@ -1,7 +1,7 @@
 """The chat app on Starlette (served by uvicorn): a thin front end over :class:`ChatService`.
 
-The routes, their checks and the WebSocket protocol live in :mod:`examples.chat_app.service`;
-this module maps Starlette's requests and ``WebSocket`` onto them.
+The routes and the WebSocket protocol live in :mod:`examples.chat_app.service` (their checks in
+:mod:`examples.chat_app.edge`); this module maps Starlette's requests and ``WebSocket`` onto them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The chat app's protocol, whatever server runs it: :class:`ChatService` and its checks.
+"""The chat app's protocol, whatever server runs it: :class:`ChatService` and its socket types.
 
 Routes (documented in ``docs/protocol.md``, "The chat app's WebSocket protocol")::
 
@@ -19,35 +19,37 @@ Nothing here imports a web server. A front end (:mod:`examples.chat_app.app` on 
 :mod:`examples.chat_app.websockets_server` on the ``websockets`` library) matches the routes,
 turns :class:`HttpResponse` into its own response type and hands each WebSocket to
 :meth:`ChatService.serve` as a :class:`ChatSocket`; so the protocol is written once.
+
+This module holds :class:`ChatService`, the types a front end hands it (:class:`Handshake`,
+:class:`ChatSocket`, :class:`FrameTooBig`) and what it hands back (:class:`ChatRequest`); the
+rest is split by concept, and the names below are re-exported from here as before:
+
+- :mod:`examples.chat_app.settings`: :class:`Settings`;
+- :mod:`examples.chat_app.edge`: the checks (:func:`parse_client_frame`,
+  :func:`origin_allowed`, :func:`check_token`, :class:`RateLimiter`, :func:`valid_name`) and
+  what they answer (:class:`ClientError`, :class:`ErrorCode`, :class:`Refusal`);
+- :mod:`examples.chat_app.http`: :class:`HttpResponse`;
+- :mod:`examples.chat_app.metrics`: the ``/metrics`` collector of the chat app's counters.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import hmac
-import json
 import logging
-import math
-import re
-import time
-from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Final, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
-import jwt
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import JsonValue
 
 from wsbroadcast import (
-    DEFAULT_QUEUE_SIZE,
     NAME_CHARACTERS,
     NAME_MAX_LENGTH,
     BackendError,
@@ -60,10 +62,26 @@ from wsbroadcast import (
     ManagerNotRunning,
     Transport,
     WSBroadcastError,
-    is_valid_name,
 )
 from wsbroadcast.envelope import EPOCH_PATTERN
 from wsbroadcast.metrics import ManagerCollector
+
+from .edge import (
+    _SINCE,
+    ClientError,
+    ErrorCode,
+    RateLimiter,
+    Refusal,
+    _LocalBuckets,
+    _size,
+    check_token,
+    origin_allowed,
+    parse_client_frame,
+    valid_name,
+)
+from .http import HttpResponse, _api_error, _inline_hashes
+from .metrics import _METRIC_NAMES, _ChatCollector, _Counters, _integral
+from .settings import Settings
 
 __all__ = [
     "ChatRequest",
@@ -86,234 +104,10 @@ __all__ = [
 logger = logging.getLogger("examples.chat_app")
 
 CHAT_HTML: Final = Path(__file__).with_name("static") / "chat.html"
-_SINCE = re.compile(r"[0-9]{1,18}")
 CLOSE_WAIT: Final = 1.0
 """Seconds to wait for a close frame to be written before giving up on the socket."""
 TRY_AGAIN_LATER: Final = 1013
 """Close code for a connection over the per-IP cap that passed the handshake in a race."""
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-
-
-class ErrorCode:
-    """The ``code`` of every error frame the chat app sends (``data.code``)."""
-
-    INVALID_JSON: Final = "invalid_json"
-    """The text frame is not valid JSON."""
-    NOT_AN_OBJECT: Final = "not_an_object"
-    """The JSON value is not an object."""
-    MISSING_MESSAGE: Final = "missing_message"
-    """The object has no ``message`` field."""
-    MESSAGE_NOT_A_STRING: Final = "message_not_a_string"
-    """``message`` is not a string."""
-    EMPTY_MESSAGE: Final = "empty_message"
-    """``message`` is empty or only whitespace."""
-    MESSAGE_TOO_LONG: Final = "message_too_long"
-    """``message`` has more than ``max_text`` characters."""
-    BINARY_FRAME: Final = "binary_frame"
-    """The client sent a binary frame; the protocol is text (JSON) only."""
-    RATE_LIMITED: Final = "rate_limited"
-    """The client sent more frames per second than ``rate_limit`` allows."""
-    UNAVAILABLE: Final = "unavailable"
-    """The message could not be published: the backend (Redis) cannot be reached or refused
-    it. Not the client's fault; nothing was broadcast, and the client may retry."""
-    INVALID_MESSAGE: Final = "invalid_message"
-    """``message`` cannot be encoded (a lone UTF-16 surrogate such as ``"\\ud800"``, valid
-    JSON but not text): nothing was broadcast and no seq was used."""
-
-
-ERROR_CODES: Final = tuple(
-    sorted(value for name, value in vars(ErrorCode).items() if name.isupper())
-)
-"""Every error code, for metrics."""
-REFUSALS: Final = (
-    "bad_epoch",
-    "bad_name",
-    "bad_since",
-    "bad_token",
-    "forbidden_origin",
-    "message_too_big",
-    "too_many_connections",
-    "unavailable",
-)
-"""Why a handshake was refused or a connection closed for breaking a rule (or, for
-``unavailable``, because the backend could not be reached), for metrics."""
-
-
-@dataclass(frozen=True)
-class ClientError:
-    """Why a client's frame was refused: becomes ``{"type": "error", "data": {code, detail}}``."""
-
-    code: str
-    detail: str
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the command line can set; :func:`create_app` builds an app from it."""
-
-    backend: str = "memory://"
-    """Backend URL for :func:`wsbroadcast.backend_from_url`."""
-    rate_limit: float = 20
-    """Frames per second per client id, across its tabs and (on Redis) nodes; bursts of
-    ``2 * rate_limit``. 0 turns it off (and the per-IP limit, unless that is set)."""
-    ip_rate_limit: float | None = None
-    """Frames per second per IP address, across its client ids (bursts of twice that);
-    None: five times :attr:`rate_limit`; 0 turns it off."""
-    max_connections_per_ip: int = 256
-    """WebSocket connections one IP address may have open on this process; 0: no cap."""
-    handshake_timeout: float = 10.0
-    """Seconds a client has to send its request line and headers."""
-    max_write_buffer: int = 4 * 1024 * 1024
-    """Bytes a connection's socket write buffer may hold (pongs included) before it is closed
-    as a slow consumer with 4008."""
-    shutdown_timeout: int = 10
-    """Seconds the server waits for connections and tasks on shutdown before cutting them."""
-    max_message_bytes: int = 65536
-    """Largest frame accepted (UTF-8 bytes); a larger one closes the connection with 1009."""
-    max_text: int = 4000
-    """Most characters in a chat message."""
-    queue_size: int = DEFAULT_QUEUE_SIZE
-    """Frames each connection may have waiting before it is closed as a slow consumer."""
-    history: int | None = None
-    """Envelopes kept per room for resume (``history=N`` in the backend URL); None: default."""
-    allowed_origins: tuple[str, ...] = ()
-    """Origins besides the server's own that may open a WebSocket (``scheme://host[:port]``)."""
-    slow_consumer: str = "disconnect"
-    """The manager's slow-consumer policy."""
-    jwt_secret: str | None = None
-    """When set, a WebSocket needs ``?token=``: an HS256 JWT signed with this secret whose
-    ``sub`` is the client id, with an ``exp``, and optionally ``rooms`` (names, ``*``
-    wildcards) the client may join. None: no token (anyone may connect as any id)."""
-    api_keys: tuple[str, ...] = ()
-    """Keys that may ``POST /api/rooms/{room}/messages`` (``Authorization: Bearer KEY``);
-    none: the route is off (404)."""
-
-    def __post_init__(self) -> None:
-        for name in ("rate_limit", "ip_rate_limit"):
-            value = getattr(self, name)
-            if value is not None and not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number >= 0, not {value}")
-        if not (self.handshake_timeout > 0 and math.isfinite(self.handshake_timeout)):
-            raise ValueError(f"handshake_timeout must be positive, not {self.handshake_timeout}")
-        if self.max_connections_per_ip < 0:
-            raise ValueError(
-                f"max_connections_per_ip must be >= 0, not {self.max_connections_per_ip}"
-            )
-        for name in ("max_message_bytes", "max_text", "queue_size", "max_write_buffer"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
-        if self.history is not None and self.history < 0:
-            raise ValueError(f"history must be >= 0, not {self.history}")
-        if self.shutdown_timeout < 1:
-            raise ValueError(f"shutdown_timeout must be at least 1, not {self.shutdown_timeout}")
-        if self.jwt_secret is not None and len(self.jwt_secret) < 32:
-            raise ValueError("jwt_secret must be at least 32 characters (HS256 wants 256 bits)")
-        for key in self.api_keys:
-            if len(key) < 16 or not key.isprintable() or " " in key:
-                raise ValueError("api keys must be at least 16 printable characters, no space")
-        for origin in self.allowed_origins:
-            if _normalize_origin(origin) is None:
-                raise ValueError(f"allowed_origins: {origin!r} is not scheme://host[:port]")
-
-    @property
-    def effective_ip_rate_limit(self) -> float:
-        """:attr:`ip_rate_limit`, or five times :attr:`rate_limit` when it is None."""
-        return 5 * self.rate_limit if self.ip_rate_limit is None else self.ip_rate_limit
-
-    def backend_url(self) -> str:
-        """The backend URL, with ``history=N`` added when :attr:`history` is set."""
-        if self.history is None:
-            return self.backend
-        base, _, query = self.backend.partition("?")
-        options = [(k, v) for k, v in parse_qsl(query) if k != "history"]
-        options.append(("history", str(self.history)))
-        return f"{base}?{urlencode(options)}"
-
-
-def valid_name(value: str) -> bool:
-    """Whether ``value`` is a valid client id or room: the library's name grammar
-    (:mod:`wsbroadcast.names`, 1-64 of ``A-Z a-z 0-9 _ . - : # @``), not a copy of it."""
-    return is_valid_name(value)
-
-
-def parse_client_frame(text: str, max_text: int) -> str | ClientError:
-    """Return the chat text of one client frame ``{"message": text}``, or why it is refused.
-
-    Only ``message`` is read: any other field (``client_id``, ``seq``, ``timestamp``...) is
-    ignored, because the server sets those itself.
-    """
-    try:
-        value = json.loads(text)
-    except ValueError as exc:  # JSONDecodeError, and recursion or number-size limits
-        return ClientError(ErrorCode.INVALID_JSON, f"the frame is not valid JSON: {exc}")
-    except RecursionError:
-        return ClientError(ErrorCode.INVALID_JSON, "the frame is nested too deeply")
-    if not isinstance(value, dict):
-        kind = type(value).__name__ if value is not None else "null"
-        return ClientError(
-            ErrorCode.NOT_AN_OBJECT, f'send a JSON object {{"message": ...}}, not {kind}'
-        )
-    if "message" not in value:
-        return ClientError(ErrorCode.MISSING_MESSAGE, 'the object has no "message" field')
-    message = value["message"]
-    if not isinstance(message, str):
-        return ClientError(ErrorCode.MESSAGE_NOT_A_STRING, '"message" must be a string')
-    if not message.strip():
-        return ClientError(ErrorCode.EMPTY_MESSAGE, '"message" must not be empty')
-    if len(message) > max_text:
-        return ClientError(
-            ErrorCode.MESSAGE_TOO_LONG,
-            f'"message" has {len(message)} characters; the most is {max_text}',
-        )
-    return message
-
-
-class RateLimiter:
-    """A token bucket: ``rate`` frames per second on average, bursts of ``2 * rate``.
-
-    :param clock: a monotonic clock in seconds (injectable for tests).
-    """
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        if not rate > 0:
-            raise ValueError(f"rate must be positive, not {rate}")
-        self.rate = rate
-        self.burst = 2 * rate
-        self._clock = clock
-        self._tokens = self.burst
-        self._last = clock()
-
-    def allow(self) -> bool:
-        """Take one token if there is one; false means the frame must be refused."""
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
-
-class _LocalBuckets:
-    """Rate-limit buckets kept in this process, by key: what :meth:`ChatService` falls back
-    on while the backend cannot answer ``allow`` (fail open, but still limited per node).
-
-    At most ``max_buckets``; past that the least recently used is forgotten.
-    """
-
-    def __init__(self, max_buckets: int = 100_000) -> None:
-        self.max_buckets = max_buckets
-        self._buckets: OrderedDict[tuple[str, float], RateLimiter] = OrderedDict()
-
-    def allow(self, key: str, rate: float) -> bool:
-        """Take a token from ``key``'s bucket (``rate`` per second, bursts of twice that)."""
-        buckets = self._buckets
-        limiter = buckets.pop((key, rate), None) or RateLimiter(rate)
-        buckets[key, rate] = limiter
-        while len(buckets) > self.max_buckets:
-            buckets.popitem(last=False)
-        return limiter.allow()
 
 
 class _OutageLog:
@@ -359,77 +153,6 @@ class _OutageLog:
         return True
 
 
-def check_token(token: str | None, secret: str, client_id: str, room: str) -> str | None:
-    """Why ``token`` does not let ``client_id`` into ``room``, or None if it does.
-
-    The token is an HS256 JWT (no other algorithm is accepted, so neither ``none`` nor a
-    public key passed off as a secret) with ``sub`` (the client id it speaks for) and
-    ``exp`` (required: a token without expiry would be a password forever); an optional
-    ``rooms`` claim lists the rooms it may join, ``*`` matching any run of characters.
-    """
-    if not token:
-        return "a token is required (?token=...)"
-    try:
-        claims = jwt.decode(
-            token, secret, algorithms=["HS256"], options={"require": ["sub", "exp"]}
-        )
-    except jwt.PyJWTError as exc:
-        return f"bad token: {exc}"
-    if claims["sub"] != client_id:
-        return "the token is for another client id"
-    rooms = claims.get("rooms")
-    if rooms is None:
-        return None
-    if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
-        return "the token's rooms claim is not a list of names"
-    if not any(_wildcard(pattern).fullmatch(room) for pattern in rooms):
-        return f"the token does not allow room {room!r}"
-    return None
-
-
-def _wildcard(pattern: str) -> re.Pattern[str]:
-    """``pattern`` with ``*`` matching any run of characters and nothing else special."""
-    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
-
-
-def _normalize_origin(origin: str) -> str | None:
-    """``scheme://host:port`` in lower case with the port made explicit, or None if malformed."""
-    try:
-        parts = urlsplit(origin.strip().lower())
-        port = parts.port
-    except ValueError:
-        return None
-    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/"):
-        return None
-    if parts.query or parts.fragment or parts.username is not None:
-        return None
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    host = parts.hostname
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    return f"{scheme}://{host}:{port or _DEFAULT_PORTS[scheme]}"
-
-
-def origin_allowed(
-    origin: str | None, host: str | None, secure: bool, allowed: tuple[str, ...] = ()
-) -> bool:
-    """Whether a WebSocket handshake with this ``Origin`` header may proceed.
-
-    No ``Origin`` (a non-browser client) is allowed. Otherwise the origin must be the server's
-    own (``http[s]://`` + the ``Host`` header) or one of ``allowed``.
-    """
-    if origin is None:
-        return True
-    normalized = _normalize_origin(origin)
-    if normalized is None:
-        return False
-    if host:
-        own = _normalize_origin(f"{'https' if secure else 'http'}://{host}")
-        if own is not None and normalized == own:
-            return True
-    return any(normalized == _normalize_origin(other) for other in allowed)
-
-
 def _redact(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``, for the log."""
     parts = urlsplit(url)
@@ -438,119 +161,6 @@ def _redact(url: str) -> str:
     netloc = parts.netloc.rpartition("@")
     user = netloc[0].partition(":")[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
-
-
-def _inline_hashes(html: str, tag: str) -> list[str]:
-    """CSP source expressions (``'sha256-...'``) for each inline ``<tag>`` of ``html``."""
-    hashes = []
-    for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL):
-        digest = hashlib.sha256(body.encode()).digest()
-        hashes.append(f"'sha256-{base64.b64encode(digest).decode()}'")
-    return hashes
-
-
-_METRIC_NAMES: Final = {
-    "published": "chat_envelopes_published_total",
-    "delivered": "chat_deliveries_total",
-    "dropped": "chat_drops_total",
-    "backend_up": "chat_backend_connected",
-}
-"""The :class:`~wsbroadcast.metrics.ManagerCollector`'s names that are not ``chat_`` + its
-key (``chat_connections``, ``chat_backend_reconnects_total``, ...)."""
-
-_FLOAT_VALUE: Final = re.compile(rb"^([^#\n][^\n]* )([0-9.e+]+)$", re.MULTILINE)
-"""A sample line's value as ``generate_latest`` writes it: always a float."""
-
-
-def _integral(exposition: bytes) -> bytes:
-    """``exposition`` with whole values as integers (``3`` for ``3.0``, ``1234567`` for
-    ``1.234567e+06``): every value here is a count, and ``/metrics`` has always said so."""
-
-    def integer(match: re.Match[bytes]) -> bytes:
-        value = float(match[2])
-        return match[1] + str(int(value)).encode() if value.is_integer() else match[0]
-
-    return _FLOAT_VALUE.sub(integer, exposition)
-
-
-class _ChatCollector:
-    """The chat app's own counters, for ``/metrics`` (the manager's come from
-    :class:`~wsbroadcast.metrics.ManagerCollector`, registered while it runs)."""
-
-    def __init__(self, service: ChatService) -> None:
-        self._service = service
-
-    def collect(self) -> Iterator[Metric]:
-        service = self._service
-        counters = service.counters
-        yield GaugeMetricFamily(
-            "chat_up", "1 while the manager runs.", value=int(service.manager is not None)
-        )
-        yield CounterMetricFamily(
-            "chat_close_aborts_total",
-            "Connections dropped because their close frame could not be written in time (a"
-            " client that stopped reading).",
-            value=counters.close_aborts,
-        )
-        yield CounterMetricFamily(
-            "chat_write_buffer_overflows_total",
-            "Connections closed with 4008 because their socket's write buffer (pongs included)"
-            " passed --max-write-buffer.",
-            value=service.write_buffer_overflows(),
-        )
-        yield CounterMetricFamily(
-            "chat_messages_published_total",
-            "Chat messages accepted and broadcast.",
-            value=counters.messages,
-        )
-        errors = CounterMetricFamily(
-            "chat_errors_total", "Error frames sent to clients, by code.", labels=["code"]
-        )
-        for code in ERROR_CODES:
-            errors.add_metric([code], counters.errors[code])
-        yield errors
-        refused = CounterMetricFamily(
-            "chat_connections_refused_total",
-            "Handshakes refused, and connections closed for breaking a rule, by reason.",
-            labels=["reason"],
-        )
-        for reason in REFUSALS:
-            refused.add_metric([reason], counters.refused[reason])
-        yield refused
-
-
-def _api_error(error: ClientError, status: int = HTTPStatus.BAD_REQUEST) -> HttpResponse:
-    """An HTTP API error: ``{"error": {"code", "detail"}}``, the WebSocket error's data."""
-    return HttpResponse.json({"error": {"code": error.code, "detail": error.detail}}, status)
-
-
-def _size(frame: str | bytes) -> int:
-    """A frame's size on the wire, in bytes."""
-    return len(frame.encode()) if isinstance(frame, str) else len(frame)
-
-
-@dataclass
-class _Counters:
-    messages: int = 0
-    close_aborts: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-    refused: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass(frozen=True)
-class HttpResponse:
-    """A plain HTTP response, which each front end turns into its server's own type."""
-
-    status: int
-    content_type: str
-    body: bytes
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def json(cls, value: JsonValue, status: int = HTTPStatus.OK) -> HttpResponse:
-        """A compact UTF-8 JSON response."""
-        body = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        return cls(status, "application/json", body.encode())
 
 
 @dataclass(frozen=True)
@@ -585,18 +195,6 @@ class ChatRequest:
     """The epoch of the client's last envelope (with ``since``), or None."""
     client_ip: str | None = None
     """The peer's IP address, for the per-IP limits."""
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why a WebSocket handshake is refused: an HTTP error on every front end."""
-
-    reason: str
-    """One of :data:`REFUSALS`, counted in ``/metrics``."""
-    detail: str
-    """For the log."""
-    status: int = HTTPStatus.FORBIDDEN
-    """403, or 429 for a client over the per-IP connection cap."""
 
 
 class FrameTooBig(Exception):
