@@ -28,7 +28,7 @@ rest is split by concept, and the names below are re-exported from here as befor
 - :mod:`examples.chat_app.edge`: the checks (:func:`parse_client_frame`,
   :func:`origin_allowed`, :func:`check_token`, :class:`RateLimiter`, :func:`valid_name`) and
   what they answer (:class:`ClientError`, :class:`ErrorCode`, :class:`Refusal`);
-- :mod:`examples.chat_app.http`: :class:`HttpResponse`;
+- :mod:`examples.chat_app.responses`: :class:`HttpResponse`;
 - :mod:`examples.chat_app.metrics`: the ``/metrics`` collector of the chat app's counters.
 """
 
@@ -79,8 +79,8 @@ from .edge import (
     parse_client_frame,
     valid_name,
 )
-from .http import HttpResponse, _api_error, _inline_hashes
 from .metrics import _METRIC_NAMES, _ChatCollector, _Counters, _integral
+from .responses import HttpResponse, _api_error, _inline_hashes
 from .settings import Settings
 
 __all__ = [
