@@ -270,7 +270,9 @@ class Connection:
             await send(item if isinstance(item, str) else item.text)
             self.queue.count_delivered(1)
 
-    def _set_closed(self) -> None:
+    def set_closed(self) -> None:
+        """Called by the manager once closing is done: ``state`` becomes ``CLOSED`` and
+        :meth:`wait_closed` returns."""
         self.queue.set_closed()
         if self._closed is not None:
             self._closed.set()

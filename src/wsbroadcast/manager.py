@@ -573,7 +573,7 @@ class ConnectionManager:
             self._connections.discard(connection)
             self._delivered += connection.queue.delivered
             self._dropped += connection.queue.dropped
-            connection._set_closed()
+            connection.set_closed()
 
     async def _depart(self, connection: Connection) -> None:
         """Remove the connection from presence and announce ``leave`` if it was the last."""
