@@ -73,13 +73,18 @@ async def execute(
     counters: dict[str, int] = dict.fromkeys(CLIENTS, 0)
 
     async def connect(
-        client_id: str, room: str, turns: int, since: int | None, fast: bool = False
+        client_id: str,
+        room: str,
+        turns: int,
+        since: int | None,
+        fast: bool = False,
+        epoch: str | None = None,
     ) -> Session:
         # fast: the flusher's no-wait batch path (falling back to the writer when slow).
         kind = MemoryBatchTransport if fast else MemoryTransport
         transport = kind(turns_per_send=turns)
         before = backend._rooms[room].seq if room in backend._rooms else 0
-        connection = await manager.connect(transport, client_id, room, since=since)
+        connection = await manager.connect(transport, client_id, room, since=since, epoch=epoch)
         session = Session(client_id, room, transport, connection, since, before)
         run.sessions.append(session)
         return session
@@ -113,7 +118,16 @@ async def execute(
                     seen = [json.loads(f) for f in session.transport.frames]
                     seqs = [f["seq"] for f in seen if "seq" in f]
                     since = seqs[-1] if seqs else session.seq_before
-                    await connect(session.client_id, session.room, 0, since)
+                    # The epoch of the last envelope seen: the stream is the same, so the
+                    # resume must be exact (a wrong epoch is attacked below).
+                    epochs = [f["epoch"] for f in seen if "epoch" in f]
+                    await connect(
+                        session.client_id,
+                        session.room,
+                        0,
+                        since,
+                        epoch=epochs[-1] if epochs else None,
+                    )
             else:
                 for _ in range(op[1]):
                     await anyio.lowlevel.checkpoint()
@@ -232,16 +246,22 @@ def test_small_queues_keep_order_under_either_policy(
     history_size=st.integers(0, 6),
     published=st.integers(0, 12),
     since=st.integers(0, 15),
+    epoch=st.sampled_from(["same", "other", None]),
 )
-def test_history_is_all_or_nothing(history_size: int, published: int, since: int) -> None:
+def test_history_is_all_or_nothing(
+    history_size: int, published: int, since: int, epoch: str | None
+) -> None:
     async def scenario() -> None:
         backend = MemoryBackend(history_size=history_size)
         for n in range(published):
             await backend.publish("room", "message", "a", n)
-        history = await backend.history("room", since)
+        current = (await backend.history("room", 0)).epoch
+        asked = {"same": current, "other": "another", None: None}[epoch]
+        history = await backend.history("room", since, asked)
         first_held = max(1, published - history_size + 1)
         assert history.last_seq == published
-        assert history.complete == (first_held - 1 <= since <= published)
+        same_stream = since == 0 or asked is None or asked == current
+        assert history.complete == (first_held - 1 <= since <= published and same_stream)
         if history.complete:
             assert [e.seq for e in history.envelopes] == list(range(since + 1, published + 1))
         else:
