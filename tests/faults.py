@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from wsbroadcast import Connection, ConnectionManager
 from wsbroadcast.backend import History, Listener, ResetListener, Subscription
 from wsbroadcast.backends.memory import MemoryBackend
 from wsbroadcast.envelope import Draft, Envelope
@@ -38,6 +39,7 @@ __all__ = [
     "GatedSubscribeBackend",
     "HangingBatchTransport",
     "HangingTransport",
+    "stall_one_of_two",
 ]
 
 
@@ -271,3 +273,21 @@ class GatedSubscribeBackend(MemoryBackend):
             self.subscribing.set()
             await self._gate.wait()
         return await super().subscribe(room, listener, on_reset)
+
+
+async def stall_one_of_two(
+    manager: ConnectionManager, broadcasts: int = 20
+) -> tuple[MemoryTransport, MemoryTransport, Connection]:
+    """A stalled client (paused before it joined) and a healthy one in ``lobby``; the healthy
+    one broadcasts ``broadcasts`` times, each received before the next, until the stalled one's
+    queue overflows and it is closed. Returns (stalled, healthy, the stalled connection)."""
+    stalled, healthy = MemoryTransport(), MemoryTransport()
+    stalled.pause()
+    connection = await manager.connect(stalled, "stalled")
+    await manager.connect(healthy, "healthy")
+    for n in range(broadcasts):
+        # Every broadcast returns while the stalled socket has not accepted a byte.
+        await manager.broadcast("lobby", n, "healthy")
+        await healthy.wait_until(lambda t, n=n: any(e["data"] == n for e in t.envelopes()))
+    await connection.wait_closed()
+    return stalled, healthy, connection

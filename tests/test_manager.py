@@ -8,6 +8,7 @@ from typing import Any
 import anyio
 import pytest
 
+from tests.faults import stall_one_of_two
 from wsbroadcast import (
     BackendUnavailable,
     CloseCode,
@@ -144,15 +145,7 @@ async def test_disconnect_of_an_already_dead_socket_never_raises(
 
 async def test_a_stalled_client_never_delays_a_broadcast_and_is_disconnected() -> None:
     async with ConnectionManager(queue_size=8) as manager:
-        stalled, healthy = MemoryTransport(), MemoryTransport()
-        stalled.pause()
-        stalled_connection = await manager.connect(stalled, "stalled")
-        await manager.connect(healthy, "healthy")
-        for n in range(20):
-            # Every broadcast returns while the stalled socket has not accepted a byte.
-            await manager.broadcast("lobby", n, "healthy")
-            await healthy.wait_until(lambda t, n=n: any(e["data"] == n for e in t.envelopes()))
-        await stalled_connection.wait_closed()
+        stalled, healthy, stalled_connection = await stall_one_of_two(manager)
         assert stalled.close_code == CloseCode.SLOW_CONSUMER
         assert stalled_connection.overflowed
         assert [e["data"] for e in healthy.envelopes() if e["type"] == "message"] == list(range(20))

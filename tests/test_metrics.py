@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from pydantic import JsonValue
 
+from tests.faults import stall_one_of_two
 from wsbroadcast import CloseCode, ConnectionManager
 from wsbroadcast.backends.memory import MemoryBackend
 from wsbroadcast.metrics import BACKEND_METRICS, MANAGER_METRICS, ManagerCollector
@@ -44,14 +45,7 @@ async def test_values_match_stats_after_connects_broadcasts_and_a_slow_consumer_
     async with ConnectionManager(queue_size=8) as manager:
         collector = ManagerCollector(manager)
         assert values(collector) == expected(manager)
-        stalled, healthy = MemoryTransport(), MemoryTransport()
-        stalled.pause()
-        stalled_connection = await manager.connect(stalled, "stalled")
-        await manager.connect(healthy, "healthy")
-        for n in range(20):
-            await manager.broadcast("lobby", n, "healthy")
-            await healthy.wait_until(lambda t, n=n: any(e["data"] == n for e in t.envelopes()))
-        await stalled_connection.wait_closed()
+        stalled, _, _ = await stall_one_of_two(manager)
         assert stalled.close_code == CloseCode.SLOW_CONSUMER
 
         got = values(collector)

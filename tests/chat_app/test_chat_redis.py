@@ -14,7 +14,7 @@ import re
 import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -44,12 +44,43 @@ def _start_redis() -> RedisServer:
     return server
 
 
-def _start_nodes(start_server: StartServer, redis: RedisServer) -> Nodes:
+NODE_ARGS = ("--history", str(HISTORY), "--rate-limit", "0")
+
+
+def _start_nodes(
+    start_server: StartServer,
+    redis: RedisServer,
+    args_a: tuple[str, ...] = NODE_ARGS,
+    args_b: tuple[str, ...] = NODE_ARGS,
+) -> Nodes:
     # Heartbeats in tenths of seconds so that presence resyncs quickly after an outage.
     url = f"{redis.url}?heartbeat=0.2&presence_ttl=2"
-    args = ("--backend", url, "--history", str(HISTORY), "--rate-limit", "0")
     # One node on each server: they share rooms through Redis whatever serves them.
-    return start_server(*args), start_server(*args, kind="websockets")
+    return (
+        start_server("--backend", url, *args_a),
+        start_server("--backend", url, *args_b, kind="websockets"),
+    )
+
+
+@contextmanager
+def _own_redis(
+    start_server: StartServer,
+    args_a: tuple[str, ...] = NODE_ARGS,
+    args_b: tuple[str, ...] = NODE_ARGS,
+) -> Iterator[tuple[RedisServer, ChatServer, ChatServer]]:
+    """A redis-server and two nodes of the test's own (uvicorn and websockets), for tests
+    that break Redis or need other flags; afterwards both logs are free of tracebacks."""
+    redis = _start_redis()
+    try:
+        pair = _start_nodes(start_server, redis, args_a, args_b)
+        try:
+            yield redis, *pair
+        finally:
+            for node in pair:
+                node.stop()
+        _assert_no_traceback(*pair)
+    finally:
+        redis.kill()
 
 
 def _assert_no_traceback(*nodes: ChatServer) -> None:
@@ -235,19 +266,9 @@ async def test_presence_across_nodes(nodes: Nodes) -> None:
 
 
 async def test_redis_killed_and_restarted_empty(start_server: StartServer) -> None:
-    room = "fault"
-    redis = _start_redis()
-    try:
-        node_a, node_b = pair = _start_nodes(start_server, redis)
-        try:
-            await _outage_and_recovery(redis, node_a, node_b, room)
-            _assert_no_traceback(*pair)
-        finally:
-            for node in pair:
-                node.stop()
-    finally:
-        redis.kill()
-    _assert_no_traceback(*pair)
+    with _own_redis(start_server) as (redis, node_a, node_b):
+        await _outage_and_recovery(redis, node_a, node_b, "fault")
+        _assert_no_traceback(node_a, node_b)
 
 
 async def _refused(node: ChatServer, client_id: str, room: str, since: int | None = None) -> None:
@@ -421,71 +442,44 @@ async def test_a_client_ids_rate_limit_holds_across_tabs_on_both_nodes(
     """One client id with a tab on each node sends as fast as it can: the two nodes share one
     bucket through Redis, so together they let through what one bucket allows (burst 2 plus
     1 per second of the test), where separate buckets would let through twice that."""
-    redis = _start_redis()
-    try:
-        url = f"{redis.url}?heartbeat=0.2&presence_ttl=2"
-        args = ("--backend", url, "--rate-limit", "1", "--ip-rate-limit", "0")
-        pair = start_server(*args), start_server(*args, kind="websockets")
-        try:
-            async with (
-                client(pair[0], "same", "rated-a") as a,
-                client(pair[1], "same", "rated-b") as b,
-            ):
-                await recv(a)
-                await recv(b)
-                started = time.monotonic()
-                for n in range(10):
-                    await send(a, f"a{n}")
-                    await send(b, f"b{n}")
-                accepted = 0
-                for ws in (a, b):
-                    for _ in range(10):
-                        frame = await recv(ws)
-                        if frame["type"] == "message":
-                            accepted += 1
-                        else:
-                            assert frame["data"]["code"] == "rate_limited", frame
-                elapsed = time.monotonic() - started
-            assert 2 <= accepted <= 2 + math.ceil(elapsed) + 1, (accepted, elapsed)
-            _assert_no_traceback(*pair)
-        finally:
-            for node in pair:
-                node.stop()
-    finally:
-        redis.kill()
+    args = ("--rate-limit", "1", "--ip-rate-limit", "0")
+    with _own_redis(start_server, args, args) as (_, node_a, node_b):
+        async with client(node_a, "same", "rated-a") as a, client(node_b, "same", "rated-b") as b:
+            await recv(a)
+            await recv(b)
+            started = time.monotonic()
+            for n in range(10):
+                await send(a, f"a{n}")
+                await send(b, f"b{n}")
+            accepted = 0
+            for ws in (a, b):
+                for _ in range(10):
+                    frame = await recv(ws)
+                    if frame["type"] == "message":
+                        accepted += 1
+                    else:
+                        assert frame["data"]["code"] == "rate_limited", frame
+            elapsed = time.monotonic() - started
+        assert 2 <= accepted <= 2 + math.ceil(elapsed) + 1, (accepted, elapsed)
 
 
 async def test_an_http_publish_on_one_node_reaches_clients_on_both(
     start_server: StartServer,
 ) -> None:
     key = "node-key-0123456789abcdef"
-    redis = _start_redis()
-    try:
-        url = f"{redis.url}?heartbeat=0.2&presence_ttl=2"
-        node_a = start_server("--backend", url, "--api-key", key)
-        node_b = start_server("--backend", url, kind="websockets")
-        try:
-            async with (
-                client(node_a, "ann", "alerts") as ann,
-                client(node_b, "ben", "alerts") as ben,
-            ):
-                await recv(ann)
-                await recv(ben)
-                assert (await recv(ann))["client_id"] == "ben"
-                response = httpx.post(
-                    f"{node_a.url}/api/rooms/alerts/messages",
-                    json={"message": "disk full"},
-                    headers={"Authorization": f"Bearer {key}"},
-                    timeout=5,
-                )
-                assert response.status_code == 202
-                envelope = response.json()
-                assert envelope["client_id"] is None
-                assert await recv(ann) == envelope
-                assert await recv(ben) == envelope
-            _assert_no_traceback(node_a, node_b)
-        finally:
-            node_a.stop()
-            node_b.stop()
-    finally:
-        redis.kill()
+    with _own_redis(start_server, ("--api-key", key)) as (_, node_a, node_b):
+        async with client(node_a, "ann", "alerts") as ann, client(node_b, "ben", "alerts") as ben:
+            await recv(ann)
+            await recv(ben)
+            assert (await recv(ann))["client_id"] == "ben"
+            response = httpx.post(
+                f"{node_a.url}/api/rooms/alerts/messages",
+                json={"message": "disk full"},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=5,
+            )
+            assert response.status_code == 202
+            envelope = response.json()
+            assert envelope["client_id"] is None
+            assert await recv(ann) == envelope
+            assert await recv(ben) == envelope
