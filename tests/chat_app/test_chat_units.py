@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -23,6 +25,15 @@ from examples.chat_app.app import (
     parse_client_frame,
     valid_name,
 )
+from examples.chat_app.edge import (
+    ERROR_CODES,
+    Command,
+    Direct,
+    Join,
+    Leave,
+    Say,
+    parse_command,
+)
 from examples.chat_app.service import (
     CHAT_HTML,
     CLOSE_WAIT,
@@ -31,6 +42,7 @@ from examples.chat_app.service import (
     _OutageLog,
 )
 from wsbroadcast import NAME_PATTERN
+from wsbroadcast.envelope import EPOCH_PATTERN
 from wsbroadcast.transport import FRAMES_EXTENSION
 from wsbroadcast.transports.starlette import StarletteFramesTransport, StarletteTransport
 
@@ -342,3 +354,130 @@ def test_metrics_values_stay_integers_and_have_no_created_series() -> None:
     assert re.search(r"^chat_up 0$", text, re.MULTILINE)
     assert "_created" not in text
     assert "# HELP chat_close_aborts_total Connections dropped" in text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"message": "hi"}', Say(None, "hi")),
+        ('{"message": "hi", "client_id": "x", "seq": 3}', Say(None, "hi")),
+        ('{"room": "chat:b", "message": "hi"}', Say("chat:b", "hi")),
+        ('{"join": "b"}', Join("b", None, None)),
+        ('{"join": "b", "since": 0}', Join("b", 0, None)),
+        ('{"join": "b", "since": 7, "epoch": "e-1_X"}', Join("b", 7, "e-1_X")),
+        ('{"join": "b", "since": null, "epoch": null}', Join("b", None, None)),
+        ('{"join": "b", "since": 999999999999999999}', Join("b", 10**18 - 1, None)),
+        ('{"join": "@alice"}', Join("@alice", None, None)),
+        ('{"leave": "b"}', Leave("b")),
+        ('{"to": "bob", "message": "psst"}', Direct("bob", "psst")),
+        ('{"to": "user#42", "message": " x "}', Direct("user#42", " x ")),
+        # The first key of join, leave, to, message decides, whatever else the object holds.
+        ('{"message": "hi", "join": "b"}', Join("b", None, None)),
+        ('{"leave": "b", "join": "c"}', Join("c", None, None)),
+        ('{"to": "bob", "leave": "b", "message": "x"}', Leave("b")),
+        ('{"room": "b", "to": "bob", "message": "x"}', Direct("bob", "x")),
+    ],
+)
+def test_parse_command_reads_each_kind_of_frame(text: str, expected: Command) -> None:
+    assert parse_command(text, max_text=10) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "room"),
+    [
+        ("nope", ErrorCode.INVALID_JSON, None),
+        ("[" * 5000, ErrorCode.INVALID_JSON, None),
+        ("[1]", ErrorCode.NOT_AN_OBJECT, None),
+        ("{}", ErrorCode.MISSING_MESSAGE, None),
+        ('{"room": "b"}', ErrorCode.MISSING_MESSAGE, "b"),
+        ('{"room": "b", "message": 1}', ErrorCode.MESSAGE_NOT_A_STRING, "b"),
+        ('{"room": "b", "message": " "}', ErrorCode.EMPTY_MESSAGE, "b"),
+        ('{"room": "b", "message": "01234567890"}', ErrorCode.MESSAGE_TOO_LONG, "b"),
+        ('{"room": "a b", "message": "hi"}', ErrorCode.INVALID_ROOM, None),
+        ('{"room": null, "message": "hi"}', ErrorCode.INVALID_ROOM, None),
+        ('{"room": 5, "message": "hi"}', ErrorCode.INVALID_ROOM, None),
+        ('{"join": ""}', ErrorCode.INVALID_ROOM, None),
+        ('{"join": null}', ErrorCode.INVALID_ROOM, None),
+        ('{"join": ["b"]}', ErrorCode.INVALID_ROOM, None),
+        ('{"join": "' + "r" * 65 + '"}', ErrorCode.INVALID_ROOM, None),
+        ('{"join": "b", "since": -1}', ErrorCode.BAD_SINCE, "b"),
+        ('{"join": "b", "since": 1.5}', ErrorCode.BAD_SINCE, "b"),
+        ('{"join": "b", "since": 2.0}', ErrorCode.BAD_SINCE, "b"),
+        ('{"join": "b", "since": "3"}', ErrorCode.BAD_SINCE, "b"),
+        ('{"join": "b", "since": true}', ErrorCode.BAD_SINCE, "b"),
+        ('{"join": "b", "since": 1000000000000000000}', ErrorCode.BAD_SINCE, "b"),
+        ('{"join": "b", "since": 1, "epoch": ""}', ErrorCode.BAD_EPOCH, "b"),
+        ('{"join": "b", "since": 1, "epoch": "a b"}', ErrorCode.BAD_EPOCH, "b"),
+        ('{"join": "b", "epoch": 5}', ErrorCode.BAD_EPOCH, "b"),
+        ('{"join": "b", "epoch": "' + "e" * 33 + '"}', ErrorCode.BAD_EPOCH, "b"),
+        ('{"leave": "a/b"}', ErrorCode.INVALID_ROOM, None),
+        ('{"leave": 1}', ErrorCode.INVALID_ROOM, None),
+        ('{"to": "a b", "message": "hi"}', ErrorCode.INVALID_RECIPIENT, None),
+        ('{"to": null, "message": "hi"}', ErrorCode.INVALID_RECIPIENT, None),
+        ('{"to": "bob"}', ErrorCode.MISSING_MESSAGE, None),
+        ('{"to": "bob", "message": ""}', ErrorCode.EMPTY_MESSAGE, None),
+        ('{"to": "bob", "message": "01234567890"}', ErrorCode.MESSAGE_TOO_LONG, None),
+    ],
+)
+def test_parse_command_refuses_with_a_code(text: str, code: str, room: str | None) -> None:
+    result = parse_command(text, max_text=10)
+    assert isinstance(result, ClientError), result
+    assert (result.code, result.room) == (code, room)
+    assert result.detail
+    assert code in ERROR_CODES
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+COMMAND_KEYS = st.sampled_from(["join", "leave", "to", "room", "message", "since", "epoch"])
+NAMES = st.from_regex(NAME_PATTERN, fullmatch=True)
+
+
+@given(
+    st.dictionaries(
+        COMMAND_KEYS | st.text(max_size=8),
+        JSON_VALUES | NAMES | st.integers(min_value=-1, max_value=2**63),
+        max_size=6,
+    )
+)
+def test_parse_command_never_raises_on_any_json_object(value: dict[str, Any]) -> None:
+    """Any JSON object at all: a command whose fields are checked, or a ClientError with a
+    known code; never an exception."""
+    text = json.dumps(value, allow_nan=True)
+    result = parse_command(text, max_text=10)
+    if isinstance(result, ClientError):
+        assert result.code in ERROR_CODES
+        assert result.detail
+        assert result.room is None or NAME_PATTERN.fullmatch(result.room)
+        return
+    if isinstance(result, Join):
+        assert "join" in value
+        assert NAME_PATTERN.fullmatch(result.room)
+        assert result.since is None or 0 <= result.since < 10**18
+        assert result.epoch is None or EPOCH_PATTERN.fullmatch(result.epoch)
+    elif isinstance(result, Leave):
+        assert "join" not in value
+        assert NAME_PATTERN.fullmatch(result.room)
+    elif isinstance(result, Direct):
+        assert not {"join", "leave"} & set(value)
+        assert NAME_PATTERN.fullmatch(result.to)
+        assert result.text == value["message"]
+        assert 0 < len(result.text) <= 10
+    else:
+        assert isinstance(result, Say)
+        assert not {"join", "leave", "to"} & set(value)
+        assert result.room == value.get("room")
+        assert result.text == value["message"]
+        assert result.text.strip()
+        assert len(result.text) <= 10
+
+
+@given(st.text(max_size=40) | st.binary(max_size=40).map(lambda b: b.decode("latin-1")))
+def test_parse_command_never_raises_on_any_text(text: str) -> None:
+    result = parse_command(text, max_text=10)
+    assert isinstance(result, Say | Join | Leave | Direct | ClientError)
