@@ -242,3 +242,127 @@ def test_drop_oldest_keeps_control_frames_while_there_is_an_envelope_to_drop() -
     for seq in (1, 2, 3):
         queue.push(envelope(seq))
     assert seqs(queue.take()) == ["notice", 3]
+
+
+# -- several rooms
+
+
+def in_room(room: str, seq: int, epoch: str = "e1") -> Envelope:
+    return Draft("message", room, "alice", None).envelope(seq, epoch)
+
+
+def rooms_and_seqs(items: list[Envelope | str]) -> list[tuple[str, int | str]]:
+    out: list[tuple[str, int | str]] = []
+    for item in items:
+        if isinstance(item, Envelope):
+            out.append((item.room, item.seq))
+        else:
+            frame = json.loads(item)
+            out.append((frame["room"], frame["type"]))
+    return out
+
+
+def test_each_room_has_its_own_seqs_and_rooms_not_followed_are_ignored() -> None:
+    queue = make(Calls())
+    queue.go_live(0)
+    assert queue.add_room("red")
+    queue.room_live("red", 0)
+    for item in (in_room("lobby", 5), in_room("red", 1), in_room("blue", 1), in_room("red", 1)):
+        queue.push(item)
+    queue.push(in_room("lobby", 4))  # older than lobby's last: a duplicate
+    queue.push(in_room("red", 2))
+    assert rooms_and_seqs(queue.take()) == [("lobby", 5), ("red", 1), ("red", 2)]
+    assert (queue.last_seq, queue.last_seq_of("red"), queue.last_seq_of("blue")) == (5, 2, None)
+    assert queue.rooms == {"lobby", "red"}
+
+
+def test_a_joining_room_is_held_while_the_others_flow_then_acked_before_its_live_frames() -> None:
+    queue = make(Calls())
+    queue.go_live(0)
+    queue.add_room("red")
+    assert queue.recovering("red")
+    queue.push(in_room("red", 7))
+    queue.push(in_room("lobby", 1))
+    queue.push(in_room("red", 8))
+    assert rooms_and_seqs(queue.take()) == [("lobby", 1)]
+    # History up to 7 was replayed: 7 is a duplicate, 8 follows the ack.
+    queue.push_replay(in_room("red", 6))
+    queue.push_replay(in_room("red", 7))
+    queue.room_live("red", 7, '{"type":"joined","room":"red","data":null}')
+    assert not queue.recovering("red")
+    assert rooms_and_seqs(queue.take()) == [("red", 6), ("red", 7), ("red", "joined"), ("red", 8)]
+
+
+def test_a_reset_of_one_room_is_told_in_that_room_only() -> None:
+    queue = make(Calls())
+    queue.go_live(0)
+    queue.add_room("red")
+    queue.room_live("red", 0)
+    queue.push(in_room("lobby", 3))
+    queue.push(in_room("red", 9))
+    queue.reset("e2", 0, "red")
+    queue.push(in_room("red", 1, "e2"))
+    queue.push(in_room("lobby", 4))
+    items = queue.take()
+    assert rooms_and_seqs(items) == [
+        ("lobby", 3), ("red", 9), ("red", "history_lost"), ("red", 1), ("lobby", 4),
+    ]  # fmt: skip
+    lost = json.loads(next(item for item in items if isinstance(item, str)))
+    assert lost["data"] == {"since": 9, "epoch": "e2", "first_seq": 1, "last_seq": 0}
+    queue.reset("e3", 0, "blue")  # not followed: nothing
+    assert queue.take() == []
+
+
+def test_a_reset_while_a_room_recovers_is_held_in_order() -> None:
+    queue = make(Calls())
+    queue.go_live(0)
+    queue.add_room("red")
+    queue.push(in_room("red", 4))
+    queue.reset("e2", 0, "red")
+    queue.push(in_room("red", 1, "e2"))
+    queue.room_live("red", 3)
+    assert rooms_and_seqs(queue.take()) == [("red", 4), ("red", "history_lost"), ("red", 1)]
+
+
+def test_removing_a_room_drops_its_queued_and_held_frames_and_nothing_follows_the_ack() -> None:
+    queue = make(Calls())
+    queue.go_live(0)
+    queue.add_room("red")
+    queue.room_live("red", 0)
+    queue.add_room("blue")
+    queue.push(in_room("blue", 1))  # held: blue recovers
+    queue.push(in_room("red", 1))
+    queue.push_text('{"type":"error","room":"red","data":null}')
+    queue.push(in_room("lobby", 1))
+    assert queue.remove_room("red", '{"type":"left","room":"red","data":null}')
+    assert queue.remove_room("blue")
+    assert not queue.remove_room("red")
+    queue.push(in_room("red", 2))
+    queue.push(in_room("blue", 2))
+    assert rooms_and_seqs(queue.take()) == [("red", "error"), ("lobby", 1), ("red", "left")]
+    stats = queue.statistics()
+    assert (stats.dropped, stats.queued) == (2, 3)
+    assert queue.rooms == {"lobby"}
+
+
+def test_a_room_added_while_open_is_held_under_the_same_policy() -> None:
+    queue = make(Calls(), queue_size=2)
+    queue.go_live(0)
+    queue.add_room("red")
+    for seq in (1, 2, 3):
+        queue.push(in_room("red", seq))
+    assert queue.state is ConnectionState.CLOSING
+    assert queue.close_code == CloseCode.SLOW_CONSUMER
+
+
+def test_fits_says_when_a_replay_must_wait() -> None:
+    queue = make(Calls(), queue_size=2)
+    queue.go_live(0)
+    queue.add_room("red")
+    assert queue.fits(in_room("red", 1))
+    queue.push_replay(in_room("red", 1))
+    queue.push_replay(in_room("red", 2))
+    assert not queue.fits(in_room("red", 3))
+    queue.take()
+    assert queue.fits(in_room("red", 3))
+    assert not queue.add_room("red")

@@ -19,17 +19,29 @@ from .backend import (
 from .connection import Connection, ConnectionStatistics
 from .envelope import Draft, Envelope
 from .exceptions import (
+    AlreadyJoined,
     BackendError,
     BackendUnavailable,
+    Forbidden,
     InvalidBackendURL,
     InvalidData,
     InvalidInput,
     InvalidName,
     ManagerNotRunning,
+    NotJoined,
     WSBroadcastError,
 )
 from .manager import RESERVED_TYPES, ConnectionManager, ManagerStats
-from .names import NAME_CHARACTERS, NAME_MAX_LENGTH, NAME_PATTERN, check_name, is_valid_name
+from .names import (
+    NAME_CHARACTERS,
+    NAME_MAX_LENGTH,
+    NAME_PATTERN,
+    USER_ROOM_PREFIX,
+    check_name,
+    is_user_room,
+    is_valid_name,
+    user_room,
+)
 from .outbound import (
     DEFAULT_QUEUE_BYTES,
     DEFAULT_QUEUE_SIZE,
@@ -51,6 +63,8 @@ __all__ = [
     "NAME_MAX_LENGTH",
     "NAME_PATTERN",
     "RESERVED_TYPES",
+    "USER_ROOM_PREFIX",
+    "AlreadyJoined",
     "Backend",
     "BackendError",
     "BackendUnavailable",
@@ -61,6 +75,7 @@ __all__ = [
     "ConnectionStatistics",
     "Draft",
     "Envelope",
+    "Forbidden",
     "History",
     "InvalidBackendURL",
     "InvalidData",
@@ -69,6 +84,7 @@ __all__ = [
     "Listener",
     "ManagerNotRunning",
     "ManagerStats",
+    "NotJoined",
     "OutboundQueue",
     "Publisher",
     "QueueStatistics",
@@ -82,5 +98,7 @@ __all__ = [
     "check_name",
     "control_frame",
     "error_frame",
+    "is_user_room",
     "is_valid_name",
+    "user_room",
 ]

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pydantic import ConfigDict, JsonValue, TypeAdapter, ValidationError
 
 from .exceptions import InvalidData, InvalidInput
-from .names import NAME_MAX_LENGTH, check_name
+from .names import NAME_MAX_LENGTH, check_name, is_user_room
 from .protocol import RESERVED_TYPES
 
 __all__ = [
@@ -30,14 +30,16 @@ INT_MAX = 2**64 - 1
 
 
 def check_publication(room: str, client_id: str | None, type: str) -> None:
-    """Check what a publish names: a room, a client id or None (the server), a type that is
-    not one of the reserved unsequenced ones."""
+    """Check what a publish names: a room that is not a personal stream, a client id or None
+    (the server), a type that is not reserved."""
     check_name("room", room)
+    if is_user_room(room):
+        raise InvalidInput(f"room {room!r} is a personal stream: use send_direct")
     if client_id is not None:
         check_name("client_id", client_id)
     check_name("type", type)
     if type in RESERVED_TYPES:
-        raise InvalidInput(f"type {type!r} is reserved for unsequenced frames")
+        raise InvalidInput(f"type {type!r} is reserved (see RESERVED_TYPES)")
 
 
 def check_data(value: object) -> JsonValue:

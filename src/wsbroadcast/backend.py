@@ -145,6 +145,16 @@ class Backend(abc.ABC):
         stream whose ``since`` is not ahead of the new stream cannot be told apart.
         """
 
+    async def position(self, room: str) -> tuple[str, int]:
+        """The stream's epoch and last seq now (``("", 0)`` for a room with no stream).
+
+        What a client joining without ``since`` is up to date with. The default asks
+        :meth:`history` for a position far ahead of any room, which both backends answer
+        without reading entries.
+        """
+        history = await self.history(room, _FAR_AHEAD)
+        return history.epoch, history.last_seq
+
     @abc.abstractmethod
     async def subscribe(
         self, room: str, listener: Listener, on_reset: ResetListener | None = None
@@ -208,6 +218,10 @@ _SCHEMES: dict[str, tuple[str, str, str]] = {
     "redis": ("wsbroadcast.backends.redis", "RedisBackend", "redis"),
     "rediss": ("wsbroadcast.backends.redis", "RedisBackend", "redis"),
 }
+
+
+_FAR_AHEAD = 2**63 - 1
+"""A ``since`` no room reaches: history answers it with the room's position and no entries."""
 
 
 def backend_from_url(url: str) -> Backend:

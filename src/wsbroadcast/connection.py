@@ -36,11 +36,13 @@ _ids = itertools.count(1)
 
 
 class Connection:
-    """A client's connection to one room, created by :meth:`ConnectionManager.connect`.
+    """A client's connection, created by :meth:`ConnectionManager.connect` in one room and
+    joined to more with :meth:`ConnectionManager.join`.
 
-    Applications read ``client_id``, ``room`` and ``state``, send one-off frames to this client
-    only with :meth:`send_error` or :meth:`send_control`, stop their receive loop with
-    :meth:`cancel_on_close` and wait for the end with :meth:`wait_closed`.
+    Applications read ``client_id``, ``room`` (the first room), ``rooms`` and ``state``, send
+    one-off frames to this client only with :meth:`send_error` or :meth:`send_control`, stop
+    their receive loop with :meth:`cancel_on_close` and wait for the end with
+    :meth:`wait_closed`.
     """
 
     # An idle connection is the common case (most sockets of a chat server wait for their
@@ -49,6 +51,7 @@ class Connection:
         "__weakref__",
         "_cancel_on_close",
         "_closed",
+        "_space",
         "_wakeup",
         "_writer_done",
         "_writer_scope",
@@ -95,6 +98,7 @@ class Connection:
         self._writer_scope: anyio.CancelScope | None = None
         self._writer_done: anyio.Event | None = None
         self._closed: anyio.Event | None = None
+        self._space: anyio.Event | None = None
         self._cancel_on_close: list[anyio.CancelScope] | None = None
 
     def __repr__(self) -> str:
@@ -102,6 +106,12 @@ class Connection:
             f"<Connection #{self.id} client_id={self.client_id!r} room={self.room!r}"
             f" {self.state.value}>"
         )
+
+    @property
+    def rooms(self) -> frozenset[str]:
+        """The rooms the connection is in (or joining): the first ``room`` until it is left,
+        and those :meth:`ConnectionManager.join` added."""
+        return self.queue.rooms
 
     @property
     def state(self) -> ConnectionState:
@@ -132,17 +142,19 @@ class Connection:
         """Return the queue's current length and size and this connection's counters."""
         return self.queue.statistics()
 
-    def send_control(self, type: str, data: JsonValue = None) -> bool:
-        """Queue an unsequenced frame ``{"type", "room", "data"}`` for this client only.
+    def send_control(self, type: str, data: JsonValue = None, room: str | None = None) -> bool:
+        """Queue an unsequenced frame ``{"type", "room", "data"}`` for this client only
+        (``room`` defaults to the first room).
 
         Returns false if the connection is closing. It goes through the same bounded queue and
         policy as broadcasts, so it is delivered in order with them and never blocks.
         """
-        return self.queue.push_control(type, data)
+        return self.queue.push_control(type, data, room)
 
-    def send_error(self, code: str, detail: str) -> bool:
-        """Queue ``{"type": "error", "room", "data": {"code", "detail"}}`` for this client only."""
-        return self.queue.push_text(error_frame(code, detail, self.room))
+    def send_error(self, code: str, detail: str, room: str | None = None) -> bool:
+        """Queue ``{"type": "error", "room", "data": {"code", "detail"}}`` for this client only
+        (``room`` defaults to the first room)."""
+        return self.queue.push_text(error_frame(code, detail, self.room if room is None else room))
 
     async def wait_closed(self) -> None:
         """Wait until the connection is fully closed (presence updated, socket closed or
@@ -188,12 +200,19 @@ class Connection:
             self._wakeup = None
             wakeup.set()
 
+    def _made_space(self) -> None:
+        space = self._space
+        if space is not None:
+            self._space = None
+            space.set()
+
     def _aborted(self, on_abort: Callable[[Connection], None]) -> None:
         for scope in self._cancel_on_close or ():
             scope.cancel()
         if self._writer_scope is not None:
             self._writer_scope.cancel()
         self._wake()
+        self._made_space()
         on_abort(self)
 
     def flush(self) -> bool:
@@ -208,6 +227,8 @@ class Connection:
         if batch and not self.send_nowait(batch):
             return False
         queue.flushed()
+        if self._space is not None:
+            self._made_space()
         return True
 
     @property
@@ -254,6 +275,8 @@ class Connection:
                 wakeup = self._wakeup = new_event()
                 await wakeup.wait()
                 continue
+            if self._space is not None:
+                self._made_space()
             if send_batch is not None:
                 await send_batch(batch)
                 queue.sent(len(batch))
@@ -269,6 +292,21 @@ class Connection:
         for item in items:
             await send(item if isinstance(item, str) else item.text)
             self.queue.count_delivered(1)
+
+    async def replay(self, items: Sequence[Envelope | str]) -> bool:
+        """Queue a recovering room's history, waiting while the queue is full (the joining
+        client's own frames wait for its socket; nothing else does). False if the
+        connection closed first."""
+        queue = self.queue
+        for item in items:
+            while not queue.fits(item):
+                if queue.closing:
+                    return False
+                space = self._space = anyio.Event()
+                await space.wait()
+            if not queue.push_replay(item):
+                return False
+        return not queue.closing
 
     def set_closed(self) -> None:
         """Called by the manager once closing is done: ``state`` becomes ``CLOSED`` and

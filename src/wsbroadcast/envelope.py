@@ -15,8 +15,9 @@ from pydantic_core import PydanticSerializationError
 from ._validation import check_data
 from .exceptions import InvalidData
 from .frames import text_frame
+from .names import check_name, user_room
 
-__all__ = ["EPOCH_PATTERN", "Draft", "Envelope", "new_epoch"]
+__all__ = ["EPOCH_PATTERN", "Draft", "Envelope", "direct_drafts", "new_epoch"]
 
 EPOCH_PATTERN = re.compile(r"[A-Za-z0-9_\-]{1,32}")
 """What an epoch looks like: 1-32 of ``A-Z a-z 0-9 _ -`` (it is spliced into JSON as is)."""
@@ -150,6 +151,19 @@ class Draft:
         """The envelope's size in bytes for a seq of up to 20 digits and an 8-character epoch
         (what :func:`new_epoch` makes): known before the backend numbers it."""
 
+    def to_room(self, room: str) -> Draft:
+        """The same envelope (same ``id``, timestamp and data) for another room: the copy of a
+        direct message published in the sender's personal stream."""
+        copy = Draft.__new__(Draft)
+        for name in Draft.__slots__:
+            setattr(copy, name, getattr(self, name))
+        copy.room = room
+        copy.head = f'{{"type":{_json_string(self.type)},"room":{_json_string(room)},"seq":'
+        grown = len(copy.head.encode()) - len(self.head.encode())
+        copy._base_size = self._base_size + grown
+        copy.size = self.size + grown
+        return copy
+
     def envelope(self, seq: int, epoch: str) -> Envelope:
         """The envelope numbered ``seq`` in the stream ``epoch``, its text spliced, not encoded."""
         envelope = _new_envelope(Envelope)
@@ -182,3 +196,20 @@ class Draft:
 
 _new_envelope = Envelope.__new__
 _set = object.__setattr__
+
+
+def direct_drafts(to: str, data: JsonValue, client_id: str | None) -> tuple[Draft, ...]:
+    """The drafts of a direct message: type ``direct``, data ``{"to": to, "data": data}``, in
+    the personal stream of ``to`` and, for a client sender other than ``to``, of the sender.
+
+    Both carry the same ``id``. Raises :class:`~wsbroadcast.exceptions.InvalidInput` for a
+    bad ``to`` or ``client_id`` and :class:`~wsbroadcast.exceptions.InvalidData` for data that
+    cannot be encoded, before anything is published.
+    """
+    recipient = user_room(to)
+    if client_id is not None:
+        check_name("client_id", client_id)
+    draft = Draft("direct", recipient, client_id, {"to": to, "data": data})
+    if client_id is None or client_id == to:
+        return (draft,)
+    return draft, draft.to_room(user_room(client_id))

@@ -6,7 +6,10 @@ The hierarchy, so that callers can catch as broadly or as narrowly as they need:
     ├── InvalidInput (ValueError)    a caller passed something we refuse; nothing was published
     │   ├── InvalidName              a room, client id or envelope type is empty, too long or odd
     │   ├── InvalidData              the payload is not a JSON value
-    │   └── InvalidBackendURL        a backend URL names no known backend or has bad options
+    │   ├── InvalidBackendURL        a backend URL names no known backend or has bad options
+    │   ├── AlreadyJoined            join: the connection is in that room already
+    │   ├── NotJoined                leave: the connection is not in that room
+    │   └── Forbidden                join: another client's personal stream
     ├── ManagerNotRunning (RuntimeError)
     │                                the ConnectionManager is used outside ``async with``
     └── BackendError                 the backend failed to do what was asked
@@ -19,13 +22,16 @@ connection concerned, as documented in :mod:`wsbroadcast.manager`.
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyJoined",
     "BackendError",
     "BackendUnavailable",
+    "Forbidden",
     "InvalidBackendURL",
     "InvalidData",
     "InvalidInput",
     "InvalidName",
     "ManagerNotRunning",
+    "NotJoined",
     "WSBroadcastError",
 ]
 
@@ -60,6 +66,18 @@ class InvalidData(InvalidInput):
 
 class InvalidBackendURL(InvalidInput):
     """A backend URL has an unknown scheme or options the backend does not accept."""
+
+
+class AlreadyJoined(InvalidInput):
+    """:meth:`~wsbroadcast.ConnectionManager.join` of a room the connection is in (or joining)."""
+
+
+class NotJoined(InvalidInput):
+    """:meth:`~wsbroadcast.ConnectionManager.leave` of a room the connection is not in."""
+
+
+class Forbidden(InvalidInput):
+    """A connection may not join this room: it is another client's personal stream."""
 
 
 class ManagerNotRunning(WSBroadcastError, RuntimeError):

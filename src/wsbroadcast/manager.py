@@ -44,8 +44,17 @@ if sys.version_info < (3, 11):
 from ._validation import check_name, check_publication
 from .backend import Backend, StreamReset, Subscription, backend_from_url
 from .connection import Connection, ConnectionState
-from .envelope import EPOCH_PATTERN, Draft, Envelope
-from .exceptions import BackendError, BackendUnavailable, InvalidInput, ManagerNotRunning
+from .envelope import EPOCH_PATTERN, Draft, Envelope, direct_drafts
+from .exceptions import (
+    AlreadyJoined,
+    BackendError,
+    BackendUnavailable,
+    Forbidden,
+    InvalidInput,
+    ManagerNotRunning,
+    NotJoined,
+)
+from .names import is_user_room
 from .outbound import DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_SIZE, SlowConsumerPolicy
 from .protocol import RESERVED_TYPES, CloseCode, control_frame
 from .transport import Transport
@@ -115,7 +124,7 @@ class _LocalRoom:
     def reset(self, reset: StreamReset) -> None:
         """The backend's reset listener: ``history_lost`` to every member, before the rest."""
         for connection in self.snapshot:
-            connection.queue.reset(reset.epoch, reset.after_seq)
+            connection.queue.reset(reset.epoch, reset.after_seq, self.name)
 
     def add(self, connection: Connection) -> None:
         self.members.add(connection)
@@ -124,6 +133,26 @@ class _LocalRoom:
     def discard(self, connection: Connection) -> None:
         self.members.discard(connection)
         self.snapshot = tuple(self.members)
+
+
+class _Joins:
+    """The joins under way on one connection, so that its closer can cancel and await them."""
+
+    __slots__ = ("done", "scopes")
+
+    def __init__(self) -> None:
+        self.scopes: set[anyio.CancelScope] = set()
+        self.done = anyio.Event()
+
+    async def wait(self) -> None:
+        await self.done.wait()
+
+
+def _check_position(since: object, epoch: object) -> None:
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+        raise InvalidInput(f"since must be a non-negative integer, not {since!r}")
+    if epoch is not None and (not isinstance(epoch, str) or EPOCH_PATTERN.fullmatch(epoch) is None):
+        raise InvalidInput(f"epoch must be 1-32 of A-Z a-z 0-9 _ -, not {epoch!r}")
 
 
 class ConnectionManager:
@@ -186,7 +215,10 @@ class ConnectionManager:
         self._connecting: dict[Connection, anyio.CancelScope] = {}
         """Being connected: the connecting task owns their cleanup; abort cancels it."""
         self._connects_done: anyio.Event | None = None
-        self._present: set[Connection] = set()
+        self._present: set[tuple[Connection, str]] = set()
+        """(connection, room) counted in the backend's presence: the closer removes them."""
+        self._joins: dict[Connection, _Joins] = {}
+        """Joins under way per open connection: an abort cancels them, the closer awaits them."""
         self._published = 0
         self._delivered = 0
         self._dropped = 0
@@ -293,14 +325,9 @@ class ConnectionManager:
         self._check_running()
         check_name("client_id", client_id)
         check_name("room", room)
-        if since is not None and (
-            isinstance(since, bool) or not isinstance(since, int) or since < 0
-        ):
-            raise InvalidInput(f"since must be a non-negative integer, not {since!r}")
-        if epoch is not None and (
-            not isinstance(epoch, str) or EPOCH_PATTERN.fullmatch(epoch) is None
-        ):
-            raise InvalidInput(f"epoch must be 1-32 of A-Z a-z 0-9 _ -, not {epoch!r}")
+        if is_user_room(room):
+            raise InvalidInput(f"room {room!r} is a personal stream: connect elsewhere, join it")
+        _check_position(since, epoch)
         connection = Connection(
             transport,
             client_id,
@@ -353,12 +380,17 @@ class ConnectionManager:
         # A scheduling point whatever the transport and backend do (and where a shutdown's
         # abort, which cancelled our scope, stops the connect).
         await anyio.lowlevel.checkpoint()
-        await self._enter_room(connection)
-        join = await self._shielded(self._add_presence(connection))
+        room = connection.room
+        await self._enter_room(connection, room)
+        join = await self._shielded(self._add_presence(connection, room))
         # The client's first frame is its own join: nothing numbered before it follows.
         after = join.seq - 1 if join is not None else 0
         if since is not None:
-            after = await self._recover(connection, since, epoch, after)
+            frames, after, _ = await self._history(room, since, epoch, after)
+            try:
+                await connection.send_now(frames)
+            except Exception as exc:  # the socket died: the connect returns it closed
+                self._send_failed(connection, exc)
         return after
 
     async def _shielded(self, awaitable: Awaitable[_T]) -> _T:
@@ -375,24 +407,23 @@ class ConnectionManager:
         await anyio.lowlevel.checkpoint_if_cancelled()  # a cancellation that waited for it
         return result
 
-    async def _add_presence(self, connection: Connection) -> Envelope | None:
-        """Count the connection in presence and announce ``join`` if it is the client's first;
-        both or neither."""
-        room, client_id = connection.room, connection.client_id
+    async def _add_presence(self, connection: Connection, room: str) -> Envelope | None:
+        """Count the connection in ``room``'s presence and announce ``join`` if it is the
+        client's first; both or neither."""
+        client_id = connection.client_id
         first = await self.backend.add_presence(room, client_id)
-        self._present.add(connection)
+        self._present.add((connection, room))
         if not first or not self.announces(room):
             return None
         try:
             return await self._publish(room, "join", client_id, None)
         except BaseException:
-            self._present.discard(connection)
+            self._present.discard((connection, room))
             with contextlib.suppress(Exception):
                 await self.backend.remove_presence(room, client_id)
             raise
 
-    async def _enter_room(self, connection: Connection) -> None:
-        name = connection.room
+    async def _enter_room(self, connection: Connection, name: str) -> None:
         while True:
             room = self._rooms.get(name)
             if room is None:
@@ -417,11 +448,16 @@ class ConnectionManager:
                 room.entering -= 1
         room.add(connection)
 
-    async def _recover(
-        self, connection: Connection, since: int, epoch: str | None, after: int
-    ) -> int:
-        """Send history after ``since`` to the socket; return the seq that live frames follow."""
-        history = await self.backend.history(connection.room, since, epoch)
+    async def _history(
+        self, room: str, since: int, epoch: str | None, after: int | None
+    ) -> tuple[Sequence[Envelope | str], int, str]:
+        """What a client resuming ``room`` after ``since`` gets first (the envelopes, or one
+        ``history_lost``), the seq that live frames then follow, and the stream's epoch.
+
+        ``after`` is where live frames start without recovery (just before the client's own
+        ``join``), None if nothing was announced (then: the stream's last seq).
+        """
+        history = await self.backend.history(room, since, epoch)
         if not history.complete:
             lost: dict[str, JsonValue] = {
                 "since": since,
@@ -429,20 +465,14 @@ class ConnectionManager:
                 "first_seq": history.first_seq,
                 "last_seq": history.last_seq,
             }
-            frames: Sequence[Envelope | str] = [
-                control_frame("history_lost", connection.room, lost)
-            ]
-        else:
-            frames = history.envelopes
-            if frames:
-                after = frames[-1].seq
-            elif since > after:
-                after = since
-        try:
-            await connection.send_now(frames)
-        except Exception as exc:  # the socket died: the connect returns it closed
-            self._send_failed(connection, exc)
-        return after
+            after = history.last_seq if after is None else after
+            return [control_frame("history_lost", room, lost)], after, history.epoch
+        frames = history.envelopes
+        if frames:
+            after = frames[-1].seq
+        elif after is None or since > after:
+            after = since
+        return frames, after, history.epoch
 
     @contextlib.asynccontextmanager
     async def session(
@@ -473,6 +503,113 @@ class ConnectionManager:
         finally:
             with anyio.CancelScope(shield=True):
                 await self.disconnect(connection)
+
+    # -- rooms joined and left while open
+
+    async def join(
+        self,
+        connection: Connection,
+        room: str,
+        since: int | None = None,
+        epoch: str | None = None,
+    ) -> None:
+        """Add ``room`` to an open connection, with the same guarantees as :meth:`connect`.
+
+        The client gets, in its one queue and in order: the envelopes of ``room`` after
+        ``since`` from history (or one ``history_lost`` frame), then one unsequenced
+        ``{"type": "joined", "room", "data": {"seq", "epoch"}}`` frame saying which seq of
+        which stream it is now up to date with, then the room's live stream, with no gap and
+        no duplicate; frames of its other rooms go on meanwhile. Presence and ``join`` as in
+        :meth:`connect`. The history is queued under the connection's bounds: when they are
+        full, this waits for the client to read (only this caller waits).
+
+        A personal stream (:func:`~wsbroadcast.user_room`) may be joined by its own client
+        only; it has no presence and announces nothing.
+
+        Raises :class:`~wsbroadcast.exceptions.InvalidName`, :class:`InvalidInput` (bad
+        ``since`` or ``epoch``), :class:`~wsbroadcast.exceptions.AlreadyJoined`,
+        :class:`~wsbroadcast.exceptions.Forbidden` (another client's personal stream), with
+        nothing changed; :class:`~wsbroadcast.exceptions.BackendError` if the backend fails,
+        the connection staying open and out of the room. Cancelled, it leaves the room again.
+        If the connection closes meanwhile, returns (the closer cleans up).
+        """
+        self._check_running()
+        personal = is_user_room(room)
+        if personal:
+            if room[1:] != connection.client_id:
+                raise Forbidden(f"room {room!r} is another client's personal stream")
+        else:
+            check_name("room", room)
+        _check_position(since, epoch)
+        if connection in self._connecting:
+            raise RuntimeError("join a connection once connect() has returned it")
+        queue = connection.queue
+        if room in queue.rooms:
+            raise AlreadyJoined(f"{connection!r} is in room {room!r} already")
+        if connection not in self._connections or not queue.add_room(room):
+            return  # closing: nothing to join
+        joins = self._joins.get(connection)
+        if joins is None:
+            joins = self._joins[connection] = _Joins()
+        scope = anyio.CancelScope()
+        joins.scopes.add(scope)
+        try:
+            with scope:
+                await self._join_room(connection, room, since, epoch, personal)
+        except BaseException:
+            if not queue.closing:  # else the closer, which waits for us, cleans up
+                with anyio.CancelScope(shield=True):
+                    await self._leave(connection, room, None)
+            raise
+        finally:
+            joins.scopes.discard(scope)
+            if not joins.scopes:
+                del self._joins[connection]
+                joins.done.set()
+
+    async def _join_room(
+        self,
+        connection: Connection,
+        room: str,
+        since: int | None,
+        epoch: str | None,
+        personal: bool,
+    ) -> None:
+        await self._enter_room(connection, room)
+        join = None if personal else await self._shielded(self._add_presence(connection, room))
+        after = join.seq - 1 if join is not None else None
+        frames: Sequence[Envelope | str] = ()
+        if since is not None:
+            frames, after, stream = await self._history(room, since, epoch, after)
+        elif join is not None:
+            stream = join.epoch
+        else:
+            stream, after = await self._shielded(self.backend.position(room))
+        assert after is not None
+        if await connection.replay(frames):
+            ack = control_frame("joined", room, {"seq": after, "epoch": stream})
+            connection.queue.room_live(room, after, ack)
+
+    async def leave(self, connection: Connection, room: str) -> None:
+        """Take ``room`` out of an open connection; its other rooms go on.
+
+        The client gets ``{"type": "left", "room", "data": null}`` and no envelope of the room
+        after it (those still queued are dropped). Presence and ``leave`` as when a connection
+        closes. Raises :class:`~wsbroadcast.exceptions.NotJoined` if the connection is not in
+        ``room`` (or is still joining it). Returns at once on a closing connection.
+        """
+        queue = connection.queue
+        if room not in queue.rooms or queue.recovering(room):
+            raise NotJoined(f"{connection!r} is not in room {room!r}")
+        if queue.closing or connection not in self._connections:
+            return
+        with anyio.CancelScope(shield=True):
+            await self._leave(connection, room, control_frame("left", room, None))
+
+    async def _leave(self, connection: Connection, room: str, ack: str | None) -> None:
+        connection.queue.remove_room(room, ack)
+        await self._leave_room(connection, room)
+        await self._depart_room(connection, room)
 
     # -- writing
 
@@ -559,7 +696,11 @@ class ConnectionManager:
         its writer is stuck in a send that ignores cancellation. Call it shielded.
         """
         try:
-            await self._leave_room(connection)
+            joins = self._joins.get(connection)
+            if joins is not None:
+                with anyio.move_on_after(self.close_timeout):
+                    await joins.wait()
+            await self._leave_rooms(connection)
             await self._depart(connection)
             if connection.writing:
                 with anyio.move_on_after(self.close_timeout):
@@ -576,15 +717,21 @@ class ConnectionManager:
             connection.set_closed()
 
     async def _depart(self, connection: Connection) -> None:
-        """Remove the connection from presence and announce ``leave`` if it was the last."""
-        if connection not in self._present:
+        """Remove the connection from the presence of every room it is counted in."""
+        for present in [present for present in self._present if present[0] is connection]:
+            await self._depart_room(connection, present[1])
+
+    async def _depart_room(self, connection: Connection, room: str) -> None:
+        """Remove the connection from ``room``'s presence; announce ``leave`` if it was the
+        client's last there."""
+        if (connection, room) not in self._present:
             return
-        self._present.discard(connection)
+        self._present.discard((connection, room))
         try:
             with anyio.fail_after(self.close_timeout):
-                last = await self.backend.remove_presence(connection.room, connection.client_id)
-                if last and self.announces(connection.room):
-                    await self._publish(connection.room, "leave", connection.client_id, None)
+                last = await self.backend.remove_presence(room, connection.client_id)
+                if last and self.announces(room):
+                    await self._publish(room, "leave", connection.client_id, None)
         except (Exception, TimeoutError) as exc:
             self._departures_lost += 1
             if not self._backend_trouble:
@@ -623,8 +770,12 @@ class ConnectionManager:
             self._close_timeouts += 1
             logger.info("%r did not close within %s s: given up", connection, self.close_timeout)
 
-    async def _leave_room(self, connection: Connection) -> None:
-        room = self._rooms.get(connection.room)
+    async def _leave_rooms(self, connection: Connection) -> None:
+        for name in connection.rooms:
+            await self._leave_room(connection, name)
+
+    async def _leave_room(self, connection: Connection, name: str) -> None:
+        room = self._rooms.get(name)
         if room is None or connection not in room.members:
             return
         room.discard(connection)
@@ -655,6 +806,26 @@ class ConnectionManager:
         self._check_running()
         check_publication(room, client_id, type)
         return await self._publish(room, type, client_id, data)
+
+    async def send_direct(self, to: str, data: JsonValue, client_id: str | None = None) -> Envelope:
+        """Send ``data`` to every connection of client ``to``, on any node; return its envelope.
+
+        The envelope has type ``direct`` and data ``{"to": to, "data": data}``, and is published
+        in the personal stream :func:`~wsbroadcast.user_room` of ``to``: it reaches the
+        connections that joined that stream, in order and resumable like a room's. Sent by a
+        client (``client_id``, not ``to``), the same envelope (same ``id``) is published in the
+        sender's personal stream too, so that the sender's other tabs show it; that copy is
+        published second, and if the backend fails in between only the recipient has it.
+
+        Nobody connected: it is kept in the stream's history (bounded and expiring like any
+        room's) for the recipient's next resume, not refused. Raises what :meth:`broadcast`
+        raises.
+        """
+        self._check_running()
+        drafts = direct_drafts(to, data, client_id)
+        envelopes = [await self.backend.publish_draft(draft) for draft in drafts]
+        self._published += len(envelopes)
+        return envelopes[0]
 
     async def _publish(
         self, room: str, type: str, client_id: str | None, data: JsonValue

@@ -24,6 +24,11 @@ normalisation or look-alike question). Nothing else is allowed, and on purpose:
 (``encodeURIComponent`` does all three). In the Redis backend's keys ``:`` separates parts,
 so room names and client ids are written there with ``:`` escaped as ``%3A`` (names without
 ``:`` give the same keys as before).
+
+Personal streams: the room ``@<client id>`` (:func:`user_room`) is the stream of direct
+messages to that client. Only that client may join it, nothing is announced in it and
+``broadcast`` refuses it (:meth:`~wsbroadcast.ConnectionManager.send_direct` publishes there),
+so application rooms should not start with ``@`` (:data:`USER_ROOM_PREFIX`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,16 @@ from typing import Final
 
 from .exceptions import InvalidName
 
-__all__ = ["NAME_CHARACTERS", "NAME_MAX_LENGTH", "NAME_PATTERN", "check_name", "is_valid_name"]
+__all__ = [
+    "NAME_CHARACTERS",
+    "NAME_MAX_LENGTH",
+    "NAME_PATTERN",
+    "USER_ROOM_PREFIX",
+    "check_name",
+    "is_user_room",
+    "is_valid_name",
+    "user_room",
+]
 
 NAME_MAX_LENGTH: Final = 64
 """Most characters in a name."""
@@ -42,6 +56,8 @@ NAME_CHARACTERS: Final = "A-Z a-z 0-9 _ . - : # @"
 NAME_PATTERN: Final = re.compile(rf"[A-Za-z0-9_.\-:#@]{{1,{NAME_MAX_LENGTH}}}")
 """A valid name, to be used with ``fullmatch`` (``match`` would accept a valid prefix)."""
 _CHARACTER: Final = re.compile(r"[A-Za-z0-9_.\-:#@]")
+USER_ROOM_PREFIX: Final = "@"
+"""Rooms whose name starts with this are personal streams (see :func:`user_room`)."""
 
 
 def is_valid_name(value: object) -> bool:
@@ -66,3 +82,17 @@ def check_name(field: str, value: object) -> str:
             field, value, f"must not contain {bad!r}: only {NAME_CHARACTERS} are allowed"
         )
     return value
+
+
+def user_room(client_id: str) -> str:
+    """The personal stream of ``client_id``: where its direct messages are published.
+
+    ``"@" + client_id`` (so it may be one character longer than a name). Raises
+    :class:`~wsbroadcast.exceptions.InvalidName` for a bad client id.
+    """
+    return USER_ROOM_PREFIX + check_name("client_id", client_id)
+
+
+def is_user_room(room: str) -> bool:
+    """Whether ``room`` names a personal stream (it starts with ``@``)."""
+    return room.startswith(USER_ROOM_PREFIX)

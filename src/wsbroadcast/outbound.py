@@ -2,8 +2,9 @@
 
 This module does no I/O and imports no event loop library: it decides, the way the
 ``websockets`` library's ``Protocol`` does for bytes. :class:`OutboundQueue` holds the
-frames waiting for one client — shared :class:`~wsbroadcast.Envelope` objects of its room
-and one-off control texts — bounded in frames *and* bytes, in order, without duplicates. The
+frames waiting for one client — shared :class:`~wsbroadcast.Envelope` objects of the rooms
+it is in and one-off control texts — bounded in frames *and* bytes, in one order of arrival,
+without duplicates (each room's seqs are tracked on their own). The
 I/O layer (:class:`~wsbroadcast.Connection` and the manager's writer and flusher) takes
 batches from it and reports what it wrote; the queue never waits and never blocks a
 broadcast. Every state change is a plain method call, so it is unit-tested without a loop.
@@ -88,9 +89,10 @@ class QueueStatistics:
 class _Reset:
     """A stream reset held while recovering: ``history_lost``, then seqs restart."""
 
-    __slots__ = ("after_seq", "epoch")
+    __slots__ = ("after_seq", "epoch", "room")
 
-    def __init__(self, epoch: str, after_seq: int) -> None:
+    def __init__(self, room: str, epoch: str, after_seq: int) -> None:
+        self.room = room
         self.epoch = epoch
         self.after_seq = after_seq
 
@@ -98,11 +100,14 @@ class _Reset:
 class OutboundQueue:
     """The frames waiting for one client, bounded in count and bytes, in send order.
 
-    Envelopes are queued once each (a seq not above the last one queued is a duplicate and
-    is skipped), control texts always. While :attr:`state` is ``RECOVERING`` frames are held
-    aside, under the same bounds, until :meth:`go_live` says which seq the live stream
-    follows. When a frame does not fit, the :class:`SlowConsumerPolicy` decides: drop the
-    oldest, or :meth:`abort` with 4008.
+    The queue follows the rooms it was told of: ``room`` (the connection's first) and those
+    :meth:`add_room` added until :meth:`remove_room`. Envelopes of those rooms are queued once
+    each (a seq not above the last one queued for its room is a duplicate and is skipped),
+    those of other rooms never; control texts always. While :attr:`state` is ``RECOVERING``
+    every frame is held aside, under the same bounds, until :meth:`go_live` says which seq
+    the live stream follows; while a room added later recovers, its envelopes are held the
+    same way until :meth:`room_live`. When a frame does not fit, the
+    :class:`SlowConsumerPolicy` decides: drop the oldest, or :meth:`abort` with 4008.
 
     :param on_ready: called (synchronously) when frames become available to an idle writer:
         the I/O layer schedules a write. Not called again until :meth:`take` empties it.
@@ -118,14 +123,15 @@ class OutboundQueue:
         "_held_bytes",
         "_held_count",
         "_items",
+        "_last",
         "_on_abort",
         "_on_ready",
         "_ready",
+        "_recovering",
         "_unsent",
         "_unsent_bytes",
         "close_code",
         "close_reason",
-        "last_seq",
         "overflowed",
         "policy",
         "queue_bytes",
@@ -149,8 +155,10 @@ class OutboundQueue:
         self.queue_bytes = queue_bytes
         self.policy = policy
         self.state = ConnectionState.RECOVERING
-        self.last_seq = 0
-        """The seq of the newest envelope queued (0 before the first)."""
+        self._last: dict[str, int] = {room: 0}
+        """The seq of the newest envelope queued per room the queue follows."""
+        self._recovering: set[str] = set()
+        """Rooms added while open whose envelopes are held until :meth:`room_live`."""
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.overflowed = False
@@ -182,6 +190,26 @@ class OutboundQueue:
         )
 
     @property
+    def last_seq(self) -> int:
+        """The seq of the newest envelope of the first room queued (0 before the first)."""
+        return self._last.get(self.room, 0)
+
+    def last_seq_of(self, room: str) -> int | None:
+        """The seq of the newest envelope of ``room`` queued; None if not following it."""
+        return self._last.get(room)
+
+    @property
+    def rooms(self) -> frozenset[str]:
+        """The rooms whose envelopes the queue takes (or holds while they recover)."""
+        return frozenset(self._last)
+
+    def recovering(self, room: str) -> bool:
+        """Whether ``room`` was added and is not live yet."""
+        return room in self._recovering or (
+            self.state is ConnectionState.RECOVERING and room in self._last
+        )
+
+    @property
     def delivered(self) -> int:
         """Frames written to the transport."""
         return self._delivered
@@ -199,13 +227,19 @@ class OutboundQueue:
     # -- filling (never blocks, never raises)
 
     def push(self, envelope: Envelope) -> None:
-        """Queue a room envelope unless it is a duplicate; hold it while recovering."""
+        """Queue a room envelope unless it is a duplicate or of a room the queue does not
+        follow; hold it while its room recovers."""
         state = self.state
         if state is ConnectionState.OPEN:
-            seq = envelope.seq
-            if seq <= self.last_seq:
+            room = envelope.room
+            if self._recovering and room in self._recovering:
+                self._hold(envelope)
                 return
-            self.last_seq = seq
+            last = self._last.get(room)
+            seq = envelope.seq
+            if last is None or seq <= last:
+                return
+            self._last[room] = seq
             # The hot path of every broadcast, once per recipient: _append, inlined.
             items = self._items
             size = envelope.size
@@ -229,30 +263,37 @@ class OutboundQueue:
             return self._hold(text)
         return False
 
-    def push_control(self, type: str, data: JsonValue = None) -> bool:
-        """Queue ``{"type", "room", "data"}`` (unsequenced); see :meth:`push_text`."""
-        return self.push_text(control_frame(type, self.room, data))
+    def push_control(self, type: str, data: JsonValue = None, room: str | None = None) -> bool:
+        """Queue ``{"type", "room", "data"}`` (unsequenced; ``room`` defaults to the first
+        room); see :meth:`push_text`."""
+        return self.push_text(control_frame(type, self.room if room is None else room, data))
 
-    def reset(self, epoch: str, after_seq: int) -> None:
-        """The room's stream was reset (or has a gap): tell the client ``history_lost``.
+    def reset(self, epoch: str, after_seq: int, room: str | None = None) -> None:
+        """A room's stream was reset (or has a gap): tell the client ``history_lost``.
 
-        The frame carries the new ``epoch`` and comes before any envelope that follows the
-        reset; envelopes numbered after ``after_seq`` are then accepted again.
+        The frame carries the new ``epoch`` and comes before any envelope of the room that
+        follows the reset; its envelopes numbered after ``after_seq`` are then accepted again.
+        ``room`` defaults to the first room; a room the queue does not follow is ignored.
         """
-        if self.state is ConnectionState.OPEN:
-            self._reset_now(epoch, after_seq)
-        elif self.state is ConnectionState.RECOVERING:
-            self._held.append(_Reset(epoch, after_seq))
+        room = self.room if room is None else room
+        if room not in self._last:
+            return
+        if self.state is ConnectionState.OPEN and room not in self._recovering:
+            self._reset_now(room, epoch, after_seq)
+        elif self.state is ConnectionState.OPEN or self.state is ConnectionState.RECOVERING:
+            self._held.append(_Reset(room, epoch, after_seq))
 
-    def _reset_now(self, epoch: str, after_seq: int) -> None:
+    def _reset_now(self, room: str, epoch: str, after_seq: int) -> None:
+        if room not in self._last:
+            return
         lost: dict[str, JsonValue] = {
-            "since": self.last_seq,
+            "since": self._last[room],
             "epoch": epoch,
             "first_seq": after_seq + 1,
             "last_seq": after_seq,
         }
-        self.last_seq = after_seq
-        self._append(control_frame("history_lost", self.room, lost))
+        self._last[room] = after_seq
+        self._append(control_frame("history_lost", room, lost))
 
     def go_live(self, after_seq: int) -> None:
         """End recovery: the client has everything up to ``after_seq``; queue what follows.
@@ -263,18 +304,90 @@ class OutboundQueue:
         if self.state is not ConnectionState.RECOVERING:
             return
         self.state = ConnectionState.OPEN
-        self.last_seq = max(self.last_seq, after_seq)
+        if self.room in self._last:
+            self._last[self.room] = max(self._last[self.room], after_seq)
         held, self._held = self._held, []
         self._held_count = self._held_bytes = 0
+        self._release(held)
+
+    def _release(self, held: list[Item | _Reset]) -> None:
         for item in held:
             if isinstance(item, _Reset):
-                self._reset_now(item.epoch, item.after_seq)
+                self._reset_now(item.room, item.epoch, item.after_seq)
             elif isinstance(item, str):
                 self._append(item)
             else:
                 self.push(item)
             if self.closing:
                 return
+
+    # -- rooms joined and left while open
+
+    def add_room(self, room: str) -> bool:
+        """Follow ``room`` too; its envelopes are held until :meth:`room_live`.
+
+        False (nothing changes) if the queue follows it already or is closing.
+        """
+        if room in self._last or self.closing:
+            return False
+        self._last[room] = 0
+        if self.state is ConnectionState.OPEN:
+            self._recovering.add(room)
+        return True
+
+    def fits(self, item: Item) -> bool:
+        """Whether ``item`` can be queued now without the slow-consumer policy (an empty
+        queue takes anything): what a history replay waits for."""
+        return not self._items or (
+            len(self._items) < self.queue_size and self._bytes + _size(item) <= self.queue_bytes
+        )
+
+    def push_replay(self, item: Item) -> bool:
+        """Queue a frame of a recovering room's history (the caller checked :meth:`fits`)."""
+        return self._append(item)
+
+    def room_live(self, room: str, after_seq: int, ack: str | None = None) -> None:
+        """End ``room``'s recovery: the client has its envelopes up to ``after_seq``.
+
+        ``ack`` (a control text, say ``joined``) is queued first; then the envelopes held
+        for the room, less duplicates, in order.
+        """
+        if room not in self._recovering or self.state is not ConnectionState.OPEN:
+            return
+        self._recovering.discard(room)
+        self._last[room] = max(self._last[room], after_seq)
+        if ack is not None and not self._append(ack):
+            return
+        mine = [item for item in self._held if _room_of(item) == room]
+        if mine:
+            self._held = [item for item in self._held if _room_of(item) != room]
+            self._held_count -= sum(1 for item in mine if not isinstance(item, _Reset))
+            self._held_bytes -= sum(_size(item) for item in mine if not isinstance(item, _Reset))
+            self._release(mine)
+
+    def remove_room(self, room: str, ack: str | None = None) -> bool:
+        """Stop following ``room``: its envelopes still queued or held are dropped and none
+        is queued after ``ack`` (a control text, say ``left``). False if not following it."""
+        if room not in self._last or self.closing:
+            return False
+        del self._last[room]
+        self._recovering.discard(room)
+        held = [item for item in self._held if _room_of(item) == room]
+        if held:
+            self._held = [item for item in self._held if _room_of(item) != room]
+            envelopes = [item for item in held if not isinstance(item, _Reset)]
+            self._held_count -= len(envelopes)
+            self._held_bytes -= sum(_size(item) for item in envelopes)
+            self._dropped += len(envelopes)
+        items = self._items
+        kept = [item for item in items if not (isinstance(item, Envelope) and item.room == room)]
+        if len(kept) != len(items):
+            self._dropped += len(items) - len(kept)
+            self._bytes = sum(_size(item) for item in kept)
+            self._items = kept
+        if ack is not None:
+            self._append(ack)
+        return True
 
     def _hold(self, item: Item) -> bool:
         """Hold a live frame while recovering, under the same bounds and policy as the queue
@@ -408,3 +521,7 @@ class OutboundQueue:
 
 def _size(item: Item) -> int:
     return item.size if isinstance(item, Envelope) else len(item.encode())
+
+
+def _room_of(item: Item | _Reset) -> str | None:
+    return item.room if not isinstance(item, str) else None

@@ -14,8 +14,11 @@ from pydantic import JsonValue
 
 __all__ = ["RESERVED_TYPES", "CloseCode", "control_frame", "error_frame"]
 
-RESERVED_TYPES = frozenset({"error", "history_lost", "presence"})
-"""Envelope types the library uses for unsequenced frames; ``broadcast`` refuses them."""
+RESERVED_TYPES = frozenset({"direct", "error", "history_lost", "joined", "left", "presence"})
+"""Types ``broadcast`` refuses: the library's unsequenced frames (``error``,
+``history_lost``, ``joined``, ``left``, ``presence``) and ``direct``, which only
+:meth:`~wsbroadcast.ConnectionManager.send_direct` publishes, so that a room message can never
+pass for a direct one."""
 
 
 class CloseCode(enum.IntEnum):

@@ -19,7 +19,7 @@ from pydantic import JsonValue
 
 from ._validation import check_name, check_publication
 from .backend import Backend, backend_from_url
-from .envelope import Draft, Envelope
+from .envelope import Draft, Envelope, direct_drafts
 from .exceptions import ManagerNotRunning
 
 __all__ = ["Publisher"]
@@ -72,6 +72,17 @@ class Publisher:
             raise ManagerNotRunning("use the Publisher inside 'async with publisher:'")
         check_publication(room, client_id, type)
         return await self.backend.publish_draft(Draft(type, room, client_id, data))
+
+    async def send_direct(
+        self, to: str, data: JsonValue, *, client_id: str | None = None
+    ) -> Envelope:
+        """Send a direct message to every connection of ``to`` on any node, as
+        :meth:`ConnectionManager.send_direct` does (as the server unless ``client_id``)."""
+        if not self._running:
+            raise ManagerNotRunning("use the Publisher inside 'async with publisher:'")
+        drafts = direct_drafts(to, data, client_id)
+        envelopes = [await self.backend.publish_draft(draft) for draft in drafts]
+        return envelopes[0]
 
     async def presence(self, room: str) -> list[str]:
         """The client ids connected to ``room`` on any node, sorted."""
