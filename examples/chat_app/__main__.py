@@ -226,6 +226,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="most characters in a chat message (default 4000)",
     )
     parser.add_argument(
+        "--max-rooms",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="rooms one connection may be in at once, its personal stream (direct messages)"
+        " not counted; a join past it gets the error too_many_rooms (default 32)",
+    )
+    parser.add_argument(
         "--queue-size",
         type=_positive_int,
         default=DEFAULT_QUEUE_SIZE,
@@ -298,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             shutdown_timeout=args.shutdown_timeout,
             max_message_bytes=args.max_message_bytes,
             max_text=args.max_text,
+            max_rooms=args.max_rooms,
             queue_size=args.queue_size,
             history=args.history,
             allowed_origins=tuple(args.allowed_origins),

@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.backend_redis.redis_helpers import RedisServer, eventually
+from tests.chat_app.frames import next_frame
 
 if TYPE_CHECKING:
     from conftest import ChatServer, StartServer
@@ -121,9 +122,9 @@ async def client(
 
 
 async def recv(ws: ClientConnection) -> Any:
-    """The next frame, parsed; fails the test rather than hang."""
-    with anyio.fail_after(10):
-        return json.loads(await ws.recv())
+    """The next frame, parsed (past the personal stream's ``joined``); fails the test rather
+    than hang."""
+    return await next_frame(ws)
 
 
 async def recv_until(ws: ClientConnection, message: str) -> list[Any]:

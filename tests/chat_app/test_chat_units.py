@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient, WebSocketTestSession
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from examples.chat_app import Settings, create_app
@@ -41,6 +41,7 @@ from examples.chat_app.service import (
     _LocalBuckets,
     _OutageLog,
 )
+from tests.chat_app.frames import is_personal_ack
 from wsbroadcast import NAME_PATTERN
 from wsbroadcast.envelope import EPOCH_PATTERN
 from wsbroadcast.transport import FRAMES_EXTENSION
@@ -84,20 +85,27 @@ def test_routes_refuse_wrong_methods_and_bad_rooms(client: TestClient) -> None:
     assert client.get("/nowhere").status_code == 404
 
 
+def receive(ws: WebSocketTestSession) -> Any:
+    """The next frame, past the personal stream's ``joined`` (see tests/chat_app/frames.py)."""
+    while is_personal_ack(frame := ws.receive_json()):
+        pass
+    return frame
+
+
 def test_websocket_round_trip_and_room_view(client: TestClient) -> None:
     with client.websocket_connect("/ws/alice?room=units") as alice:
-        join = alice.receive_json()
+        join = receive(alice)
         assert (join["type"], join["client_id"], join["seq"]) == ("join", "alice", 1)
         assert client.get("/rooms/units").json() == {"room": "units", "online": ["alice"], "seq": 1}
         alice.send_text(json.dumps({"message": "hi"}))
-        message = alice.receive_json()
+        message = receive(alice)
         assert (message["seq"], message["data"]) == (2, {"message": "hi"})
         alice.send_text("{")
-        assert alice.receive_json()["data"]["code"] == "invalid_json"
+        assert receive(alice)["data"]["code"] == "invalid_json"
         alice.send_bytes(b"{}")
-        assert alice.receive_json()["data"]["code"] == "binary_frame"
+        assert receive(alice)["data"]["code"] == "binary_frame"
         alice.send_text(json.dumps({"message": "x" * 11}))
-        assert alice.receive_json()["data"]["code"] == "message_too_long"
+        assert receive(alice)["data"]["code"] == "message_too_long"
         metrics = client.get("/metrics").text
         assert 'chat_errors_total{code="invalid_json"} 1' in metrics
         assert "chat_messages_published_total 1" in metrics
@@ -107,10 +115,10 @@ def test_websocket_round_trip_and_room_view(client: TestClient) -> None:
 
 def test_a_frame_over_max_message_bytes_closes_with_1009(client: TestClient) -> None:
     with client.websocket_connect("/ws/big") as ws:
-        ws.receive_json()
+        receive(ws)
         ws.send_text(json.dumps({"message": "é" * 100}))  # 100 characters, 200+ bytes
         with pytest.raises(WebSocketDisconnect) as closed:
-            ws.receive_json()
+            receive(ws)
         assert closed.value.code == 1009
 
 
