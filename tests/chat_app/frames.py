@@ -28,3 +28,14 @@ async def next_frame(ws: ClientConnection, limit: float = 10) -> Any:
             frame = json.loads(await ws.recv())
             if not is_personal_ack(frame):
                 return frame
+
+
+async def until_personal_ack(ws: ClientConnection, limit: float = 10) -> list[Any]:
+    """The frames up to and including the personal stream's ``joined``: once it came,
+    direct messages to the client reach this connection."""
+    frames = []
+    with anyio.fail_after(limit):
+        while True:
+            frames.append(frame := json.loads(await ws.recv()))
+            if is_personal_ack(frame):
+                return frames
