@@ -569,7 +569,8 @@ class ChatService:
         self, manager: ConnectionManager, connection: Connection, request: ChatRequest
     ) -> bool:
         """Join the client's personal stream, resuming it after ``dm_since``; false (and the
-        connection closed with 1011) if the backend failed, as a failed connect is."""
+        connection closed) if that failed: with 1011 if the backend did, as a failed connect
+        is, with 1001 if the server is shutting down."""
         client_id = connection.client_id
         try:
             await manager.join(
@@ -578,12 +579,16 @@ class ChatService:
         except BackendError as exc:
             self.counters.refused["unavailable"] += 1
             self.outage.failed(f"join {client_id} to its personal stream", exc)
+            code, reason = CloseCode.INTERNAL_ERROR, "backend unavailable"
+        except ManagerNotRunning:
+            code, reason = CloseCode.GOING_AWAY, "server shutting down"
         except WSBroadcastError as exc:  # checked at the handshake already; a safety net
             logger.warning("%r could not join its personal stream: %s", connection, exc)
+            code, reason = CloseCode.INTERNAL_ERROR, "direct messages unavailable"
         else:
             self.outage.worked()
             return True
-        await manager.disconnect(connection, CloseCode.INTERNAL_ERROR, "backend unavailable")
+        await manager.disconnect(connection, code, reason)
         return False
 
     @staticmethod
@@ -641,7 +646,11 @@ class ChatService:
         connection: Connection,
         request: ChatRequest,
     ) -> None:
-        """Read the client's frames until it leaves; publish the good ones, answer the bad."""
+        """Read the client's frames until it leaves; carry out the good ones, answer the bad.
+
+        One frame at a time: each is done (a join's history queued, a message published)
+        before the next is read, so a client's frames take effect in the order it sent them.
+        """
         settings = self.settings
         max_bytes = settings.max_message_bytes
         while connection.state is ConnectionState.OPEN:

@@ -370,6 +370,13 @@ async def test_redis_refusing_writes(start_server: StartServer, server_kind: str
                 await send(ann, "no room for this")
                 error = await recv(ann)
                 assert (error["type"], error["data"]["code"]) == ("error", "unavailable")
+                # A join and a direct message are refused alike; the connection stays.
+                await ann.send(json.dumps({"join": "elsewhere"}))
+                error = await recv(ann)
+                assert (error["room"], error["data"]["code"]) == ("elsewhere", "unavailable")
+                await ann.send(json.dumps({"to": "bob", "message": "no room either"}))
+                error = await recv(ann)
+                assert (error["room"], error["data"]["code"]) == ("@ann", "unavailable")
                 await _refused(node, "bob", "full")  # presence refused
                 await _refused(node, "bob", "other")  # subscribe refused
                 assert httpx.get(f"{node.url}/rooms/full", timeout=5).status_code == 503
@@ -380,6 +387,8 @@ async def test_redis_refusing_writes(start_server: StartServer, server_kind: str
                 await admin.config_set("maxmemory", 0)
                 await send(ann, "room again")
                 assert [f["type"] for f in await recv_until(ann, "room again")] == ["message"]
+                await ann.send(json.dumps({"join": "elsewhere"}))  # not half joined before
+                assert (await recv(ann))["type"] == "joined"
             _assert_no_traceback(node)
         finally:
             node.stop()

@@ -318,7 +318,15 @@ def test_edge_settings_and_flags() -> None:
         kwargs: Any = bad
         with pytest.raises(ValueError, match=next(iter(bad))):
             Settings(**kwargs)
-    for argv in (["--handshake-timeout", "0"], ["--max-connections-per-ip", "-1"]):
+    assert (args.max_rooms, Settings().max_rooms) == (32, 32)
+    assert parse_args(["--max-rooms", "2"]).max_rooms == 2
+    with pytest.raises(ValueError, match="max_rooms"):
+        Settings(max_rooms=0)
+    for argv in (
+        ["--handshake-timeout", "0"],
+        ["--max-connections-per-ip", "-1"],
+        ["--max-rooms", "0"],
+    ):
         with pytest.raises(SystemExit):
             parse_args(argv)
 
