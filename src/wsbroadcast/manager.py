@@ -225,8 +225,9 @@ class ConnectionManager:
         self._connecting: dict[Connection, anyio.CancelScope] = {}
         """Being connected: the connecting task owns their cleanup; abort cancels it."""
         self._connects_done: anyio.Event | None = None
-        self._present: set[tuple[Connection, str]] = set()
-        """(connection, room) counted in the backend's presence: the closer removes them."""
+        self._present: dict[Connection, set[str]] = {}
+        """The rooms each connection is counted in by the backend's presence: the closer
+        removes it from them."""
         self._joins: dict[Connection, _Joins] = {}
         """Joins under way per open connection: an abort cancels them, the closer awaits them."""
         self._published = 0
@@ -426,13 +427,13 @@ class ConnectionManager:
         client's first; both or neither."""
         client_id = connection.client_id
         first = await self.backend.add_presence(room, client_id)
-        self._present.add((connection, room))
+        self._present.setdefault(connection, set()).add(room)
         if not first or not self.announces(room):
             return None
         try:
             return await self._publish(room, "join", client_id, None)
         except BaseException:
-            self._present.discard((connection, room))
+            self._not_present(connection, room)
             with contextlib.suppress(Exception):
                 await self.backend.remove_presence(room, client_id)
             raise
@@ -727,15 +728,22 @@ class ConnectionManager:
 
     async def _depart(self, connection: Connection) -> None:
         """Remove the connection from the presence of every room it is counted in."""
-        for present in [present for present in self._present if present[0] is connection]:
-            await self._depart_room(connection, present[1])
+        for room in list(self._present.get(connection, ())):
+            await self._depart_room(connection, room)
+
+    def _not_present(self, connection: Connection, room: str) -> None:
+        rooms = self._present.get(connection)
+        if rooms is not None:
+            rooms.discard(room)
+            if not rooms:
+                del self._present[connection]
 
     async def _depart_room(self, connection: Connection, room: str) -> None:
         """Remove the connection from ``room``'s presence; announce ``leave`` if it was the
         client's last there."""
-        if (connection, room) not in self._present:
+        if room not in self._present.get(connection, ()):
             return
-        self._present.discard((connection, room))
+        self._not_present(connection, room)
         try:
             with anyio.fail_after(self.close_timeout):
                 last = await self.backend.remove_presence(room, connection.client_id)
