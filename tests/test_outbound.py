@@ -366,3 +366,20 @@ def test_fits_says_when_a_replay_must_wait() -> None:
     queue.take()
     assert queue.fits(in_room("red", 3))
     assert not queue.add_room("red")
+
+
+def test_the_first_room_can_be_left_and_joined_again() -> None:
+    queue = make(Calls())
+    queue.go_live(0)
+    queue.push(in_room("lobby", 1))
+    assert rooms_and_seqs(queue.take()) == [("lobby", 1)]
+    assert queue.remove_room("lobby")
+    assert queue.rooms == frozenset()
+    queue.push(in_room("lobby", 2))
+    assert queue.add_room("lobby")
+    queue.push(in_room("lobby", 3))  # held until live
+    queue.room_live("lobby", 2)
+    queue.push(in_room("lobby", 3))  # a duplicate
+    queue.push(in_room("lobby", 4))
+    assert rooms_and_seqs(queue.take()) == [("lobby", 3), ("lobby", 4)]
+    assert (queue.last_seq, queue.rooms) == (4, frozenset({"lobby"}))

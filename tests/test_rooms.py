@@ -367,8 +367,16 @@ async def test_personal_streams_are_guarded(manager: ConnectionManager) -> None:
     for room in ("@bob", "@alice"):
         with pytest.raises(InvalidInput, match="personal stream"):
             await manager.broadcast(room, "forged")
-        with pytest.raises(InvalidInput, match="personal stream"):
-            await manager.connect(MemoryTransport(), "alice", room)
+    refused = MemoryTransport()
+    with pytest.raises(Forbidden):
+        await manager.connect(refused, "alice", "@bob")
+    assert not refused.accepted
+    # Connecting to one's own stream: no presence, no join; direct messages arrive.
+    own = MemoryTransport()
+    await manager.connect(own, "alice", "@alice")
+    await manager.send_direct("alice", "hello")
+    await until(own, lambda t: [e["type"] for e in t.envelopes()] == ["direct"])
+    assert await manager.presence("@alice") == []
     with pytest.raises(InvalidInput, match="reserved"):
         await manager.broadcast("lobby", "forged", "alice", type="direct")
     with pytest.raises(InvalidName):

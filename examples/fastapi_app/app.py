@@ -1,5 +1,5 @@
-"""wsbroadcast in a FastAPI app: auth as a dependency, a WebSocket per room, an HTTP route that
-publishes, and notifications to one user.
+"""wsbroadcast in a FastAPI app: auth as a dependency, a check of who may join which room, a
+WebSocket per room, an HTTP route that publishes, and direct notifications to one user.
 
 Run it with ``uvicorn examples.fastapi_app.app:app --ws
 wsbroadcast.transports.uvicorn:WebSocketProtocol --ws-per-message-deflate false`` (or plain
@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, WebSocket, s
 from fastapi import WebSocketException as FastAPIWebSocketException
 from pydantic import BaseModel, Field
 
-from wsbroadcast import ConnectionManager, InvalidInput, is_valid_name
+from wsbroadcast import ConnectionManager, InvalidInput, is_user_room, is_valid_name, user_room
 from wsbroadcast.transports.starlette import starlette_transport
 
 TOKENS = {"alice-token": "alice", "bob-token": "bob", "ops-token": "ops"}
@@ -60,6 +60,16 @@ def ws_user(token: Annotated[str | None, Query()] = None) -> str:
     return user
 
 
+def may_join(user: str, room: str) -> bool:
+    """Whether ``user`` may follow ``room``: the one place that authorises rooms. Personal
+    streams (``@<user>``) are the library's to guard; here ``ops:*`` rooms are staff only."""
+    return (
+        is_valid_name(room)
+        and not is_user_room(room)
+        and (not room.startswith("ops:") or user == "ops")
+    )
+
+
 def room_name(room: str) -> str:
     """A path's room, checked against the library's name grammar."""
     if not is_valid_name(room):
@@ -94,8 +104,8 @@ async def room_socket(
     since: int | None = None,
     epoch: str | None = None,
 ) -> None:
-    if not is_valid_name(room):
-        raise FastAPIWebSocketException(status.WS_1008_POLICY_VIOLATION, "bad room name")
+    if not may_join(user, room):  # before accept: the client sees HTTP 403
+        raise FastAPIWebSocketException(status.WS_1008_POLICY_VIOLATION, "room not allowed")
     await follow(websocket, user, room, since, epoch)
 
 
@@ -103,8 +113,8 @@ async def room_socket(
 async def my_notifications(
     websocket: WebSocket, user: Annotated[str, Depends(ws_user)], since: int | None = None
 ) -> None:
-    """The user's own stream (room ``user#<id>``): every tab, on every node, resumable."""
-    await follow(websocket, user, f"user#{user}", since, websocket.query_params.get("epoch"))
+    """The user's personal stream (``@<id>``): every tab, on every node, resumable."""
+    await follow(websocket, user, user_room(user), since, websocket.query_params.get("epoch"))
 
 
 @app.post("/rooms/{room}/messages", status_code=status.HTTP_202_ACCEPTED)
@@ -120,8 +130,9 @@ async def post_message(
 
 @app.post("/users/{user_id}/notify", status_code=status.HTTP_202_ACCEPTED)
 async def notify(user_id: str, body: Message, _: Annotated[str, Depends(http_user)]) -> Any:
-    """Notify one user on every open tab, as the server (``client_id`` null)."""
-    if not is_valid_name(f"user#{user_id}"):
+    """Notify one user on every open tab, as the server (``client_id`` null); kept for the
+    user's next resume if no tab is open."""
+    if not is_valid_name(user_id):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "bad user id")
-    envelope = await manager.broadcast(f"user#{user_id}", {"notice": body.message})
+    envelope = await manager.send_direct(user_id, {"notice": body.message})
     return json.loads(envelope.text)

@@ -148,6 +148,16 @@ class _Joins:
         await self.done.wait()
 
 
+def _check_room(room: str, client_id: str) -> bool:
+    """Check a room a client connects to or joins; true if it is its own personal stream."""
+    if isinstance(room, str) and is_user_room(room):
+        if room[1:] != client_id:
+            raise Forbidden(f"room {room!r} is another client's personal stream")
+        return True
+    check_name("room", room)
+    return False
+
+
 def _check_position(since: object, epoch: object) -> None:
     if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
         raise InvalidInput(f"since must be a non-negative integer, not {since!r}")
@@ -215,8 +225,9 @@ class ConnectionManager:
         self._connecting: dict[Connection, anyio.CancelScope] = {}
         """Being connected: the connecting task owns their cleanup; abort cancels it."""
         self._connects_done: anyio.Event | None = None
-        self._present: set[tuple[Connection, str]] = set()
-        """(connection, room) counted in the backend's presence: the closer removes them."""
+        self._present: dict[Connection, set[str]] = {}
+        """The rooms each connection is counted in by the backend's presence: the closer
+        removes it from them."""
         self._joins: dict[Connection, _Joins] = {}
         """Joins under way per open connection: an abort cancels them, the closer awaits them."""
         self._published = 0
@@ -315,18 +326,20 @@ class ConnectionManager:
         no room and in no presence, and a ``leave`` is announced only after its ``join``.
         Adding presence and publishing the ``join`` are done together or not at all.
 
+        ``room`` may be the client's own personal stream (:func:`~wsbroadcast.user_room`): no
+        presence, nothing announced.
+
         Raises :class:`~wsbroadcast.exceptions.InvalidInput` (before accepting) for a bad room,
-        client id, ``since`` or ``epoch``; :class:`~wsbroadcast.exceptions.ManagerNotRunning`
-        outside ``async with``; and :class:`~wsbroadcast.exceptions.BackendError` (after
-        closing the socket with 1011) if the backend fails. If the socket dies or overflows,
-        or the manager shuts down, during the connect, the returned connection is already
-        closed.
+        client id, ``since`` or ``epoch``, and its subclass
+        :class:`~wsbroadcast.exceptions.Forbidden` for another client's personal stream;
+        :class:`~wsbroadcast.exceptions.ManagerNotRunning` outside ``async with``; and
+        :class:`~wsbroadcast.exceptions.BackendError` (after closing the socket with 1011) if
+        the backend fails. If the socket dies or overflows, or the manager shuts down, during
+        the connect, the returned connection is already closed.
         """
         self._check_running()
         check_name("client_id", client_id)
-        check_name("room", room)
-        if is_user_room(room):
-            raise InvalidInput(f"room {room!r} is a personal stream: connect elsewhere, join it")
+        _check_room(room, client_id)
         _check_position(since, epoch)
         connection = Connection(
             transport,
@@ -382,7 +395,9 @@ class ConnectionManager:
         await anyio.lowlevel.checkpoint()
         room = connection.room
         await self._enter_room(connection, room)
-        join = await self._shielded(self._add_presence(connection, room))
+        join = None
+        if not is_user_room(room):
+            join = await self._shielded(self._add_presence(connection, room))
         # The client's first frame is its own join: nothing numbered before it follows.
         after = join.seq - 1 if join is not None else 0
         if since is not None:
@@ -412,13 +427,13 @@ class ConnectionManager:
         client's first; both or neither."""
         client_id = connection.client_id
         first = await self.backend.add_presence(room, client_id)
-        self._present.add((connection, room))
+        self._present.setdefault(connection, set()).add(room)
         if not first or not self.announces(room):
             return None
         try:
             return await self._publish(room, "join", client_id, None)
         except BaseException:
-            self._present.discard((connection, room))
+            self._not_present(connection, room)
             with contextlib.suppress(Exception):
                 await self.backend.remove_presence(room, client_id)
             raise
@@ -534,12 +549,7 @@ class ConnectionManager:
         If the connection closes meanwhile, returns (the closer cleans up).
         """
         self._check_running()
-        personal = is_user_room(room)
-        if personal:
-            if room[1:] != connection.client_id:
-                raise Forbidden(f"room {room!r} is another client's personal stream")
-        else:
-            check_name("room", room)
+        personal = _check_room(room, connection.client_id)
         _check_position(since, epoch)
         if connection in self._connecting:
             raise RuntimeError("join a connection once connect() has returned it")
@@ -718,15 +728,22 @@ class ConnectionManager:
 
     async def _depart(self, connection: Connection) -> None:
         """Remove the connection from the presence of every room it is counted in."""
-        for present in [present for present in self._present if present[0] is connection]:
-            await self._depart_room(connection, present[1])
+        for room in list(self._present.get(connection, ())):
+            await self._depart_room(connection, room)
+
+    def _not_present(self, connection: Connection, room: str) -> None:
+        rooms = self._present.get(connection)
+        if rooms is not None:
+            rooms.discard(room)
+            if not rooms:
+                del self._present[connection]
 
     async def _depart_room(self, connection: Connection, room: str) -> None:
         """Remove the connection from ``room``'s presence; announce ``leave`` if it was the
         client's last there."""
-        if (connection, room) not in self._present:
+        if room not in self._present.get(connection, ()):
             return
-        self._present.discard((connection, room))
+        self._not_present(connection, room)
         try:
             with anyio.fail_after(self.close_timeout):
                 last = await self.backend.remove_presence(room, connection.client_id)

@@ -26,7 +26,8 @@ so room names and client ids are written there with ``:`` escaped as ``%3A`` (na
 ``:`` give the same keys as before).
 
 Personal streams: the room ``@<client id>`` (:func:`user_room`) is the stream of direct
-messages to that client. Only that client may join it, nothing is announced in it and
+messages to that client. Only that client may connect to or join it, nothing is announced
+in it and
 ``broadcast`` refuses it (:meth:`~wsbroadcast.ConnectionManager.send_direct` publishes there),
 so application rooms should not start with ``@`` (:data:`USER_ROOM_PREFIX`).
 """

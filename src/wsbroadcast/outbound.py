@@ -119,6 +119,8 @@ class OutboundQueue:
         "_bytes",
         "_delivered",
         "_dropped",
+        "_first",
+        "_first_seq",
         "_held",
         "_held_bytes",
         "_held_count",
@@ -155,8 +157,13 @@ class OutboundQueue:
         self.queue_bytes = queue_bytes
         self.policy = policy
         self.state = ConnectionState.RECOVERING
-        self._last: dict[str, int] = {room: 0}
-        """The seq of the newest envelope queued per room the queue follows."""
+        # The first room's last seq lives in slots (every broadcast to it reads and writes
+        # it), the other rooms' in a dict.
+        self._first = True
+        """Whether the queue follows its first room (until removed; a re-join uses _last)."""
+        self._first_seq = 0
+        self._last: dict[str, int] = {}
+        """The seq of the newest envelope queued per other room the queue follows."""
         self._recovering: set[str] = set()
         """Rooms added while open whose envelopes are held until :meth:`room_live`."""
         self.close_code: int | None = None
@@ -192,21 +199,33 @@ class OutboundQueue:
     @property
     def last_seq(self) -> int:
         """The seq of the newest envelope of the first room queued (0 before the first)."""
-        return self._last.get(self.room, 0)
+        return self.last_seq_of(self.room) or 0
 
     def last_seq_of(self, room: str) -> int | None:
         """The seq of the newest envelope of ``room`` queued; None if not following it."""
+        if self._first and room == self.room:
+            return self._first_seq
         return self._last.get(room)
+
+    def _set_seq(self, room: str, seq: int) -> None:
+        if self._first and room == self.room:
+            self._first_seq = seq
+        else:
+            self._last[room] = seq
+
+    def follows(self, room: str) -> bool:
+        """Whether the queue takes (or holds, while it recovers) the envelopes of ``room``."""
+        return (self._first and room == self.room) or room in self._last
 
     @property
     def rooms(self) -> frozenset[str]:
         """The rooms whose envelopes the queue takes (or holds while they recover)."""
-        return frozenset(self._last)
+        return frozenset((self.room, *self._last) if self._first else self._last)
 
     def recovering(self, room: str) -> bool:
         """Whether ``room`` was added and is not live yet."""
         return room in self._recovering or (
-            self.state is ConnectionState.RECOVERING and room in self._last
+            self.state is ConnectionState.RECOVERING and self.follows(room)
         )
 
     @property
@@ -231,15 +250,20 @@ class OutboundQueue:
         follow; hold it while its room recovers."""
         state = self.state
         if state is ConnectionState.OPEN:
-            room = envelope.room
-            if self._recovering and room in self._recovering:
-                self._hold(envelope)
-                return
-            last = self._last.get(room)
             seq = envelope.seq
-            if last is None or seq <= last:
-                return
-            self._last[room] = seq
+            room = envelope.room
+            if self._first and room == self.room:
+                if seq <= self._first_seq:
+                    return
+                self._first_seq = seq
+            else:
+                if self._recovering and room in self._recovering:
+                    self._hold(envelope)
+                    return
+                last = self._last.get(room)
+                if last is None or seq <= last:
+                    return
+                self._last[room] = seq
             # The hot path of every broadcast, once per recipient: _append, inlined.
             items = self._items
             size = envelope.size
@@ -276,7 +300,7 @@ class OutboundQueue:
         ``room`` defaults to the first room; a room the queue does not follow is ignored.
         """
         room = self.room if room is None else room
-        if room not in self._last:
+        if not self.follows(room):
             return
         if self.state is ConnectionState.OPEN and room not in self._recovering:
             self._reset_now(room, epoch, after_seq)
@@ -284,15 +308,16 @@ class OutboundQueue:
             self._held.append(_Reset(room, epoch, after_seq))
 
     def _reset_now(self, room: str, epoch: str, after_seq: int) -> None:
-        if room not in self._last:
+        since = self.last_seq_of(room)
+        if since is None:
             return
         lost: dict[str, JsonValue] = {
-            "since": self._last[room],
+            "since": since,
             "epoch": epoch,
             "first_seq": after_seq + 1,
             "last_seq": after_seq,
         }
-        self._last[room] = after_seq
+        self._set_seq(room, after_seq)
         self._append(control_frame("history_lost", room, lost))
 
     def go_live(self, after_seq: int) -> None:
@@ -304,8 +329,8 @@ class OutboundQueue:
         if self.state is not ConnectionState.RECOVERING:
             return
         self.state = ConnectionState.OPEN
-        if self.room in self._last:
-            self._last[self.room] = max(self._last[self.room], after_seq)
+        if self._first:
+            self._first_seq = max(self._first_seq, after_seq)
         held, self._held = self._held, []
         self._held_count = self._held_bytes = 0
         self._release(held)
@@ -328,7 +353,7 @@ class OutboundQueue:
 
         False (nothing changes) if the queue follows it already or is closing.
         """
-        if room in self._last or self.closing:
+        if self.follows(room) or self.closing:
             return False
         self._last[room] = 0
         if self.state is ConnectionState.OPEN:
@@ -355,7 +380,7 @@ class OutboundQueue:
         if room not in self._recovering or self.state is not ConnectionState.OPEN:
             return
         self._recovering.discard(room)
-        self._last[room] = max(self._last[room], after_seq)
+        self._last[room] = max(self._last[room], after_seq)  # never the first: added ones
         if ack is not None and not self._append(ack):
             return
         mine = [item for item in self._held if _room_of(item) == room]
@@ -368,9 +393,12 @@ class OutboundQueue:
     def remove_room(self, room: str, ack: str | None = None) -> bool:
         """Stop following ``room``: its envelopes still queued or held are dropped and none
         is queued after ``ack`` (a control text, say ``left``). False if not following it."""
-        if room not in self._last or self.closing:
+        if not self.follows(room) or self.closing:
             return False
-        del self._last[room]
+        if self._first and room == self.room:
+            self._first = False
+        else:
+            del self._last[room]
         self._recovering.discard(room)
         held = [item for item in self._held if _room_of(item) == room]
         if held:

@@ -262,6 +262,7 @@ async def test_namespaced_names_round_trip(make_backend: Make, redis_server: Red
                 "wsbroadcast:room:chat%3Alobby:members",
                 "wsbroadcast:room:chat%3Alobby:client:alice@example.com",
                 "wsbroadcast:room:chat%3Alobby:client:user#42",
+                f"wsbroadcast:room:chat%3Alobby:receipt:{sent.id}",
             }
             # The heartbeat keeps the client hashes alive under their escaped keys.
             hashes = [key for key in keys if ":client:" in key]

@@ -106,7 +106,14 @@ async def test_auth_is_a_dependency(base_url: str) -> None:
     assert post(base_url, "/rooms/team/messages", "x", "wrong").status_code == 401
     assert post(base_url, "/rooms/bad%20room/messages", "x", "bob-token").status_code == 400
     ws_url = base_url.replace("http://", "ws://")
-    for path in ("/ws/rooms/team", "/ws/rooms/team?token=wrong", "/ws/me?token=nope"):
+    refused_paths = (
+        "/ws/rooms/team",
+        "/ws/rooms/team?token=wrong",
+        "/ws/me?token=nope",
+        "/ws/rooms/%40bob?token=alice-token",  # another user's personal stream
+        "/ws/rooms/ops%3Aalerts?token=alice-token",  # staff only
+    )
+    for path in refused_paths:
         with pytest.raises(InvalidStatus) as refused:
             async with connect(f"{ws_url}{path}"):
                 pass
@@ -117,14 +124,27 @@ async def test_a_notification_reaches_every_tab_of_one_user_only(base_url: str) 
     async with AsyncExitStack() as stack:
         tabs = [await opened(stack, base_url, "/ws/me?token=alice-token") for _ in range(2)]
         bob = await opened(stack, base_url, "/ws/me?token=bob-token")
-        for ws in (tabs[0], bob):  # a second tab announces nothing: alice is there already
-            assert (await recv(ws))["type"] == "join"
         response = post(base_url, "/users/alice/notify", "your order shipped", "ops-token")
         assert response.status_code == 202
         notice = response.json()
-        assert (notice["room"], notice["client_id"]) == ("user#alice", None)
+        assert (notice["type"], notice["room"], notice["client_id"]) == ("direct", "@alice", None)
+        assert notice["data"] == {"to": "alice", "data": {"notice": "your order shipped"}}
         for ws in tabs:
             assert await recv(ws) == notice
         # bob's stream is his own: the next thing he gets is his own notification.
         mine = post(base_url, "/users/bob/notify", "yours", "ops-token").json()
         assert await recv(bob) == mine
+
+
+async def test_staff_rooms_admit_staff_and_offline_notices_wait_for_a_resume(base_url: str) -> None:
+    async with AsyncExitStack() as stack:
+        ops = await opened(stack, base_url, "/ws/rooms/ops%3Aalerts?token=ops-token")
+        assert (await recv(ops))["type"] == "join"
+        # Nobody of bob's is connected: the notice is kept in his stream for his resume.
+        sent = post(base_url, "/users/bob/notify", "while you were away", "ops-token").json()
+        # bob resumes from the last notice he saw (the one before: other tests sent him some).
+        since, epoch = sent["seq"] - 1, sent["epoch"]
+        bob = await opened(stack, base_url, f"/ws/me?token=bob-token&since={since}&epoch={epoch}")
+        received = await recv(bob)
+        assert received["id"] == sent["id"]
+        assert received["data"]["data"] == {"notice": "while you were away"}

@@ -10,11 +10,11 @@ last used)::
     P room:<room>:log                 stream: entry id "<seq>-0", field "e" = envelope JSON
     P room:<room>:members             set of client ids that may be present
     P room:<room>:client:<client>     hash node id -> connections of the client on that node
+    P room:<room>:receipt:<id>        "<seq> <epoch>" of a publish, for a few seconds
     P nodes                           set of node ids that may be alive
     P node:<id>                       heartbeat, expires after ``presence_ttl``
     P node:<id>:presence              set of "<room> <client>" the node holds (for the reaper)
     P node:<id>:wake                  stream the node's reader blocks on to be re-armed
-    P receipt:<envelope id>           "<seq> <epoch>" of a publish, for a few seconds
     P rate:<key>                      hash {tokens, at}: a token bucket of ``allow``
 
 ``<room>`` and ``<client>`` are the names with every ``:`` written ``%3A`` (``%`` is not a
@@ -860,7 +860,8 @@ class RedisBackend(Backend):
             self._stream_key(room),
             self._log_key(room),
             self._room_key(room, "members"),
-            self._key("receipt", draft.id),
+            # Per room: a direct message is one id published in two personal streams.
+            self._room_key(room, "receipt", draft.id),
         ]
         args: list[str | int] = [
             new_epoch(),
