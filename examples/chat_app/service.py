@@ -132,6 +132,10 @@ CLOSE_WAIT: Final = 1.0
 """Seconds to wait for a close frame to be written before giving up on the socket."""
 TRY_AGAIN_LATER: Final = 1013
 """Close code for a connection over the per-IP cap that passed the handshake in a race."""
+PERSONAL_RETRY_FIRST: Final = 0.5
+PERSONAL_RETRY_MAX: Final = 8.0
+"""Seconds between attempts to join a personal stream that the backend refused: from the
+first, doubling up to the most."""
 
 
 class _OutageLog:
@@ -559,6 +563,11 @@ class ChatService:
             with connection.cancel_on_close():
                 if await self._join_personal(manager, connection, request):
                     await self._receive(manager, socket, connection, request)
+                else:
+                    async with anyio.create_task_group() as task_group:
+                        task_group.start_soon(self._rejoin_personal, manager, connection, request)
+                        await self._receive(manager, socket, connection, request)
+                        task_group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await manager.disconnect(connection)
@@ -568,28 +577,49 @@ class ChatService:
     async def _join_personal(
         self, manager: ConnectionManager, connection: Connection, request: ChatRequest
     ) -> bool:
-        """Join the client's personal stream, resuming it after ``dm_since``; false (and the
-        connection closed) if that failed: with 1011 if the backend did, as a failed connect
-        is, with 1001 if the server is shutting down."""
-        client_id = connection.client_id
+        """Join the client's personal stream, resuming it after ``dm_since``, before any of
+        its frames is read (so that a direct message it sends reaches this tab too).
+
+        False if the backend failed: the client gets an ``unavailable`` error about the
+        stream, and the connection stays open (a backend outage closes no connection).
+        """
+        personal = user_room(connection.client_id)
         try:
-            await manager.join(
-                connection, user_room(client_id), since=request.dm_since, epoch=request.dm_epoch
-            )
+            await manager.join(connection, personal, since=request.dm_since, epoch=request.dm_epoch)
         except BackendError as exc:
-            self.counters.refused["unavailable"] += 1
-            self.outage.failed(f"join {client_id} to its personal stream", exc)
-            code, reason = CloseCode.INTERNAL_ERROR, "backend unavailable"
-        except ManagerNotRunning:
-            code, reason = CloseCode.GOING_AWAY, "server shutting down"
-        except WSBroadcastError as exc:  # checked at the handshake already; a safety net
-            logger.warning("%r could not join its personal stream: %s", connection, exc)
-            code, reason = CloseCode.INTERNAL_ERROR, "direct messages unavailable"
+            self.outage.failed(f"join {connection!r} to its personal stream", exc)
+            detail = "direct messages cannot be received until the backend is back; retrying"
+            self._error(connection, ClientError(ErrorCode.UNAVAILABLE, detail, personal))
+            return False
+        except WSBroadcastError as exc:  # shutting down, or a bug: no retry
+            logger.info("%r did not join its personal stream: %s", connection, exc)
         else:
             self.outage.worked()
-            return True
-        await manager.disconnect(connection, code, reason)
-        return False
+        return True
+
+    async def _rejoin_personal(
+        self, manager: ConnectionManager, connection: Connection, request: ChatRequest
+    ) -> None:
+        """Join the personal stream again, with backoff, until it works or the connection
+        closes; its ``joined`` frame tells the client. Nothing of the stream was sent yet,
+        so it resumes from the handshake's ``dm_since`` still."""
+        personal = user_room(connection.client_id)
+        delay = PERSONAL_RETRY_FIRST
+        while connection.state is ConnectionState.OPEN:
+            await anyio.sleep(delay)
+            delay = min(2 * delay, PERSONAL_RETRY_MAX)
+            try:
+                await manager.join(
+                    connection, personal, since=request.dm_since, epoch=request.dm_epoch
+                )
+            except BackendError as exc:
+                self.outage.failed(f"join {connection!r} to its personal stream", exc)
+            except WSBroadcastError as exc:
+                logger.info("%r did not join its personal stream: %s", connection, exc)
+                return
+            else:
+                self.outage.worked()
+                return
 
     @staticmethod
     async def _close_unavailable(socket: ChatSocket) -> None:

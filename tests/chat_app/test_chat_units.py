@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from starlette.testclient import TestClient, WebSocketTestSession
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from examples.chat_app import Settings, create_app
+from examples.chat_app import service as service_module
 from examples.chat_app.__main__ import parse_args
 from examples.chat_app.app import (
     ClientError,
@@ -37,13 +39,16 @@ from examples.chat_app.edge import (
 from examples.chat_app.service import (
     CHAT_HTML,
     CLOSE_WAIT,
+    ChatRequest,
     ChatService,
     _LocalBuckets,
     _OutageLog,
 )
 from tests.chat_app.frames import is_personal_ack
-from wsbroadcast import NAME_PATTERN
+from wsbroadcast import NAME_PATTERN, BackendUnavailable, ConnectionManager, History
+from wsbroadcast.backends.memory import MemoryBackend
 from wsbroadcast.envelope import EPOCH_PATTERN
+from wsbroadcast.testing import MemoryTransport
 from wsbroadcast.transport import FRAMES_EXTENSION
 from wsbroadcast.transports.starlette import StarletteFramesTransport, StarletteTransport
 
@@ -497,3 +502,71 @@ def test_parse_command_never_raises_on_any_json_object(value: dict[str, Any]) ->
 def test_parse_command_never_raises_on_any_text(text: str) -> None:
     result = parse_command(text, max_text=10)
     assert isinstance(result, Say | Join | Leave | Direct | ClientError)
+
+
+class _PersonalOutage(MemoryBackend):
+    """The memory backend, failing the first ``failures`` reads of a personal stream: a
+    backend outage that begins between a connect and its personal stream's join."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def history(self, room: str, since: int, epoch: str | None = None) -> History:
+        if room.startswith("@") and self.failures:
+            self.failures -= 1
+            raise BackendUnavailable("personal streams are down")
+        return await super().history(room, since, epoch)
+
+
+class _QueueSocket:
+    """A :class:`ChatSocket` over a MemoryTransport, fed by the test."""
+
+    gone: tuple[type[Exception], ...] = (ConnectionError,)
+
+    def __init__(self) -> None:
+        self.transport = MemoryTransport()
+        self.send, self.frames = anyio.create_memory_object_stream[str | None](10)
+
+    async def receive(self) -> str | bytes | None:
+        return await self.frames.receive()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_personal_stream_the_backend_refused_is_joined_again_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection stays open, is told its direct messages are unavailable, goes on
+    chatting, and gets its personal stream's joined once the backend answers again."""
+    monkeypatch.setattr(service_module, "PERSONAL_RETRY_FIRST", 0.001)
+    service = ChatService(Settings(rate_limit=0))
+    socket = _QueueSocket()
+    transport = socket.transport
+    async with (
+        socket.send,
+        socket.frames,
+        ConnectionManager(_PersonalOutage(failures=2)) as manager,
+    ):
+        service.manager = manager
+
+        def seen(kind: str) -> Callable[[MemoryTransport], bool]:
+            return lambda t: any(m["type"] == kind for m in t.messages())
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(service.serve, ChatRequest("alice", "outage", None), socket)
+            with anyio.fail_after(10):
+                await transport.wait_until(seen("error"))
+                await socket.send.send(json.dumps({"message": "still chatting"}))
+                await transport.wait_until(seen("joined"))
+                await transport.wait_until(seen("message"))
+                await socket.send.send(json.dumps({"to": "alice", "message": "note"}))
+                await transport.wait_until(seen("direct"))
+                await socket.send.send(None)  # the client leaves
+    frames = transport.messages()
+    error = next(m for m in frames if m["type"] == "error")
+    assert (error["room"], error["data"]["code"]) == ("@alice", "unavailable")
+    joined = next(m for m in frames if m["type"] == "joined")
+    assert joined["room"] == "@alice"
+    assert frames[-1]["room"] == "@alice"
+    assert [m["data"] for m in frames if m["type"] == "message"] == [{"message": "still chatting"}]
