@@ -28,6 +28,8 @@ from .keys import (
     DEFAULT_HISTORY_BYTES,
     DEFAULT_HISTORY_TTL,
     DEFAULT_PREFIX,
+    KeyLayout,
+    Partition,
     entry_seq,
 )
 from .link import UNREACHABLE
@@ -154,16 +156,15 @@ class RedisBackend(RedisPresence):
         self._task_group: TaskGroup | None = None
         self._rooms: dict[str, _Room] = {}
         self._presence: Counter[tuple[str, str]] = Counter()
-        self._wake_id = "0-0"
-        self._generation: str | None = None
+        self._keys = KeyLayout(prefix, self.node_id)
+        self._partitions = [Partition(index) for index in range(self._keys.count)]
+        self._unreachable = UNREACHABLE
         self._connected = False
         self._ever_connected = False
         self._outage_logged = False
         self._last_reply: float | None = None
         self._write_refused: str | None = None
         self._resync_pending = False
-        self._check_pending = False
-        self._generation_unsure = False
         self._resyncing: anyio.Event | None = None
         self._presence_changes = 0
         self._presence_idle: anyio.Event | None = None
@@ -220,23 +221,7 @@ class RedisBackend(RedisPresence):
             raise RuntimeError(
                 "RedisBackend runs on asyncio only (redis-py's client does)"
             ) from None
-        options: dict[str, Any] = {
-            "decode_responses": True,
-            "retry": Retry(NoBackoff(), 0),
-            "socket_connect_timeout": self.command_timeout,
-        }
-        pool = BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=self.max_connections,
-            timeout=self.command_timeout,
-            socket_timeout=self.command_timeout,
-            **options,
-        )
-        self._redis = Redis.from_pool(pool)
-        # The reader's socket timeout outlasts its blocking XREAD, so a dead link still fails.
-        self._reader = Redis.from_url(
-            self.url, socket_timeout=self.block_timeout + self.command_timeout, **options
-        )
+        self._redis, self._reader = self._open_clients()
         self._publish_script = self._redis.register_script(scripts.PUBLISH)
         self._ensure_generation_script = self._redis.register_script(scripts.ENSURE_GENERATION)
         self._check_rooms_script = self._redis.register_script(scripts.CHECK_ROOMS)
@@ -249,17 +234,45 @@ class RedisBackend(RedisPresence):
         self._allow_script = self._redis.register_script(scripts.ALLOW)
         try:
             await self._heartbeat()
-            await self._sync_generation()
-        except UNREACHABLE as exc:
+            for partition in self._partitions:
+                await self._sync_generation(partition)
+        except self._unreachable as exc:
             self._mark_down(exc)
         except RedisError as exc:
             self._mark_refused(exc)
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
-        task_group.start_soon(self._run_reader)
+        if self._eager_readers:
+            for partition in self._partitions:
+                self._start_reader(partition)
         task_group.start_soon(self._run_heartbeat)
         return self
+
+    _eager_readers = True
+    """Start every partition's reader on entry (one Redis: its one reader), rather than at
+    the first subscription to one of its rooms."""
+
+    def _open_clients(self) -> tuple[Any, Any]:
+        """The client for commands (a pool of ``max_connections``) and the reader's client."""
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            "retry": Retry(NoBackoff(), 0),
+            "socket_connect_timeout": self.command_timeout,
+        }
+        pool = BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            timeout=self.command_timeout,
+            socket_timeout=self.command_timeout,
+            **options,
+        )
+        commands = Redis.from_pool(pool)
+        # The reader's socket timeout outlasts its blocking XREAD, so a dead link still fails.
+        reader = Redis.from_url(
+            self.url, socket_timeout=self.block_timeout + self.command_timeout, **options
+        )
+        return commands, reader
 
     async def __aexit__(
         self,
@@ -291,7 +304,10 @@ class RedisBackend(RedisPresence):
         announces the leaves.
         """
         assert self._redis is not None
-        await self._redis.delete(self._key("node", self.node_id), self._wake_key)
+        for partition in range(self._keys.count):
+            await self._redis.delete(
+                self._keys.node(partition, self.node_id), self._keys.wake(partition)
+            )
 
     # -- publish and history
 
@@ -310,11 +326,11 @@ class RedisBackend(RedisPresence):
         client = self._client()
         room = draft.room
         keys = [
-            self._stream_key(room),
-            self._log_key(room),
-            self._room_key(room, "members"),
+            self._keys.stream(room),
+            self._keys.log(room),
+            self._keys.room(room, "members"),
             # Per room: a direct message is one id published in two personal streams.
-            self._room_key(room, "receipt", draft.id),
+            self._keys.room(room, "receipt", draft.id),
         ]
         args: list[str | int] = [
             new_epoch(),
@@ -329,9 +345,9 @@ class RedisBackend(RedisPresence):
         try:
             try:
                 result = await self._publish_script(keys=keys, args=args, client=client)
-            except UNREACHABLE:
+            except self._unreachable:
                 result = await self._publish_script(keys=keys, args=args, client=client)
-        except UNREACHABLE as exc:
+        except self._unreachable as exc:
             self._publish_failures += 1
             raise self._unavailable(f"publish to {room!r}", exc) from exc
         except RedisError as exc:
@@ -352,10 +368,10 @@ class RedisBackend(RedisPresence):
         readable = 0 <= since < _MAX_SEQ - 1
         with self._commands(f"read the history of {room!r}"):
             async with client.pipeline(transaction=True) as pipe:
-                pipe.hmget(self._stream_key(room), "seq", "epoch")
-                pipe.xrange(self._log_key(room), count=1)
+                pipe.hmget(self._keys.stream(room), "seq", "epoch")
+                pipe.xrange(self._keys.log(room), count=1)
                 if readable:
-                    pipe.xrange(self._log_key(room), min=f"{since + 1}-0", max="+")
+                    pipe.xrange(self._keys.log(room), min=f"{since + 1}-0", max="+")
                 results = await pipe.execute()
         (raw_seq, raw_epoch), oldest = results[0], results[1]
         entries: list[tuple[str, Mapping[str, str]]] = results[2] if readable else []
@@ -398,7 +414,7 @@ class RedisBackend(RedisPresence):
         client = self._client()
         with self._commands("take a rate-limit token", write=True):
             allowed = await self._allow_script(
-                keys=[self._key("rate", key)],
+                keys=[self._keys.rate(key)],
                 args=[repr(float(rate)), repr(float(burst))],
                 client=client,
             )

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...exceptions import BackendError, BackendUnavailable
-from .keys import RedisKeys
+from .keys import Partition, RedisKeys
 
 logger = logging.getLogger("wsbroadcast.backends.redis")
 
@@ -80,10 +80,16 @@ class RedisLink(RedisKeys):
         silence = time.monotonic() - self._last_reply
         return silence > self.heartbeat_interval + self.command_timeout
 
+    @property
+    def _check_pending(self) -> bool:
+        """Whether the rooms of some partition must be checked before its reader reads on."""
+        return any(partition.check_pending for partition in self._partitions)
+
     def _mark_down(self, exc: BaseException) -> None:
         self._last_error = f"{type(exc).__name__}: {exc}"
         self._resync_pending = True
-        self._check_pending = True
+        for partition in self._partitions:
+            partition.check_pending = True
         if not self._outage_logged:
             self._outage_logged = True
             logger.warning("Redis unreachable (%s); retrying with backoff", self._last_error)
@@ -134,7 +140,7 @@ class RedisLink(RedisKeys):
         whether Redis takes writes."""
         try:
             yield
-        except UNREACHABLE as exc:
+        except self._unreachable as exc:
             raise self._unavailable(what, exc) from exc
         except RedisError as exc:
             if write:
@@ -160,32 +166,34 @@ class RedisLink(RedisKeys):
 
     # -- generation (detects a Redis that lost its data)
 
-    async def _sync_generation(self) -> None:
+    async def _sync_generation(self, partition: Partition) -> None:
         assert self._redis is not None
         raw = await self._ensure_generation_script(
-            keys=[self._key("generation")], args=[uuid.uuid4().hex]
+            keys=[self._keys.generation(partition.index)], args=[uuid.uuid4().hex]
         )
         self._mark_up()
-        self._generation_unsure = False
-        self._adopt_generation(str(raw))
+        partition.generation_unsure = False
+        self._adopt_generation(partition, str(raw))
 
-    def _adopt_generation(self, generation: str) -> None:
-        """Remember Redis's generation; a different one than before means it lost its data.
+    def _adopt_generation(self, partition: Partition, generation: str) -> None:
+        """Remember the partition's generation; a different one than before means Redis (or,
+        in a cluster, the primary that serves the partition) lost its data.
 
-        The rooms are then checked (before the reader's next read): each room whose stream
-        is gone or restarted gets a :class:`StreamReset` and is read from its new start.
+        The partition's rooms are then checked (before its reader's next read): each room
+        whose stream is gone or restarted gets a :class:`StreamReset` and is read from its
+        new start.
         """
-        if self._generation is None:
-            self._generation = generation
-        elif generation != self._generation:
+        if partition.generation is None:
+            partition.generation = generation
+        elif generation != partition.generation:
             logger.warning(
                 "Redis lost its data (generation %s is now %s): listeners of %d rooms are "
                 "told their stream was reset, resuming clients are told history is lost",
-                self._generation,
+                partition.generation,
                 generation,
                 len(self._rooms),
             )
-            self._generation = generation
+            partition.generation = generation
             self._data_losses += 1
-            self._check_pending = True
+            partition.check_pending = True
             self._resync_pending = True

@@ -16,7 +16,6 @@ import anyio
 from redis.exceptions import RedisError
 
 from ...exceptions import BackendError, BackendUnavailable
-from .link import UNREACHABLE
 from .reader import RedisReader
 
 logger = logging.getLogger("wsbroadcast.backends.redis")
@@ -28,10 +27,11 @@ class RedisPresence(RedisReader):
     # -- presence
 
     def _presence_keys(self, room: str, client_id: str) -> list[str]:
+        """The client's hash, the room's members and this node's index: one partition."""
         return [
-            self._client_key(room, client_id),
-            self._room_key(room, "members"),
-            self._key("node", self.node_id, "presence"),
+            self._keys.client(room, client_id),
+            self._keys.room(room, "members"),
+            self._keys.index(self._keys.partition(room), self.node_id),
         ]
 
     def _presence_args(self, room: str, client_id: str) -> list[str | int]:
@@ -39,7 +39,7 @@ class RedisPresence(RedisReader):
             self.node_id,
             client_id,
             f"{room} {client_id}",
-            self._key("node", ""),
+            self._keys.node_prefix(self._keys.partition(room)),
             self._room_ttl_ms,
             self._node_ttl_ms,
         ]
@@ -145,8 +145,11 @@ class RedisPresence(RedisReader):
         client = self._client()
         with self._commands(f"read presence in {room!r}"):
             members = await self._presence_script(
-                keys=[self._room_key(room, "members")],
-                args=[self._room_key(room, "client", ""), self._key("node", "")],
+                keys=[self._keys.room(room, "members")],
+                args=[
+                    self._keys.room(room, "client", ""),
+                    self._keys.node_prefix(self._keys.partition(room)),
+                ],
                 client=client,
             )
         return sorted(str(member) for member in members)
@@ -157,27 +160,33 @@ class RedisPresence(RedisReader):
         """Refresh this node's heartbeat and the TTL of the presence it holds; return whether
         the heartbeat had expired (or Redis was empty). Notes a change of generation."""
         assert self._redis is not None
-        hashes = sorted(self._client_key(room, client_id) for room, client_id in self._presence)
-        existed, generation = await self._heartbeat_script(
-            keys=[
-                self._key("node", self.node_id),
-                self._key("nodes"),
-                self._key("node", self.node_id, "presence"),
-                self._wake_key,
-                self._key("generation"),
-            ],
-            args=[
-                int(self.presence_ttl * 1000),
-                self.node_id,
-                self._node_ttl_ms,
-                self._room_ttl_ms,
-                *hashes,
-            ],
-        )
-        self._mark_writable()
-        if generation != self._generation:
-            self._generation_unsure = True  # read afresh by _sync_generation
-        return not existed
+        hashes: list[list[str]] = [[] for _ in self._partitions]
+        for room, client_id in self._presence:
+            hashes[self._keys.partition(room)].append(self._keys.client(room, client_id))
+        expired = False
+        for partition in self._partitions:
+            index = partition.index
+            existed, generation = await self._heartbeat_script(
+                keys=[
+                    self._keys.node(index, self.node_id),
+                    self._keys.nodes(index),
+                    self._keys.index(index, self.node_id),
+                    self._keys.wake(index),
+                    self._keys.generation(index),
+                ],
+                args=[
+                    int(self.presence_ttl * 1000),
+                    self.node_id,
+                    self._node_ttl_ms,
+                    self._room_ttl_ms,
+                    *sorted(hashes[index]),
+                ],
+            )
+            self._mark_writable()
+            if generation != partition.generation:
+                partition.generation_unsure = True  # read afresh by _sync_generation
+            expired = expired or not existed
+        return expired
 
     async def _run_heartbeat(self) -> None:
         while True:
@@ -187,14 +196,15 @@ class RedisPresence(RedisReader):
                 try:
                     if await self._heartbeat():
                         self._resync_pending = True
-                except UNREACHABLE:
+                except self._unreachable:
                     raise
                 except RedisError as exc:
                     # Refused (a write under OOM): still keep the rooms alive below (PEXPIRE
                     # is allowed then), so an outage of writes never expires them.
                     refused = exc
-                if self._generation_unsure:
-                    await self._sync_generation()
+                for partition in self._partitions:
+                    if partition.generation_unsure:
+                        await self._sync_generation(partition)
                 # Keeps the rooms this node uses alive, and resets any whose stream is gone.
                 await self._check_rooms(poke=True)
                 if refused is not None:
@@ -204,7 +214,7 @@ class RedisPresence(RedisReader):
                     await self._resync_presence()
                     self._resync_pending = False
                 await self._reap_dead_nodes()
-            except UNREACHABLE as exc:
+            except self._unreachable as exc:
                 self._mark_down(exc)
             except BackendUnavailable:
                 pass  # a publish of the resync or reaper: already marked down
@@ -225,8 +235,10 @@ class RedisPresence(RedisReader):
 
     async def _resync_presence_now(self) -> None:
         assert self._redis is not None
-        index = self._key("node", self.node_id, "presence")
-        held = {str(entry) for entry in await self._redis.smembers(index)}
+        held: set[str] = set()
+        for partition in range(self._keys.count):
+            index = self._keys.index(partition, self.node_id)
+            held.update(str(entry) for entry in await self._redis.smembers(index))
         local = {f"{room} {client_id}" for room, client_id in self._presence}
         for entry in sorted(held - local):
             if await self._reap(self.node_id, entry, check_alive=False) == 1:
@@ -244,11 +256,18 @@ class RedisPresence(RedisReader):
 
     async def _reap(self, node: str, entry: str, *, check_alive: bool) -> int:
         room, _, client_id = entry.partition(" ")
+        partition = self._keys.partition(room)
         keys = self._presence_keys(room, client_id)[:2]
-        keys += [self._key("node", node, "presence"), self._key("node", node)]
+        keys += [self._keys.index(partition, node), self._keys.node(partition, node)]
         result = await self._reap_presence_script(
             keys=keys,
-            args=[node, client_id, entry, self._key("node", ""), "1" if check_alive else "0"],
+            args=[
+                node,
+                client_id,
+                entry,
+                self._keys.node_prefix(partition),
+                "1" if check_alive else "0",
+            ],
         )
         return int(result)
 
@@ -256,21 +275,27 @@ class RedisPresence(RedisReader):
         """Remove what dead nodes held in presence and announce their clients' leaves.
 
         Each entry is removed by one node only, so each leave is announced once; the node
-        that then removes the dead node from the nodes set counts it as reaped.
+        that then removes the dead node from a partition's nodes set counts it as reaped
+        (once per partition that knew it).
         """
+        for partition in range(self._keys.count):
+            await self._reap_partition(partition)
+
+    async def _reap_partition(self, partition: int) -> None:
         assert self._redis is not None
-        nodes = sorted(str(node) for node in await self._redis.smembers(self._key("nodes")))
+        nodes_key = self._keys.nodes(partition)
+        nodes = sorted(str(node) for node in await self._redis.smembers(nodes_key))
         others = [node for node in nodes if node != self.node_id]
         if not others:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for node in others:
-                pipe.exists(self._key("node", node))
+                pipe.exists(self._keys.node(partition, node))
             flags = await pipe.execute()
         for node, alive in zip(others, flags, strict=True):
             if alive:
                 continue
-            index = self._key("node", node, "presence")
+            index = self._keys.index(partition, node)
             entries = sorted(str(entry) for entry in await self._redis.smembers(index))
             leaves = 0
             for entry in entries:
@@ -282,9 +307,9 @@ class RedisPresence(RedisReader):
                     await self.publish(room, "leave", client_id)
                     leaves += 1
             else:
-                if await self._redis.srem(self._key("nodes"), node):
+                if await self._redis.srem(nodes_key, node):
                     self._reaped_nodes += 1
-                    await self._redis.delete(index, self._key("node", node, "wake"))
+                    await self._redis.delete(index, self._keys.node(partition, node, "wake"))
                     logger.log(
                         logging.WARNING if entries else logging.INFO,
                         "node %s stopped beating: removed its presence (%d leaves announced)",

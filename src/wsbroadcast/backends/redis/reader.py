@@ -13,14 +13,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import anyio
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ...backend import Listener, ResetListener, StreamReset, Subscription
 from ...envelope import Envelope, new_epoch
 from ...exceptions import BackendError
-from .keys import entry_seq, key_part
-from .link import UNREACHABLE, RedisLink
+from .keys import Partition, entry_seq, key_part
+from .link import RedisLink
 
 logger = logging.getLogger("wsbroadcast.backends.redis")
 
@@ -84,20 +83,23 @@ class RedisReader(RedisLink):
         """
         client = self._client()
         with self._commands(f"subscribe to {room!r}"):
-            raw_seq, raw_epoch = await client.hmget(self._stream_key(room), "seq", "epoch")
+            raw_seq, raw_epoch = await client.hmget(self._keys.stream(room), "seq", "epoch")
         current = int(raw_seq or 0) if raw_epoch is not None else 0
         epoch = str(raw_epoch or "")
         state = self._rooms.get(room)
         created = state is None
+        partition = self._partitions[self._keys.partition(room)]
         if state is None:
-            state = self._rooms[room] = _Room(epoch, current)
+            state = self._rooms[room] = partition.rooms[room] = _Room(epoch, current)
         start = max(current, state.last_seq) if epoch == state.epoch else state.last_seq
         subscriber = _Subscriber(listener, on_reset, start)
         state.subscribers.append(subscriber)
         if created:
+            if not partition.reading:
+                self._start_reader(partition)
             try:
                 with self._commands(f"subscribe to {room!r}"):
-                    await self._poke(client)
+                    await self._poke(client, partition.index)
             except BackendError:
                 self._unsubscribe(room, subscriber)
                 raise
@@ -111,36 +113,62 @@ class RedisReader(RedisLink):
         if not state.subscribers:
             # The reader drops the room from its XREAD the next time it re-arms.
             del self._rooms[room]
+            del self._partitions[self._keys.partition(room)].rooms[room]
 
-    async def _run_reader(self) -> None:
+    def _start_reader(self, partition: Partition) -> None:
+        """Start the reader task of ``partition``; it runs until the backend exits."""
+        assert self._task_group is not None
+        partition.reading = True
+        self._task_group.start_soon(self._run_reader, partition)
+
+    def _route(self, partition: int) -> str:
+        """The server that the reader's client sends ``partition``'s commands to now.
+
+        One Redis has one server (""). A cluster overrides this: a change means another
+        primary serves the partition (a failover, or its slot moved), whose data must be
+        checked before anything is read from it.
+        """
+        return ""
+
+    async def _run_reader(self, partition: Partition) -> None:
+        """Read ``partition``'s rooms with one blocking ``XREAD`` at a time, until cancelled.
+
+        Before each read: the partition's generation is read afresh if it is unsure, and
+        its rooms are checked if an outage, a data loss or a change of server may have
+        rolled them back. A read answered by another server than the one the rooms were
+        checked on is discarded, and read again after the check.
+        """
         assert self._reader is not None
         reader = self._reader
+        index = partition.index
+        wake = self._keys.wake(index)
         failures = 0
         while True:
             try:
-                if self._generation is None or self._generation_unsure:
-                    await self._sync_generation()
-                if self._check_pending:
-                    # After an outage or a data loss, before reading on: a room whose stream
-                    # was lost or rolled back is reset, not read from a stale position.
-                    self._check_pending = False
-                    try:
-                        await self._check_rooms(poke=False)
-                    except BaseException:
-                        self._check_pending = True
-                        raise
-                rooms = {name: (state, state.version) for name, state in self._rooms.items()}
-                streams: dict[Any, Any] = {self._wake_key: self._wake_id}
+                route = self._route(index)
+                if partition.route != route:
+                    if partition.route is not None:
+                        partition.check_pending = True
+                    partition.route = route
+                if partition.generation is None or partition.generation_unsure:
+                    await self._sync_generation(partition)
+                if partition.check_pending:
+                    # After an outage, a data loss or a failover, before reading on: a room
+                    # whose stream was lost or rolled back is reset, not read from a stale
+                    # position.
+                    await self._check_rooms(poke=False)
+                rooms = {name: (state, state.version) for name, state in partition.rooms.items()}
+                streams: dict[Any, Any] = {wake: partition.wake_id}
                 by_key: dict[str, str] = {}
                 for name, (state, _) in rooms.items():
-                    key = self._log_key(name)
+                    key = self._keys.log(name)
                     streams[key] = state.position
                     by_key[key] = name
                 async with reader.pipeline(transaction=False) as pipe:
-                    pipe.hget(self._key("generation"), "id")
+                    pipe.hget(self._keys.generation(index), "id")
                     pipe.xread(streams, count=self.read_count, block=int(self.block_timeout * 1000))
                     generation, response = await pipe.execute()
-            except UNREACHABLE as exc:
+            except self._unreachable as exc:
                 self._mark_down(exc)
                 failures += 1
                 await anyio.sleep(self._backoff(failures))
@@ -154,15 +182,19 @@ class RedisReader(RedisLink):
                 continue
             failures = 0
             self._mark_up()
-            if generation != self._generation:
+            if self._route(index) != route:
+                # Answered by a server the rooms were not checked on: check, then read again.
+                partition.check_pending = True
+                continue
+            if generation != partition.generation:
                 # Redis lost its data, or another node already noticed and made a new
                 # generation, or this read began before this node adopted the new one: the
                 # next turn reads it afresh (creating it if it is gone), then checks the rooms.
-                self._generation_unsure = True
+                partition.generation_unsure = True
                 continue
             for key, entries in response or ():
-                if key == self._wake_key:
-                    self._wake_id = entries[-1][0]
+                if key == wake:
+                    partition.wake_id = entries[-1][0]
                     continue
                 name = by_key[key]
                 state, version = rooms[name]
@@ -252,34 +284,68 @@ class RedisReader(RedisLink):
                     logger.exception("reset listener for room %r failed; it is skipped", room)
 
     async def _check_rooms(self, *, poke: bool) -> None:
-        """Check the stream of every room this node reads, and keep every room it uses alive.
+        """Check the streams of the rooms this node reads, and keep every room it uses alive.
 
-        A stream that is gone, or was rolled back (Redis restored from an older snapshot:
-        its counter is below what this node delivered, or its entry at that seq is another
-        envelope), is given a new epoch in Redis atomically, and the room is restarted here
-        (``on_reset``, then read from seq 1). ``poke`` re-arms the reader's blocked read.
+        A stream that is gone, or was rolled back (Redis restored from an older snapshot, or
+        a replica promoted before it had every write: its counter is below what this node
+        delivered, or its entry at that seq is another envelope), is given a new epoch in
+        Redis atomically, and the room is restarted here (``on_reset``, then read from seq
+        1). The heartbeat (``poke``) checks every partition through the command client and
+        re-arms the readers whose rooms it restarted; a reader (not ``poke``) checks the
+        partitions whose check is pending, through its own client, before it reads on.
         """
-        assert self._redis is not None
-        rooms = {name: (state, state.version) for name, state in self._rooms.items()}
-        present = {room for room, _ in self._presence} - set(rooms)
+        if poke:
+            assert self._redis is not None
+            client: Any = self._redis
+            partitions = list(self._partitions)
+        else:
+            assert self._reader is not None
+            client = self._reader
+            partitions = [partition for partition in self._partitions if partition.check_pending]
+        for partition in partitions:
+            if poke:
+                if await self._check_partition(partition, client):
+                    await self._poke(client, partition.index)
+                continue
+            # Claimed now; a check that fails leaves it pending.
+            partition.check_pending = False
+            try:
+                await self._check_partition(partition, client)
+            except BaseException:
+                partition.check_pending = True
+                raise
+
+    async def _check_partition(self, partition: Partition, client: Any) -> int:
+        """Check (and keep alive) the rooms of one partition; return how many restarted."""
+        index = partition.index
+        rooms = {name: (state, state.version) for name, state in partition.rooms.items()}
+        present = {
+            room
+            for room, _ in self._presence
+            if room not in rooms and self._keys.partition(room) == index
+        }
         groups: list[list[str]] = []
         for name, (state, _) in rooms.items():
             part = key_part(name)
             groups.append([part, state.epoch, str(state.last_seq), state.last_id, new_epoch()])
         groups.extend([key_part(name), "-", "0", "", ""] for name in sorted(present))
         if not groups:
-            return
+            return 0
         results: list[str] = []
         for start in range(0, len(groups), _CHECK_CHUNK):
             chunk = groups[start : start + _CHECK_CHUNK]
-            args: list[Any] = [self._room_ttl_ms, self._key("room", "")]
+            args: list[Any] = [self._room_ttl_ms, self._keys.room_prefix(index)]
             for group in chunk:
                 args.extend(group)
-            results.extend(str(value) for value in await self._check_rooms_script(args=args))
+            # The generation key names the partition's slot (the script reads no KEYS).
+            answer = await self._check_rooms_script(
+                keys=[self._keys.generation(index)], args=args, client=client
+            )
+            results.extend(str(value) for value in answer)
         self._mark_up()
         restarted = 0
-        for index, (name, (state, version)) in enumerate(rooms.items()):
-            epoch = results[2 * index]
+        for position, (name, (state, version)) in enumerate(rooms.items()):
+            epoch = results[2 * position]
             if self._rooms.get(name) is not state or state.version != version:
                 continue
             if state.epoch and epoch != state.epoch:
@@ -290,12 +356,12 @@ class RedisReader(RedisLink):
                 "%d rooms' streams were lost or rolled back in Redis; their listeners are reset",
                 restarted,
             )
-        if restarted and poke:
-            await self._poke(self._redis)
+        return restarted
 
-    async def _poke(self, client: Redis) -> None:
-        """Re-arm this node's reader: its blocking read returns at once and starts over."""
+    async def _poke(self, client: Any, partition: int) -> None:
+        """Re-arm the reader of ``partition``: its blocking read returns at once, starts over."""
+        wake = self._keys.wake(partition)
         async with client.pipeline(transaction=True) as pipe:
-            pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
-            pipe.pexpire(self._wake_key, self._node_ttl_ms)
+            pipe.xadd(wake, {"w": "1"}, maxlen=1, approximate=False)
+            pipe.pexpire(wake, self._node_ttl_ms)
             await pipe.execute()

@@ -79,7 +79,8 @@ redis.call('HSETNX', KEYS[1], 'id', ARGV[1])
 return redis.call('HGET', KEYS[1], 'id')
 """
 
-# Checks (and keeps alive) the rooms this node reads or holds presence in. ARGV: room ttl
+# Checks (and keeps alive) the rooms this node reads or holds presence in, all of one
+# partition. KEYS: the partition's generation (only to route the call to its slot). ARGV: room ttl
 # (ms, 0 = never), room key prefix, then per room five values: room (as written in its keys,
 # see _key_part), the epoch this node reads ('' = no stream known yet, '-' = only refresh the
 # TTL), the last seq it delivered, the id of that envelope ('' = unknown), a candidate epoch.
