@@ -37,12 +37,15 @@ class, publish, history, rate limits).
 from __future__ import annotations
 
 from .backend import RedisBackend
+from .cluster import DEFAULT_PARTITIONS, RedisClusterBackend
 from .keys import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_TTL, DEFAULT_PREFIX
 
 __all__ = [
     "DEFAULT_HISTORY",
     "DEFAULT_HISTORY_BYTES",
     "DEFAULT_HISTORY_TTL",
+    "DEFAULT_PARTITIONS",
     "DEFAULT_PREFIX",
     "RedisBackend",
+    "RedisClusterBackend",
 ]

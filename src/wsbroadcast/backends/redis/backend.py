@@ -9,7 +9,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
@@ -176,6 +176,9 @@ class RedisBackend(RedisPresence):
         self._publish_failures = 0
         self._reaped_nodes = 0
 
+    _url_options: ClassVar[dict[str, tuple[str, Callable[[str], Any]]]] = {}
+    """Query options a subclass adds to :meth:`from_url`'s: name -> (argument, converter)."""
+
     @classmethod
     def from_url(cls, url: str) -> RedisBackend:
         """Build from ``redis://host:port/db?history=N&history_bytes=B&history_ttl=S&prefix=P
@@ -197,6 +200,7 @@ class RedisBackend(RedisPresence):
             "prefix": ("prefix", str),
             "presence_ttl": ("presence_ttl", float),
             "heartbeat": ("heartbeat_interval", float),
+            **cls._url_options,
         }
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key in converters:
