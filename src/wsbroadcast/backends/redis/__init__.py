@@ -23,15 +23,20 @@ a key always splits on ``:`` into the parts above, so room ``x`` with client ``y
 room ``x:client:y`` never share a key. Nothing parses a name out of a key; the presence
 index's ``"<room> <client>"`` entries hold the names themselves (no name has a space).
 
-One reader task per backend does a single blocking ``XREAD`` over the logs of the rooms with
-local listeners (and its wake stream), and calls the listeners in seq order, or tells them a
-:class:`~wsbroadcast.backend.StreamReset` first when it cannot. See ``docs/backends.md`` for
+On a Redis Cluster (:class:`RedisClusterBackend`, ``redis+cluster://``) every key is
+``P{<tag>}:`` followed by the same parts, the tag naming the room's *partition* (see
+:class:`~wsbroadcast.backends.redis.keys.KeyLayout`), so that each script touches one slot.
+
+One reader task per backend (per partition on a cluster) does a single blocking ``XREAD``
+over the logs of the rooms with local listeners (and its wake stream), and calls the
+listeners in seq order, or tells them a :class:`~wsbroadcast.backend.StreamReset` first when
+it cannot. See ``docs/backends.md`` for
 the guarantees, their costs and the behaviour on each fault.
 
 The code is split by concern: ``scripts`` (the Lua scripts), ``keys`` (the key layout),
 ``link`` (health, backoff, errors, Redis's generation), ``reader`` (subscriptions and the
-stream reader), ``presence`` (presence, heartbeat, reaper, resync) and ``backend`` (the
-class, publish, history, rate limits).
+stream reader), ``presence`` (presence, heartbeat, reaper, resync), ``backend`` (the
+class, publish, history, rate limits) and ``cluster`` (the Redis Cluster backend).
 """
 
 from __future__ import annotations
