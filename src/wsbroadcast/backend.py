@@ -217,6 +217,8 @@ _SCHEMES: dict[str, tuple[str, str, str]] = {
     "memory": ("wsbroadcast.backends.memory", "MemoryBackend", ""),
     "redis": ("wsbroadcast.backends.redis", "RedisBackend", "redis"),
     "rediss": ("wsbroadcast.backends.redis", "RedisBackend", "redis"),
+    "redis+cluster": ("wsbroadcast.backends.redis", "RedisClusterBackend", "redis"),
+    "rediss+cluster": ("wsbroadcast.backends.redis", "RedisClusterBackend", "redis"),
 }
 
 
@@ -227,8 +229,9 @@ _FAR_AHEAD = 2**63 - 1
 def backend_from_url(url: str) -> Backend:
     """Build the backend a URL names, importing its module (and broker client) only now.
 
-    ``memory://`` (options: ``?history=1000``) is in-process; ``redis://host:port/db`` and
-    ``rediss://`` need the ``wsbroadcast[redis]`` extra.
+    ``memory://`` (options: ``?history=1000``) is in-process; ``redis://host:port/db``,
+    ``rediss://``, ``redis+cluster://host:port,host:port/`` (a Redis Cluster) and
+    ``rediss+cluster://`` need the ``wsbroadcast[redis]`` extra.
     """
     scheme, sep, _ = url.partition("://")
     if not sep or scheme not in _SCHEMES:
