@@ -418,8 +418,11 @@ class Client:
         Not reading holds the client's reader back (at most ``max_queue`` items wait), and
         the server's slow-consumer policy then applies: a 4008 close, and a resume.
         """
-        async for item in self._receive:
-            yield item
+        try:
+            async for item in self._receive:
+                yield item
+        except anyio.ClosedResourceError:  # the client's block exited under the consumer
+            return
         if self._final is not None and not self._closing:
             raise self._final
 
