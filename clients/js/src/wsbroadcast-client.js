@@ -384,7 +384,13 @@ export class WsBroadcastClient {
       this._onClose(event.code, event.reason);
     });
     ws.addEventListener("error", () => {
-      // A close event follows with the code; nothing to do here.
+      // Browsers follow an error with a close (1006); Node 20's WebSocket does not when the
+      // connection cannot be made (readyState stays CONNECTING). Either way the socket is
+      // done: end it here, and ignore a close that may follow.
+      if (this._ws !== ws) return;
+      this._drop();
+      this._closeSocket(ws, 1000, "error");
+      this._onClose(1006, "connection error");
     });
   }
 

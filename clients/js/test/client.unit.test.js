@@ -69,10 +69,13 @@ describe("connecting", () => {
   });
 
   test("no WebSocket implementation is a clear error", () => {
-    assert.throws(
-      () => new WsBroadcastClient(URL_BASE, { WebSocket: null }),
-      globalThis.WebSocket ? undefined : /no WebSocket implementation/,
-    );
+    const global = Object.getOwnPropertyDescriptor(globalThis, "WebSocket");
+    delete globalThis.WebSocket; // as on Node 20 without --experimental-websocket
+    try {
+      assert.throws(() => new WsBroadcastClient(URL_BASE), /no WebSocket implementation/);
+    } finally {
+      if (global) Object.defineProperty(globalThis, "WebSocket", global);
+    }
   });
 });
 
@@ -222,6 +225,27 @@ describe("reconnect and resume", () => {
     ws.serverClose(1006);
     await FakeWebSocket.nth(4);
     assert.deepEqual(attempts, [0, 1, 2, 3, 1]); // not 4: the frame restarted the count
+    client.disconnect();
+  });
+
+  test("an error without a close (Node 20, connection refused) is a 1006 and retried", async () => {
+    const client = makeClient();
+    client.subscribe("lobby");
+    client.connect();
+    const first = await FakeWebSocket.nth(0);
+    const disconnected = nextEvent(client, "disconnected");
+    first.serverError();
+    assert.deepEqual(await disconnected, {
+      code: 1006,
+      reason: "connection error",
+      willRetry: true,
+      delay: 0,
+    });
+    first.serverClose(1006); // a browser's close after the error: ignored
+    const second = await FakeWebSocket.nth(1);
+    second.serverOpen();
+    assert.equal(client.state, State.Connected);
+    assert.equal(FakeWebSocket.sockets.length, 2);
     client.disconnect();
   });
 

@@ -92,6 +92,11 @@ export class FakeWebSocket {
     this._dispatch("message", { data });
   }
 
+  /** A failure to connect as Node 20's WebSocket reports it: an error, and no close. */
+  serverError() {
+    this._dispatch("error", {});
+  }
+
   serverClose(code, reason = "") {
     this.readyState = FakeWebSocket.CLOSED;
     this._dispatch("close", { code, reason, wasClean: code !== 1006 });
