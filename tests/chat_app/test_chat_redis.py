@@ -554,3 +554,32 @@ async def test_a_direct_message_reaches_the_senders_other_tabs(nodes: Nodes) -> 
             {"message": "psst"},
             {"message": "marker"},
         ]
+
+
+async def test_a_direct_message_reaches_both_tabs_on_both_nodes_once_and_no_one_else(
+    nodes: Nodes,
+) -> None:
+    """bob has a tab on each node; alice (node a) sends him one message; carol (node b) is in
+    the same room. Each of bob's tabs gets it exactly once, carol never does: each tab's next
+    direct message is a marker published after it, in its own stream."""
+    async with (
+        client(nodes[0], "dm-alice", "dm-room") as alice,
+        client(nodes[0], "dm-bob", "dm-room") as bob_a,
+        client(nodes[1], "dm-bob", "dm-room") as bob_b,
+        client(nodes[1], "dm-carol", "dm-room") as carol,
+    ):
+        for ws in (alice, bob_a, bob_b, carol):
+            await until_personal_ack(ws)
+        await alice.send(json.dumps({"to": "dm-bob", "message": "for bob only"}))
+        for ws in (bob_a, bob_b):
+            await recv_direct(ws, "for bob only")
+        # Markers: a DM from carol to bob and to herself, published after alice's.
+        for to in ("dm-bob", "dm-carol"):
+            await carol.send(json.dumps({"to": to, "message": f"marker for {to}"}))
+        for ws in (bob_a, bob_b):
+            frames = await recv_direct(ws, "marker for dm-bob")
+            assert [f for f in frames if f["type"] == "direct"][:-1] == []  # nothing twice
+        frames = await recv_direct(carol, "marker for dm-carol")
+        texts = [f["data"]["data"]["message"] for f in frames if f["type"] == "direct"]
+        # carol sees her own two sent copies (her stream) and her marker, never bob's DM.
+        assert "for bob only" not in texts
