@@ -242,6 +242,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f" (default {DEFAULT_QUEUE_SIZE})",
     )
     parser.add_argument(
+        "--slow-consumer",
+        choices=["disconnect", "drop_oldest"],
+        default="disconnect",
+        help="what a full queue does: close the connection with 4008 (disconnect, the"
+        " default) or drop its oldest envelopes, which the client sees as a seq gap and"
+        " resumes (drop_oldest)",
+    )
+    parser.add_argument(
         "--history",
         type=_non_negative_int,
         default=None,
@@ -308,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_text=args.max_text,
             max_rooms=args.max_rooms,
             queue_size=args.queue_size,
+            slow_consumer=args.slow_consumer,
             history=args.history,
             allowed_origins=tuple(args.allowed_origins),
             api_keys=tuple(args.api_keys),

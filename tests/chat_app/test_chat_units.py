@@ -325,12 +325,15 @@ def test_edge_settings_and_flags() -> None:
             Settings(**kwargs)
     assert (args.max_rooms, Settings().max_rooms) == (32, 32)
     assert parse_args(["--max-rooms", "2"]).max_rooms == 2
+    assert args.slow_consumer == "disconnect"
+    assert parse_args(["--slow-consumer", "drop_oldest"]).slow_consumer == "drop_oldest"
     with pytest.raises(ValueError, match="max_rooms"):
         Settings(max_rooms=0)
     for argv in (
         ["--handshake-timeout", "0"],
         ["--max-connections-per-ip", "-1"],
         ["--max-rooms", "0"],
+        ["--slow-consumer", "drop-newest"],
     ):
         with pytest.raises(SystemExit):
             parse_args(argv)
