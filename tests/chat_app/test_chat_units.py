@@ -36,6 +36,7 @@ from examples.chat_app.edge import (
     Say,
     parse_command,
 )
+from examples.chat_app.responses import CLIENT_JS, _inline_hashes
 from examples.chat_app.service import (
     CHAT_HTML,
     CLOSE_WAIT,
@@ -67,11 +68,28 @@ def test_index_serves_chat_html_with_a_strict_csp(client: TestClient) -> None:
     csp = response.headers["content-security-policy"]
     assert "default-src 'none'" in csp
     assert "unsafe-inline" not in csp
-    assert re.search(r"script-src 'sha256-[A-Za-z0-9+/=]{44}'", csp)
+    assert re.search(r"script-src 'self' 'sha256-[A-Za-z0-9+/=]{44}';", csp)
     assert response.headers["x-content-type-options"] == "nosniff"
     assert "innerHTML" not in response.text
     assert "//cdn" not in response.text
     assert '<script src="' not in response.text
+
+
+def test_the_js_client_is_served_from_its_one_source(client: TestClient) -> None:
+    script = client.get("/wsbroadcast-client.js")
+    assert script.status_code == 200
+    assert script.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert script.headers["x-content-type-options"] == "nosniff"
+    assert script.content == CLIENT_JS.read_bytes()
+    assert CLIENT_JS.parts[-4:] == ("clients", "js", "src", "wsbroadcast-client.js")
+
+
+def test_inline_hashes_skip_external_scripts() -> None:
+    html = '<script src="/a.js"></script><script type="module">x</script><script>y</script>'
+    assert _inline_hashes(html, "script") == [
+        "'sha256-LXEWQrcmsEQBYnyp+6wy9chTD7GQPMTbAiWHF5IaSIE='",
+        "'sha256-ofzkNjhU/4iM/0uOeHXWAMJoI5BBKoz3mzfQsRFIsPo='",
+    ]
 
 
 def test_healthz_and_metrics(client: TestClient) -> None:
