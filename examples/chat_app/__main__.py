@@ -8,6 +8,12 @@ websockets`` serves the same routes and protocol on the ``websockets`` library's
 Either way the log goes to stderr, one line per record with its level and logger name, and
 SIGINT (Ctrl-C) or SIGTERM shuts the server down gracefully, in at most
 ``--shutdown-timeout`` seconds, and exits 0.
+
+``--workers N`` serves one port from N processes, for all the cores of a machine: each
+worker binds the port with ``SO_REUSEPORT`` (the kernel spreads new connections over them)
+and they share rooms through the backend, which must therefore be one they can all reach
+(Redis); with ``memory://`` every worker would have rooms of its own, so it is refused. The
+first process supervises: it forwards SIGINT and SIGTERM, and exits once every worker has.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import contextlib
 import logging
 import logging.config
 import os
+import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -292,6 +300,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         " reading can hold (default: the OS's autotuning)",
     )
     parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="processes serving the port, each with SO_REUSEPORT; more than 1 needs a"
+        " backend they share (redis://, redis+cluster://) (default 1)",
+    )
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -323,8 +340,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             jwt_secret=args.jwt_secret,
         )
         backend_from_url(settings.backend_url())  # fail now, not at startup, on a bad URL
+        if args.workers > 1 and settings.backend_url().startswith("memory:"):
+            raise ValueError(
+                f"--workers {args.workers} needs a backend the workers share (redis:// or"
+                " redis+cluster://): on memory:// each worker would have rooms of its own"
+            )
     except ValueError as exc:  # InvalidBackendURL is a ValueError too
         sys.exit(f"python -m examples.chat_app: error: {exc}")
+    if args.workers > 1:
+        raw = list(sys.argv[1:] if argv is None else argv)
+        sys.exit(_supervise(args.workers, [*raw, "--workers", "1", "--reuse-port"]))
     if args.server == "websockets":
         _run_websockets(args, settings)
     else:
@@ -335,7 +360,7 @@ def _run_websockets(args: argparse.Namespace, settings: Settings) -> None:
     from .websockets_server import run
 
     logging.config.dictConfig(logging_config(args.log_level))
-    main = run(ChatService(settings), args.host, args.port, args.send_buffer)
+    main = run(ChatService(settings), args.host, args.port, _listener(args))
     try:
         # uvloop when it is installed (uvicorn[standard] brings it), as uvicorn does.
         try:
@@ -378,16 +403,58 @@ def _run_uvicorn(args: argparse.Namespace, settings: Settings) -> None:
     )
     logging.getLogger("uvicorn.error").addFilter(_ClientMistakeFilter())
     server = _Server(config)
-    if args.send_buffer is None:
-        server.run()
-    else:
-        listener = config.bind_socket()
+    try:
+        listener = _listener(args)
+    except OSError as exc:  # the address is in use, say
+        logging.getLogger("uvicorn.error").error("cannot serve: %s", exc)
+        sys.exit(3)
+    server.run(sockets=None if listener is None else [listener])
+    if not server.started:
+        sys.exit(3)
+
+
+def _listener(args: argparse.Namespace) -> socket.socket | None:
+    """The listening socket, when the server must not make its own: a worker's (bound with
+    SO_REUSEPORT, beside its siblings) or one with ``--send-buffer``."""
+    if not args.reuse_port and args.send_buffer is None:
+        return None
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    listener = socket.create_server(
+        (args.host, args.port), family=family, reuse_port=args.reuse_port
+    )
+    if args.send_buffer is not None:
         # Accepted sockets inherit it: it caps the kernel memory a client that stops reading
         # can hold (Linux autotunes it up to net.ipv4.tcp_wmem, 4 MiB by default).
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, args.send_buffer)
-        server.run(sockets=[listener])
-    if not server.started:
-        sys.exit(3)
+    return listener
+
+
+def _supervise(workers: int, argv: list[str]) -> int:
+    """Run ``workers`` copies of this server on one port until they all exit; forward SIGINT
+    and SIGTERM to them. If one exits with an error, stop the others and return its status."""
+    command = [sys.executable, "-m", "examples.chat_app", *argv]
+    children = [subprocess.Popen(command) for _ in range(workers)]
+
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    status = 0
+    pending = list(children)
+    while pending:
+        pid, code = os.wait()
+        exited = next((child for child in pending if child.pid == pid), None)
+        if exited is None:
+            continue
+        pending.remove(exited)
+        exited.returncode = os.waitstatus_to_exitcode(code)
+        if exited.returncode and not status:
+            status = exited.returncode if exited.returncode > 0 else 1
+            forward(signal.SIGTERM, None)
+    return status
 
 
 if __name__ == "__main__":

@@ -192,8 +192,12 @@ def _peer_ip(connection: ServerConnection) -> str | None:
     return str(address[0]) if address else None
 
 
-async def run(service: ChatService, host: str, port: int, send_buffer: int | None) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully.
+async def run(
+    service: ChatService, host: str, port: int, listener: socket.socket | None = None
+) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully; on ``listener`` if given (a
+    worker's socket bound with SO_REUSEPORT, or one with a send buffer set), else on
+    ``host:port``.
 
     Shutdown stops accepting, then leaves the manager, which closes every connection with
     1001 (Going Away) after announcing its ``leave``; then waits for the handlers to return,
@@ -211,12 +215,6 @@ async def run(service: ChatService, host: str, port: int, send_buffer: int | Non
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    listener: socket.socket | None = None
-    if send_buffer is not None:
-        listener = socket.create_server((host, port))
-        # Accepted sockets inherit it: it caps the kernel memory a client that stops reading
-        # can hold.
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     async with service.running():
         server = await serve(
             front.handler,

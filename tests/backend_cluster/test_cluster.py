@@ -291,3 +291,19 @@ async def test_writes_a_promoted_replica_never_got_are_told_as_history_lost(
                 assert resets >= 1, client_id  # every client saw envelopes that are gone
             assert final.epoch != unreplicated[0].epoch
             assert final.envelopes[-1].text == marker.text
+
+
+async def test_a_burst_past_the_connection_limit_waits_instead_of_failing(make_node: Make) -> None:
+    """redis-py's cluster pools raise when every connection is in use; the backend queues
+    its commands for a connection instead, as one Redis's blocking pool does, so a burst of
+    connects is slower, never an outage."""
+    async with make_node(max_connections=2) as node:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as group:
+                for n in range(40):
+                    group.start_soon(node.add_presence, f"burst-{n % 5}", f"c{n}")
+                    group.start_soon(node.publish, f"burst-{n % 5}", "message", f"c{n}", n)
+        for room in range(5):
+            history = await node.history(f"burst-{room}", 0)
+            assert [e.seq for e in history.envelopes] == list(range(1, 9))
+        assert node.health()["status"] == "ok"

@@ -24,11 +24,13 @@ from collections.abc import Callable
 from typing import Any, ClassVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+import anyio
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterError,
+    ConnectionError,
     RedisClusterException,
     RedisError,
     SlotNotCoveredError,
@@ -55,6 +57,55 @@ CLUSTER_UNREACHABLE: tuple[type[BaseException], ...] = (
     SlotNotCoveredError,
 )
 """Errors that mean the cluster cannot serve the command now (retried with backoff)."""
+
+
+class _WaitingCluster(RedisCluster):
+    """A ``RedisCluster`` whose commands wait for a free connection, as one Redis's
+    ``BlockingConnectionPool`` does, instead of failing at once.
+
+    redis-py's cluster pools raise ``MaxConnectionsError`` when a node's ``max_connections``
+    are all in use, which a burst of connects (each a few commands) reaches, and which reads
+    as an outage. At most ``max_connections`` commands and pipelines are in flight here, so
+    no node's pool is ever exhausted; one waits at most ``turn_timeout`` seconds for its turn.
+    """
+
+    slots: anyio.Semaphore | None = None
+    turn_timeout: float = 5.0
+
+    async def _turn(self) -> None:
+        assert self.slots is not None
+        with anyio.move_on_after(self.turn_timeout):
+            await self.slots.acquire()
+            return
+        raise ConnectionError(f"no connection available within {self.turn_timeout} s")
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self.slots is None:
+            return await super().execute_command(*args, **kwargs)
+        await self._turn()
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self.slots.release()
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        pipe = super().pipeline(transaction, shard_hint)
+        if self.slots is None:
+            return pipe
+        execute, cluster = pipe.execute, self
+
+        async def waiting(*args: Any, **kwargs: Any) -> Any:
+            await cluster._turn()
+            try:
+                return await execute(*args, **kwargs)
+            finally:
+                assert cluster.slots is not None
+                cluster.slots.release()
+
+        pipe.execute = waiting  # type: ignore[method-assign]
+        return pipe
 
 
 class RedisClusterBackend(RedisBackend):
@@ -107,13 +158,18 @@ class RedisClusterBackend(RedisBackend):
             "require_full_coverage": False,
         }
         startup = [ClusterNode(host, port) for host, port in self.startup_nodes[1:]]
-        commands = RedisCluster.from_url(
-            self.url,
-            startup_nodes=startup,
-            max_connections=self.max_connections,
-            socket_timeout=self.command_timeout,
-            **options,
+        commands = cast(
+            _WaitingCluster,
+            _WaitingCluster.from_url(
+                self.url,
+                startup_nodes=startup,
+                max_connections=self.max_connections,
+                socket_timeout=self.command_timeout,
+                **options,
+            ),
         )
+        commands.slots = anyio.Semaphore(self.max_connections)
+        commands.turn_timeout = self.command_timeout
         reader = RedisCluster.from_url(
             self.url,
             startup_nodes=[ClusterNode(host, port) for host, port in self.startup_nodes[1:]],
