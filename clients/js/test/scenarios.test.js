@@ -117,7 +117,8 @@ async function step(action, world) {
       while ((await drops(servers[action.server])) === 0) {
         assert.ok(sent.length < action.max, "the server dropped nothing");
         for (let i = 0; i < action.batch; i += 1) {
-          publish(tracked, world, room, `${action.prefix}${sent.length + 1} `.padEnd(action.size, "x"));
+          const text = `${action.prefix}${sent.length + 1} `.padEnd(action.size, "x");
+          publish(tracked, world, room, text);
         }
         // Its own copies back: the server has fanned the batch out to every queue.
         await tracked.until(() => (tracked.messages.get(room) ?? []).length >= sent.length);
