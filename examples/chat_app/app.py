@@ -21,6 +21,7 @@ from wsbroadcast import CloseCode
 from wsbroadcast.transports.starlette import starlette_transport
 from wsbroadcast.transports.uvicorn import WebSocketProtocol
 
+from .responses import CLIENT_JS_PATH, client_script
 from .service import (
     CLOSE_WAIT,
     ChatService,
@@ -90,6 +91,7 @@ class _StarletteFrontEnd:
 
     def __init__(self, service: ChatService) -> None:
         self.service = service
+        self.client_js = client_script()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -100,6 +102,10 @@ class _StarletteFrontEnd:
     async def index(self, request: Request) -> Response:
         """``GET /``."""
         return _response(self.service.index())
+
+    async def client_script(self, request: Request) -> Response:
+        """``GET /wsbroadcast-client.js``: the JavaScript client that chat.html imports."""
+        return _response(self.client_js)
 
     async def healthz(self, request: Request) -> Response:
         """``GET /healthz``."""
@@ -163,6 +169,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route("/", front.index, methods=["GET"]),
+            Route(CLIENT_JS_PATH, front.client_script, methods=["GET"]),
             Route("/healthz", front.healthz, methods=["GET"]),
             Route("/metrics", front.metrics, methods=["GET"]),
             Route("/rooms/{room}", front.room, methods=["GET"]),

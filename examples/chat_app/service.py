@@ -103,7 +103,7 @@ from .edge import (
     valid_name,
 )
 from .metrics import _METRIC_NAMES, _ChatCollector, _Counters, _integral
-from .responses import HttpResponse, _api_error, _inline_hashes
+from .responses import HttpResponse, _api_error, chat_page
 from .settings import Settings
 
 __all__ = [
@@ -273,29 +273,7 @@ class ChatService:
         self.outage = _OutageLog()
         self._local_buckets = _LocalBuckets()
         self._per_ip: Counter[str] = Counter()
-        html = CHAT_HTML.read_text(encoding="utf-8")
-        csp = [
-            "default-src 'none'",
-            f"script-src {' '.join(_inline_hashes(html, 'script'))}",
-            f"style-src {' '.join(_inline_hashes(html, 'style'))}",
-            "connect-src 'self'",
-            "img-src 'self' data:",
-            "base-uri 'none'",
-            "form-action 'none'",
-            "frame-ancestors 'none'",
-        ]
-        self._index = HttpResponse(
-            HTTPStatus.OK,
-            "text/html; charset=utf-8",
-            html.encode(),
-            {
-                "Content-Security-Policy": "; ".join(csp),
-                "X-Content-Type-Options": "nosniff",
-                "X-Frame-Options": "DENY",
-                "Referrer-Policy": "no-referrer",
-                "Cache-Control": "no-cache",
-            },
-        )
+        self._index = chat_page(CHAT_HTML.read_text(encoding="utf-8"))
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -326,7 +304,8 @@ class ChatService:
     # HTTP routes
 
     def index(self) -> HttpResponse:
-        """``GET /``: the chat page, with a CSP that allows only its own inline code."""
+        """``GET /``: the chat page, with a CSP that allows only its own inline code and the
+        client module it imports."""
         return self._index
 
     def healthz(self) -> HttpResponse:

@@ -39,6 +39,7 @@ from websockets.protocol import State
 from wsbroadcast import CloseCode
 from wsbroadcast.transports.websockets import WebsocketsTransport
 
+from .responses import CLIENT_JS_PATH, client_script
 from .service import CLOSE_WAIT, ChatRequest, ChatService, FrameTooBig, Handshake, HttpResponse
 
 __all__ = ["BoundedServerConnection", "WebsocketsFrontEnd", "run"]
@@ -132,6 +133,7 @@ class WebsocketsFrontEnd:
 
     def __init__(self, service: ChatService) -> None:
         self.service = service
+        self.client_js = client_script()
         self._accepted: weakref.WeakKeyDictionary[ServerConnection, ChatRequest] = (
             weakref.WeakKeyDictionary()
         )
@@ -139,8 +141,9 @@ class WebsocketsFrontEnd:
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        """Answer ``GET /``, ``/healthz``, ``/metrics`` and ``/rooms/{room}``; refuse a bad
-        ``/ws/{client_id}`` handshake with 403; None lets a good one proceed."""
+        """Answer ``GET /``, ``/wsbroadcast-client.js``, ``/healthz``, ``/metrics`` and
+        ``/rooms/{room}``; refuse a bad ``/ws/{client_id}`` handshake with 403; None lets a
+        good one proceed."""
         service = self.service
         # Older websockets parse GET requests only and have no Request.method.
         if getattr(request, "method", "GET") != "GET":
@@ -151,6 +154,8 @@ class WebsocketsFrontEnd:
         path = url.path
         if path == "/":
             return _response(service.index())
+        if path == CLIENT_JS_PATH:
+            return _response(self.client_js)
         if path == "/healthz":
             return _response(service.healthz())
         if path == "/metrics":

@@ -21,6 +21,7 @@ chosen by the running event loop), with anyio for its own tasks.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import random as random_module
@@ -222,7 +223,17 @@ class _Resume(Exception):
 class _Sub:
     """One room's bookkeeping (the personal stream's included)."""
 
-    __slots__ = ("accept_any", "epoch", "lost", "personal", "resuming", "room", "seq", "state")
+    __slots__ = (
+        "accept_any",
+        "epoch",
+        "lost",
+        "personal",
+        "resuming",
+        "retrying",
+        "room",
+        "seq",
+        "state",
+    )
 
     def __init__(self, room: str, seq: int | None, epoch: str | None, personal: bool) -> None:
         self.room = room
@@ -233,6 +244,7 @@ class _Sub:
         self.accept_any = False
         self.resuming = False
         self.lost = False
+        self.retrying = False
 
 
 def _running_trio() -> bool:
@@ -701,6 +713,16 @@ class Client:
     async def _on_error(self, room: str | None, data: Mapping[str, Any]) -> None:
         code, detail = _text(data.get("code")) or "unknown", _text(data.get("detail"))
         await self._put(ServerError(room, code, detail))
+        if code == "rate_limited":
+            # The server dropped a frame and names the connection's first room, not the
+            # frame's: if it was a join, that join is never answered. Send every unanswered
+            # join again, with backoff (frames are handled in order: one that was only slow
+            # is answered first, and the second then gets already_joined, which changes
+            # nothing).
+            for pending in list(self._subs.values()):
+                if not pending.personal and pending.state == "subscribing":
+                    self._retry_join(pending)
+            return
         sub = None if room is None else self._subs.get(room)
         if sub is None or sub.personal or sub.state != "subscribing":
             return
@@ -710,6 +732,27 @@ class Client:
         elif code in _JOIN_REFUSALS:
             del self._subs[sub.room]
             await self._put(Unsubscribed(sub.room, code, detail))
+        elif code == "unavailable":
+            # The backend could not serve the join: try again on this connection, with backoff.
+            self._retry_join(sub)
+
+    def _retry_join(self, sub: _Sub) -> None:
+        """Send ``sub``'s join again after a backoff, if still on this connection and
+        unanswered (one retry at a time per room)."""
+        if sub.retrying or self._task_group is None:
+            return
+        sub.retrying = True
+        self._task_group.start_soon(self._join_later, sub, self._ws)
+
+    async def _join_later(self, sub: _Sub, ws: Any) -> None:
+        try:
+            # The backoff itself, not a synchronisation.
+            await anyio.sleep(backoff_delay(1, self._min_delay, self._max_delay, self._random))
+        finally:
+            sub.retrying = False
+        if self._ws is ws and self._subs.get(sub.room) is sub and sub.state == "subscribing":
+            with contextlib.suppress(NotConnected):
+                await self._join(sub)
 
 
 def connect(

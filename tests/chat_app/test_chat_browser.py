@@ -27,6 +27,19 @@ ARGS = [
 ]  # fmt: skip
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "chat.png"
 TIMEOUT_MS = 15_000
+CLIENT_MODULE = "/wsbroadcast-client.js"
+RECORD_SOCKETS = """(() => {
+  // Before the page's own scripts: remember who constructs each WebSocket, and its URL.
+  const Original = window.WebSocket;
+  const made = [];
+  Object.defineProperty(window, "__chatSockets", { value: made });
+  window.WebSocket = class extends Original {
+    constructor(...args) {
+      made.push({ url: String(args[0]), stack: String(new Error().stack) });
+      super(...args);
+    }
+  };
+})();"""
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")
 
@@ -82,6 +95,7 @@ def open_chat(
         ws.on("framereceived", received)
 
     page.on("websocket", watch)
+    page.add_init_script(RECORD_SOCKETS)
     page.chat_urls = urls  # type: ignore[attr-defined]
     page.chat_envelopes = envelopes  # type: ignore[attr-defined]
     page.goto(f"{server.url}/?client_id={client_id}&room={room}")
@@ -112,6 +126,35 @@ def lines(page: Page) -> list[str]:
         "#messages > li",
         "items => items.map((li) => li.className + ': ' + li.querySelector('.text').textContent)",
     )
+
+
+def sockets_made(page: Page) -> list[dict[str, str]]:
+    """Every WebSocket the page constructed: its URL and the stack that constructed it."""
+    made: list[dict[str, str]] = page.evaluate("() => window.__chatSockets")
+    return made
+
+
+def assert_runs_on_the_js_client(page: Page, server: ChatServer) -> None:
+    """The page's one script is a module importing the JS client, served by the app; it
+    builds no WebSocket itself: every one the page made was constructed by the client."""
+    scripts = page.eval_on_selector_all(
+        "script", "items => items.map((s) => [s.type, s.src, s.textContent])"
+    )
+    assert len(scripts) == 1, scripts
+    kind, src, text = scripts[0]
+    assert (kind, src) == ("module", "")
+    assert re.search(rf'^import {{ WsBroadcastClient }} from "{CLIENT_MODULE}";$', text, re.M)
+    assert "WebSocket(" not in text
+    assert "readyState" not in text
+    loaded = page.evaluate("() => performance.getEntriesByType('resource').map((e) => e.name)")
+    assert f"{server.url}{CLIENT_MODULE}" in loaded, loaded
+    made = sockets_made(page)
+    assert made
+    for socket in made:
+        assert f"{server.url}{CLIENT_MODULE}:" in socket["stack"], socket["stack"]
+        # the page's own code is on the stack only as the caller of the client's connect()
+        frames = [line for line in socket["stack"].splitlines() if "    at " in line]
+        assert CLIENT_MODULE in frames[1], frames  # [0] is the recorder
 
 
 def test_two_pages_chat_safely_and_survive_a_restart(browser: Browser, server: ChatServer) -> None:
@@ -409,6 +452,13 @@ def test_rooms_direct_messages_and_unread_counts_survive_a_restart(
         open_room(alice, room)
         assert not [line for line in lines(alice) if line.startswith("notice: ")], lines(alice)
     assert len(sockets) >= 2  # she did reconnect
+    # ... by the JS client, which put the home room's and the personal stream's positions in
+    # the URL (the second room is resumed by a join frame).
+    for page in (alice, bob):
+        assert_runs_on_the_js_client(page, server)
+    last_url = sockets_made(alice)[-1]["url"]
+    for key in ("room", "since", "epoch", "dm_since", "dm_epoch"):
+        assert f"{key}=" in last_url, last_url
     for page in (alice, bob):
         assert [e for e in page.chat_errors if "WebSocket" not in e] == []  # type: ignore[attr-defined]
         page.context.close()

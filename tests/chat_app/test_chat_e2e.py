@@ -16,6 +16,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from examples.chat_app.responses import CLIENT_JS
 from tests.chat_app.frames import next_frame
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ def test_http_routes(server: ChatServer) -> None:
     assert page.headers["content-type"].startswith("text/html")
     assert 'id="messages"' in page.text
     assert 'id="message"' in page.text
-    assert "script-src 'sha256-" in page.headers["content-security-policy"]
+    assert "script-src 'self' 'sha256-" in page.headers["content-security-policy"]
     health = httpx.get(f"{server.url}/healthz")
     assert health.status_code == 200
     assert health.json()["status"] == "ok"
@@ -139,6 +140,26 @@ def test_http_routes(server: ChatServer) -> None:
     assert httpx.get(f"{server.url}/rooms/never-used").json() == {
         "room": "never-used", "online": [], "seq": 0
     }  # fmt: skip
+
+
+def test_the_js_client_is_served_for_the_page(server: ChatServer) -> None:
+    """``GET /wsbroadcast-client.js`` is clients/js/src/wsbroadcast-client.js itself, as
+    JavaScript (module scripts need a JavaScript MIME type), and the page's CSP allows it by
+    ``'self'`` and nothing else new."""
+    script = httpx.get(f"{server.url}/wsbroadcast-client.js")
+    assert script.status_code == 200
+    assert script.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert script.headers["x-content-type-options"] == "nosniff"
+    assert script.content == CLIENT_JS.read_bytes()
+    assert "export class WsBroadcastClient" in script.text
+    csp = httpx.get(f"{server.url}/").headers["content-security-policy"]
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert re.fullmatch(r"'self'( 'sha256-[A-Za-z0-9+/=]{44}')+", directives["script-src"]), csp
+    assert directives["connect-src"] == "'self'"
+    assert directives["default-src"] == "'none'"
+    assert "unsafe" not in csp
+    assert httpx.post(f"{server.url}/wsbroadcast-client.js").status_code == 405
+    assert httpx.get(f"{server.url}/wsbroadcast-client.js/x").status_code == 404
 
 
 BAD_FRAMES: list[tuple[str | bytes, str]] = [

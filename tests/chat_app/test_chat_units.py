@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import re
@@ -36,6 +38,7 @@ from examples.chat_app.edge import (
     Say,
     parse_command,
 )
+from examples.chat_app.responses import CLIENT_JS, _inline_hashes
 from examples.chat_app.service import (
     CHAT_HTML,
     CLOSE_WAIT,
@@ -67,11 +70,47 @@ def test_index_serves_chat_html_with_a_strict_csp(client: TestClient) -> None:
     csp = response.headers["content-security-policy"]
     assert "default-src 'none'" in csp
     assert "unsafe-inline" not in csp
-    assert re.search(r"script-src 'sha256-[A-Za-z0-9+/=]{44}'", csp)
+    assert re.search(r"script-src 'self' 'sha256-[A-Za-z0-9+/=]{44}';", csp)
     assert response.headers["x-content-type-options"] == "nosniff"
     assert "innerHTML" not in response.text
     assert "//cdn" not in response.text
     assert '<script src="' not in response.text
+
+
+def test_the_pages_csp_hashes_its_inline_module_script_and_allows_the_client(
+    client: TestClient,
+) -> None:
+    """chat.html's code is one inline ``<script type="module">`` (hashed in the CSP) that
+    imports ``/wsbroadcast-client.js`` (allowed by ``'self'``): no other script source."""
+    html = CHAT_HTML.read_text(encoding="utf-8")
+    scripts = re.findall(r"<script([^>]*)>(.*?)</script>", html, flags=re.DOTALL)
+    assert [attributes for attributes, _ in scripts] == [' type="module"']
+    body = scripts[0][1]
+    assert re.search(r'^import \{[^}]+\} from "/wsbroadcast-client\.js";$', body, re.M)
+    assert "new WebSocket" not in body
+    digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+    csp = client.get("/").headers["content-security-policy"]
+    style = re.findall(r"<style>(.*?)</style>", html, flags=re.DOTALL)
+    style_digest = base64.b64encode(hashlib.sha256(style[0].encode()).digest()).decode()
+    assert f"script-src 'self' 'sha256-{digest}';" in csp
+    assert f"style-src 'sha256-{style_digest}';" in csp
+
+
+def test_the_js_client_is_served_from_its_one_source(client: TestClient) -> None:
+    script = client.get("/wsbroadcast-client.js")
+    assert script.status_code == 200
+    assert script.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert script.headers["x-content-type-options"] == "nosniff"
+    assert script.content == CLIENT_JS.read_bytes()
+    assert CLIENT_JS.parts[-4:] == ("clients", "js", "src", "wsbroadcast-client.js")
+
+
+def test_inline_hashes_skip_external_scripts() -> None:
+    html = '<script src="/a.js"></script><script type="module">x</script><script>y</script>'
+    assert _inline_hashes(html, "script") == [
+        "'sha256-LXEWQrcmsEQBYnyp+6wy9chTD7GQPMTbAiWHF5IaSIE='",
+        "'sha256-ofzkNjhU/4iM/0uOeHXWAMJoI5BBKoz3mzfQsRFIsPo='",
+    ]
 
 
 def test_healthz_and_metrics(client: TestClient) -> None:
@@ -216,12 +255,15 @@ def test_valid_name() -> None:
 
 def test_chat_html_checks_names_with_the_library_pattern() -> None:
     """chat.html cannot import NAME_PATTERN: its copy must say the same, and every URL it
-    builds must percent-encode the names (``#`` would start the fragment)."""
+    builds must percent-encode the names (``#`` would start the fragment): the path's client
+    id and ``/rooms/`` its own, the query (``room`` and the rest) by the JS client's
+    ``URLSearchParams`` (test_chat_browser checks the URLs a real page opens)."""
     html = CHAT_HTML.read_text()
     assert f"const NAME = /^{NAME_PATTERN.pattern}$/;" in html
     assert '"/ws/" + encodeURIComponent(clientId)' in html
-    assert '"?room=" + encodeURIComponent(room)' in html
-    assert '"/rooms/" + encodeURIComponent(room)' in html
+    assert '"/rooms/" + encodeURIComponent(name)' in html
+    assert 'put("room", first.room)' in CLIENT_JS.read_text()
+    assert "url.searchParams.set(key, String(value))" in CLIENT_JS.read_text()
 
 
 def test_settings_and_command_line() -> None:

@@ -266,3 +266,44 @@ async def test_subscribe_while_connected_and_a_refused_join(server: ScriptedServ
             assert await take(events, Unsubscribed) == Unsubscribed("lobby", None, "unsubscribed")
             await client.publish("lobby", "hi")
             assert json.loads(await ws.recv()) == {"room": "lobby", "message": "hi"}
+
+
+async def test_a_rate_limited_frame_may_have_been_a_join(server: ScriptedServer) -> None:
+    """The rate-limit error names the connection's first room: every join still unanswered
+    is sent again, one that was answered is not."""
+    with anyio.fail_after(10):
+        async with fast(server.url, rooms=["lobby", "news", "sport"]) as client:
+            events = client.events()
+            ws = await server.next()
+            assert [json.loads(await ws.recv()) for _ in range(2)] == [
+                {"join": "news"},
+                {"join": "sport"},
+            ]
+            await ws.send(
+                json.dumps({"type": "joined", "room": "news", "data": {"seq": 3, "epoch": "n"}})
+            )
+            limited = {
+                "type": "error",
+                "room": "lobby",
+                "data": {"code": "rate_limited", "detail": "slow"},
+            }
+            await ws.send(json.dumps(limited))
+            assert json.loads(await ws.recv()) == {"join": "sport"}
+            await ws.send(
+                json.dumps({"type": "joined", "room": "sport", "data": {"seq": 0, "epoch": ""}})
+            )
+            while (await take(events, Subscribed)).room != "sport":
+                pass
+            await ws.send(json.dumps(limited))
+            await client.publish("lobby", "hi")  # nothing unanswered: no join before it
+            assert json.loads(await ws.recv()) == {"room": "lobby", "message": "hi"}
+
+
+async def test_an_unavailable_join_is_sent_again(server: ScriptedServer) -> None:
+    with anyio.fail_after(10):
+        async with fast(server.url, rooms=["lobby", "news"]):
+            ws = await server.next()
+            assert json.loads(await ws.recv()) == {"join": "news"}
+            error = {"code": "unavailable", "detail": "backend down"}
+            await ws.send(json.dumps({"type": "error", "room": "news", "data": error}))
+            assert json.loads(await ws.recv()) == {"join": "news"}

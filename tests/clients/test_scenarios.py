@@ -7,6 +7,7 @@ clients/js/test/scenarios.test.js runs the same file with the JS client.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -15,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from tests.backend_redis.redis_helpers import RedisServer
-from tests.clients.chat_servers import ROOMS_PROTOCOL, SERVER_KINDS, ChatApp
+from tests.clients.chat_servers import ROOMS_PROTOCOL, SERVER_KINDS, ChatApp, StallProxy
 from wsbroadcast import Envelope
-from wsbroadcast.client import Client, Connected, HistoryLost, Subscribed, connect
+from wsbroadcast.client import Client, Connected, Gap, HistoryLost, Subscribed, connect
 
 SCENARIOS: list[dict[str, Any]] = json.loads(
     (Path(__file__).with_name("scenarios.json")).read_text()
@@ -57,6 +59,8 @@ class Tracked:
                 self.events[("subscribed", item.room)] += 1
             elif isinstance(item, Connected):
                 self.events[("connected", None)] += 1
+            elif isinstance(item, Gap):
+                self.events[("gap", item.room)] += 1
             self._changed.set()
 
     async def until(self, predicate: Callable[[], bool]) -> None:
@@ -85,28 +89,56 @@ async def run(scenario: dict[str, Any], kind: str, directory: Path) -> None:
             await anyio.to_thread.run_sync(server.start)
         task_group = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(task_group.cancel_scope.cancel)
-        clients: dict[str, Tracked] = {}
+        world = World(servers, task_group, stack)
         for step in scenario["steps"]:
-            await do(step, servers, clients, task_group, stack)
+            await do(step, world)
+        clients = world.clients
         for name, tracked in clients.items():
             assert tracked.duplicates() == [], f"{name} received an envelope twice"
 
 
-async def do(
-    step: dict[str, Any],
-    servers: list[ChatApp],
-    clients: dict[str, Tracked],
-    task_group: anyio.abc.TaskGroup,
-    stack: AsyncExitStack,
-) -> None:
+class World:
+    """What a scenario's steps act on: its servers, clients and proxies, and what was published."""
+
+    def __init__(
+        self, servers: list[ChatApp], task_group: anyio.abc.TaskGroup, stack: AsyncExitStack
+    ) -> None:
+        self.servers = servers
+        self.task_group = task_group
+        self.stack = stack
+        self.clients: dict[str, Tracked] = {}
+        self.proxies: dict[str, StallProxy] = {}
+        self.published: dict[str, list[str]] = {}
+
+
+async def drops(server: ChatApp) -> float:
+    """``chat_drops_total`` of ``server``: frames queued for a connection and never written."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{server.port}/metrics")).text
+    match = re.search(r"^chat_drops_total (\S+)$", text, flags=re.MULTILINE)
+    assert match, "chat_drops_total not in /metrics"
+    return float(match.group(1))
+
+
+async def publish(tracked: Tracked, world: World, room: str, text: str) -> None:
+    await tracked.client.publish(room, text)
+    world.published.setdefault(room, []).append(text)
+
+
+async def do(step: dict[str, Any], world: World) -> None:
+    servers, clients, task_group = world.servers, world.clients, world.task_group
     action = step["do"]
     tracked = clients.get(step.get("client", ""))
     if action == "connect":
         url = f"{servers[step['server']].ws_url}/ws/{step['id']}"
+        if step.get("proxy"):
+            proxy = world.proxies[step["client"]] = StallProxy(servers[step["server"]].port)
+            port = await task_group.start(proxy.serve)
+            url = f"ws://127.0.0.1:{port}/ws/{step['id']}"
         client = connect(
             url, rooms=step["rooms"], min_reconnect_delay=0.05, max_reconnect_delay=0.5
         )
-        await stack.enter_async_context(client)
+        await world.stack.enter_async_context(client)
         clients[step["client"]] = tracked = Tracked(client)
         task_group.start_soon(tracked.pump)
     elif action == "subscribe":
@@ -125,7 +157,24 @@ async def do(
     elif action == "publish":
         assert tracked is not None
         for text in step["texts"]:
-            await tracked.client.publish(step["room"], text)
+            await publish(tracked, world, step["room"], text)
+    elif action == "publish_until_dropped":
+        assert tracked is not None
+        room, server = step["room"], servers[step["server"]]
+        sent = world.published.setdefault(room, [])
+        while await drops(server) == 0:
+            assert len(sent) < step["max"], "the server dropped nothing"
+            for _ in range(step["batch"]):
+                text = f"{step['prefix']}{len(sent) + 1} "
+                await publish(tracked, world, room, text.ljust(step["size"], "x"))
+            # Its own copies back: the server has fanned the batch out to every queue.
+            await tracked.until(lambda: len(tracked.messages.get(room, [])) >= len(sent))
+    elif action == "expect_all_published":
+        assert tracked is not None
+        room = step["room"]
+        texts = world.published.get(room, [])
+        await tracked.until(lambda: len(tracked.messages.get(room, [])) >= len(texts))
+        assert tracked.messages[room] == texts
     elif action == "direct":
         assert tracked is not None
         for text in step["texts"]:
@@ -145,6 +194,13 @@ async def do(
         key = (step["event"], step.get("room"))
         count = step.get("count", 1)
         await tracked.until(lambda: tracked.events[key] >= count)
+    elif action == "expect_no_event":
+        assert tracked is not None
+        assert tracked.events[(step["event"], step.get("room"))] == 0
+    elif action == "stall":
+        world.proxies[step["client"]].stall()
+    elif action == "unstall":
+        world.proxies[step["client"]].unstall()
     elif action == "kill":
         servers[step["server"]].kill()
     elif action == "stop":

@@ -611,6 +611,18 @@ export class WsBroadcastClient {
     const code = typeof data.code === "string" ? data.code : "unknown";
     const detail = typeof data.detail === "string" ? data.detail : "";
     this._emit("error", { type: "server", room, code, detail });
+    if (code === "rate_limited") {
+      // The server dropped a frame and names the connection's first room, not the frame's:
+      // if it was a join, that join is never answered. Send every unanswered join again,
+      // with backoff (frames are handled in order: one that was only slow is answered first,
+      // and the second then gets already_joined, which changes nothing).
+      for (const pending of this._subs.values()) {
+        if (!pending.personal && pending.state === SubscriptionState.Subscribing) {
+          this._retryJoin(pending);
+        }
+      }
+      return;
+    }
     const sub = room === null ? null : this._subs.get(room);
     if (!sub || sub.state !== SubscriptionState.Subscribing || sub.personal) return;
     if (code === "already_joined") {
@@ -622,13 +634,19 @@ export class WsBroadcastClient {
       this._emit("unsubscribed", { room, code, reason: detail });
     } else if (code === "unavailable") {
       // The backend could not serve the join: try again on this connection, with backoff.
-      const delay = backoffDelay(1, this._minDelay, this._maxDelay, this._random);
-      const ws = this._ws;
-      clearTimeout(sub.retryTimer);
-      sub.retryTimer = setTimeout(() => {
-        if (this._ws === ws && this._subs.get(room) === sub) this._sendJoin(sub);
-      }, delay);
+      this._retryJoin(sub);
     }
+  }
+
+  /** Send `sub`'s join again after a backoff, if still on this connection and unanswered. */
+  _retryJoin(sub) {
+    const delay = backoffDelay(1, this._minDelay, this._maxDelay, this._random);
+    const ws = this._ws;
+    clearTimeout(sub.retryTimer);
+    sub.retryTimer = setTimeout(() => {
+      const current = this._ws === ws && this._subs.get(sub.room) === sub;
+      if (current && sub.state === SubscriptionState.Subscribing) this._sendJoin(sub);
+    }, delay);
   }
 }
 

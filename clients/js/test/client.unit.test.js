@@ -369,6 +369,30 @@ describe("rooms", () => {
     client.disconnect();
   });
 
+  test("a rate_limited frame may have been a join: unanswered joins go again", async () => {
+    const client = makeClient();
+    client.subscribe("lobby");
+    client.subscribe("news");
+    client.subscribe("sport");
+    client.connect();
+    const ws = await FakeWebSocket.nth(0);
+    ws.serverOpen();
+    assert.deepEqual(ws.frames, [{ join: "news" }, { join: "sport" }]);
+    ws.serverSend({ type: "joined", room: "news", data: { seq: 3, epoch: "n" } });
+    // The join of sport was dropped; the error names the connection's first room.
+    const limited = { type: "error", room: "lobby", data: { code: "rate_limited", detail: "slow" } };
+    ws.serverSend(limited);
+    await new Promise((resolve) => setTimeout(resolve, 0)); // after the retry's timer (0 ms)
+    assert.deepEqual(ws.frames, [{ join: "news" }, { join: "sport" }, { join: "sport" }]);
+    const subscribed = nextEvent(client, "subscribed");
+    ws.serverSend({ type: "joined", room: "sport", data: { seq: 0, epoch: "" } });
+    assert.equal((await subscribed).room, "sport");
+    ws.serverSend(limited);
+    await new Promise((resolve) => setTimeout(resolve, 0));
+    assert.equal(ws.frames.length, 3); // nothing unanswered: nothing sent
+    client.disconnect();
+  });
+
   test("a refused join is an error and ends the subscription; already_joined subscribes", async () => {
     const client = makeClient();
     client.subscribe("lobby");

@@ -8,7 +8,7 @@ import path from "node:path";
 import { describe, test } from "node:test";
 
 import { WsBroadcastClient } from "../src/wsbroadcast-client.js";
-import { ChatApp, ROOMS_PROTOCOL, ROOT, RedisServer } from "../testing/chat-app.js";
+import { ChatApp, ROOMS_PROTOCOL, ROOT, RedisServer, StallProxy } from "../testing/chat-app.js";
 
 const { scenarios } = JSON.parse(
   readFileSync(path.join(ROOT, "tests", "clients", "scenarios.json"), "utf8"),
@@ -36,7 +36,7 @@ class Tracked {
       }
       this._changed();
     });
-    for (const event of ["history_lost", "subscribed", "connected"]) {
+    for (const event of ["history_lost", "subscribed", "connected", "gap"]) {
       client.on(event, (ctx) => {
         const key = `${event} ${ctx.room ?? ""}`;
         this.events.set(key, (this.events.get(key) ?? 0) + 1);
@@ -65,11 +65,32 @@ class Tracked {
   }
 }
 
-async function step(action, servers, clients) {
+/** `chat_drops_total` of `server`: frames queued for a connection and never written. */
+async function drops(server) {
+  const text = await (await fetch(`http://127.0.0.1:${server.port}/metrics`)).text();
+  const match = /^chat_drops_total (\S+)$/m.exec(text);
+  assert.ok(match, "chat_drops_total not in /metrics");
+  return Number(match[1]);
+}
+
+function publish(tracked, world, room, text) {
+  assert.ok(tracked.client.publish(room, text));
+  if (!world.published.has(room)) world.published.set(room, []);
+  world.published.get(room).push(text);
+}
+
+async function step(action, world) {
+  const { servers, clients } = world;
   const tracked = clients.get(action.client);
   switch (action.do) {
     case "connect": {
-      const url = `${servers[action.server].wsUrl}/ws/${encodeURIComponent(action.id)}`;
+      let url = `${servers[action.server].wsUrl}/ws/${encodeURIComponent(action.id)}`;
+      if (action.proxy) {
+        const proxy = await StallProxy.start(servers[action.server].port);
+        world.cleanups.push(() => proxy.close());
+        world.proxies.set(action.client, proxy);
+        url = `ws://127.0.0.1:${proxy.port}/ws/${encodeURIComponent(action.id)}`;
+      }
       const client = new WsBroadcastClient(url, { minReconnectDelay: 50, maxReconnectDelay: 500 });
       const fresh = new Tracked(client);
       clients.set(action.client, fresh);
@@ -87,7 +108,38 @@ async function step(action, servers, clients) {
       });
       break;
     case "publish":
-      for (const text of action.texts) assert.ok(tracked.client.publish(action.room, text));
+      for (const text of action.texts) publish(tracked, world, action.room, text);
+      break;
+    case "publish_until_dropped": {
+      const { room } = action;
+      if (!world.published.has(room)) world.published.set(room, []);
+      const sent = world.published.get(room);
+      while ((await drops(servers[action.server])) === 0) {
+        assert.ok(sent.length < action.max, "the server dropped nothing");
+        for (let i = 0; i < action.batch; i += 1) {
+          const text = `${action.prefix}${sent.length + 1} `.padEnd(action.size, "x");
+          publish(tracked, world, room, text);
+        }
+        // Its own copies back: the server has fanned the batch out to every queue.
+        await tracked.until(() => (tracked.messages.get(room) ?? []).length >= sent.length);
+      }
+      break;
+    }
+    case "expect_all_published": {
+      const texts = world.published.get(action.room) ?? [];
+      const got = () => tracked.messages.get(action.room) ?? [];
+      await tracked.until(() => got().length >= texts.length);
+      assert.deepEqual(got(), texts);
+      break;
+    }
+    case "expect_no_event":
+      assert.equal(tracked.count(action.event, action.room), 0);
+      break;
+    case "stall":
+      world.proxies.get(action.client).stall();
+      break;
+    case "unstall":
+      world.proxies.get(action.client).unstall();
       break;
     case "direct":
       for (const text of action.texts) assert.ok(tracked.client.sendDirect(action.to, text));
@@ -130,6 +182,7 @@ async function run(scenario, kind) {
   );
   const cleanups = [];
   const clients = new Map();
+  const world = { servers: [], clients, cleanups, proxies: new Map(), published: new Map() };
   try {
     const args = [...(scenario.server_args ?? [])];
     if (scenario.backend === "redis") {
@@ -137,14 +190,14 @@ async function run(scenario, kind) {
       cleanups.push(() => redis.kill());
       args.push("--backend", redis.url);
     }
-    const servers = [];
+    const { servers } = world;
     for (let i = 0; i < (scenario.servers ?? 1); i += 1) {
       const server = await ChatApp.create(kind, args);
       cleanups.push(() => server.kill());
       servers.push(server);
       await server.start();
     }
-    for (const action of scenario.steps) await step(action, servers, clients);
+    for (const action of scenario.steps) await step(action, world);
     for (const [name, tracked] of clients) {
       assert.deepEqual(tracked.duplicates(), [], `${name} received an envelope twice`);
     }

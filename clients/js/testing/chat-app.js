@@ -145,3 +145,77 @@ export class RedisServer {
     await exited(child);
   }
 }
+
+/**
+ * A TCP proxy on 127.0.0.1 in front of a chat app that can stop reading what the server sends
+ * (`stall()`) and start again (`unstall()`): a reader the server sees as slow while the client
+ * reads as fast as it can. While stalled, the proxy reads nothing more from the server (a
+ * paused socket stops reading once its small buffer is full), so the server's socket buffer,
+ * its write buffer, then its queue for the connection fill, where its slow-consumer policy
+ * applies. What the client sends is always forwarded. Mirrors tests/clients/chat_servers.py.
+ */
+export class StallProxy {
+  constructor(targetPort) {
+    this.targetPort = targetPort;
+    this.stalled = false;
+    this.pairs = new Set();
+    this.server = null;
+    this.port = null;
+  }
+
+  static async start(targetPort) {
+    const proxy = new StallProxy(targetPort);
+    proxy.server = net.createServer((client) => proxy._handle(client));
+    await new Promise((resolve, reject) => {
+      proxy.server.once("error", reject);
+      proxy.server.listen(0, "127.0.0.1", resolve);
+    });
+    proxy.port = proxy.server.address().port;
+    return proxy;
+  }
+
+  _handle(client) {
+    const upstream = net.connect(this.targetPort, "127.0.0.1");
+    const pair = { client, upstream };
+    this.pairs.add(pair);
+    const end = () => {
+      this.pairs.delete(pair);
+      client.destroy();
+      upstream.destroy();
+    };
+    for (const socket of [client, upstream]) {
+      socket.on("error", end);
+      socket.on("close", end);
+    }
+    client.pipe(upstream);
+    // Not pipe(): a piped source is resumed whenever its destination drains.
+    upstream.on("data", (chunk) => {
+      if (!client.write(chunk)) {
+        upstream.pause();
+        client.once("drain", () => {
+          if (!this.stalled) upstream.resume();
+        });
+      }
+    });
+    if (this.stalled) upstream.pause();
+  }
+
+  stall() {
+    this.stalled = true;
+    for (const { upstream } of this.pairs) upstream.pause();
+  }
+
+  unstall() {
+    this.stalled = false;
+    for (const { upstream } of this.pairs) upstream.resume();
+  }
+
+  async close() {
+    for (const { client, upstream } of this.pairs) {
+      client.destroy();
+      upstream.destroy();
+    }
+    this.pairs.clear();
+    await new Promise((resolve) => this.server.close(() => resolve()));
+  }
+}
