@@ -185,8 +185,9 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
         config.server, config.scenario, config.clients, config.stalled, config.messages
     )
     result.nodes, result.backend, result.rooms = config.nodes, config.backend, config.rooms
-    if not spec.available:
-        result.error = "not implemented yet"
+    reason = spec.unavailable_reason()
+    if reason is not None:
+        result.error = f"skipped: {reason}"
         return result
     if not 1 <= config.clients <= MAX_CLIENTS or not 1 <= config.nodes <= 4:
         raise ValueError(f"clients must be 1..{MAX_CLIENTS}, nodes 1..4")
