@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+from .openreport import existing_section
 from .runner import RunResult
 from .servers import SERVERS
 
@@ -313,6 +314,9 @@ def write_report(
     ]
     if has_plot:
         parts.append(f"![deliveries/s and CPU per delivery against N]({png.name})\n")
+    kept = existing_section(out)  # the open loop's section: its own command rewrites it
+    if kept is not None:
+        parts.append(kept)
     parts += [
         "## Servers\n",
         servers + "\n",

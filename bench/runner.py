@@ -136,7 +136,7 @@ def combine(results: list[RunResult]) -> RunResult:
     good = [r for r in results if not r.error and r.sent]
     if not good:
         return results[0]
-    combined = RunResult(**asdict(good[0]))
+    combined = type(good[0])(**asdict(good[0]))
     for name in _MEDIAN_FIELDS:
         values = [getattr(r, name) for r in good if not math.isnan(getattr(r, name))]
         setattr(combined, name, statistics.median(values) if values else math.nan)
