@@ -23,7 +23,7 @@ from .runner import (
 )
 from .servers import SERVERS
 
-SCENARIOS = ("fanout", "rooms", "stall", "redis")
+SCENARIOS = ("fanout", "rooms", "stall", "redis", "cluster")
 DEFAULT_SERVERS = "chat,chat-asgi,naive,websockets,broadcaster,fastpath,socketio,node"
 OPEN_SCENARIOS = ("dense", "rooms", "split")
 DEFAULT_OPEN_SERVERS = "chat,fastpath,naive,websockets,node"
@@ -273,7 +273,8 @@ def _open_loop_args(
 
 
 def plan(args: argparse.Namespace) -> list[RunConfig]:
-    """Every run, in order: fan-out by N then server, many rooms, stall, then Redis."""
+    """Every run, in order: fan-out by N then server, many rooms, stall, Redis, then Redis
+    Cluster (two nodes of the servers that have a Redis backend)."""
     runs: list[RunConfig] = []
     common = {"window": args.window, "client_procs": args.client_procs}
     common_t = {"run_timeout": args.run_timeout}
@@ -331,6 +332,22 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
                         **common_t,
                     )
                 )
+    if "cluster" in args.scenario:
+        messages = min(args.messages, max(10, args.max_deliveries // REDIS_CLIENTS))
+        runs += [
+            RunConfig(
+                server,
+                "cluster",
+                REDIS_CLIENTS,
+                messages,
+                nodes=2,
+                backend="redis-cluster",
+                **common,
+                **common_t,
+            )
+            for server in args.servers
+            if SERVERS[server].redis
+        ]
     return runs
 
 
@@ -355,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             label += f" +{config.stalled} stalled"
         if config.backend == "redis":
             label += f" on {config.nodes} node(s)"
+        if config.backend == "redis-cluster":
+            label += f" on {config.nodes} node(s) of a Redis Cluster"
         if config.rooms > 1:
             label += f" in {config.rooms} rooms"
         if time.monotonic() - started > args.time_budget:
