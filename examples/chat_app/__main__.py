@@ -226,12 +226,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="most characters in a chat message (default 4000)",
     )
     parser.add_argument(
+        "--max-rooms",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="rooms one connection may be in at once, its personal stream (direct messages)"
+        " not counted; a join past it gets the error too_many_rooms (default 32)",
+    )
+    parser.add_argument(
         "--queue-size",
         type=_positive_int,
         default=DEFAULT_QUEUE_SIZE,
         metavar="N",
         help="frames a connection may have waiting before it is closed as a slow consumer"
         f" (default {DEFAULT_QUEUE_SIZE})",
+    )
+    parser.add_argument(
+        "--slow-consumer",
+        choices=["disconnect", "drop_oldest"],
+        default="disconnect",
+        help="what a full queue does: close the connection with 4008 (disconnect, the"
+        " default) or drop its oldest envelopes, which the client sees as a seq gap and"
+        " resumes (drop_oldest)",
     )
     parser.add_argument(
         "--history",
@@ -298,7 +314,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             shutdown_timeout=args.shutdown_timeout,
             max_message_bytes=args.max_message_bytes,
             max_text=args.max_text,
+            max_rooms=args.max_rooms,
             queue_size=args.queue_size,
+            slow_consumer=args.slow_consumer,
             history=args.history,
             allowed_origins=tuple(args.allowed_origins),
             api_keys=tuple(args.api_keys),

@@ -3,8 +3,10 @@
 The handshake's checks (names, ``since`` and ``epoch``, the ``Origin`` header, the JWT of
 :func:`check_token`) and every frame's (size, rate, JSON shape and text length), with what
 they answer: a :class:`ClientError` for a frame (an error frame with an :class:`ErrorCode`), a
-:class:`Refusal` for a handshake (one of :data:`REFUSALS`, an HTTP error). Pure functions and
-small classes; :class:`~examples.chat_app.service.ChatService` applies them.
+:class:`Refusal` for a handshake (one of :data:`REFUSALS`, an HTTP error). A WebSocket frame
+is parsed by :func:`parse_command` into one :data:`Command` (:class:`Say`, :class:`Join`,
+:class:`Leave`, :class:`Direct`). Pure functions and small classes;
+:class:`~examples.chat_app.service.ChatService` applies them.
 """
 
 from __future__ import annotations
@@ -16,27 +18,38 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final
+from typing import Any, Final, TypeAlias
 from urllib.parse import urlsplit
 
 import jwt
 
 from wsbroadcast import is_valid_name
+from wsbroadcast.envelope import EPOCH_PATTERN
 
 __all__ = [
     "ERROR_CODES",
     "REFUSALS",
     "ClientError",
+    "Command",
+    "Direct",
     "ErrorCode",
+    "Join",
+    "Leave",
     "RateLimiter",
     "Refusal",
+    "Say",
     "check_token",
     "origin_allowed",
     "parse_client_frame",
+    "parse_command",
+    "room_allowed",
+    "token_rooms",
     "valid_name",
 ]
 
 _SINCE = re.compile(r"[0-9]{1,18}")
+_SINCE_LIMIT: Final = 10**18
+"""``since`` is below this: 1-18 digits, as at the handshake."""
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -65,6 +78,27 @@ class ErrorCode:
     INVALID_MESSAGE: Final = "invalid_message"
     """``message`` cannot be encoded (a lone UTF-16 surrogate such as ``"\\ud800"``, valid
     JSON but not text): nothing was broadcast and no seq was used."""
+    INVALID_ROOM: Final = "invalid_room"
+    """``join``, ``leave`` or ``room`` is not a room name (a string of 1-64 of
+    ``A-Z a-z 0-9 _ . - : # @``)."""
+    BAD_SINCE: Final = "bad_since"
+    """The ``since`` of a ``join`` is not an integer from 0 to 10**18 - 1 (or null)."""
+    BAD_EPOCH: Final = "bad_epoch"
+    """The ``epoch`` of a ``join`` is not 1-32 of ``A-Z a-z 0-9 _ -`` (or null)."""
+    ALREADY_JOINED: Final = "already_joined"
+    """``join`` of a room the connection is in already (its personal stream included)."""
+    NOT_JOINED: Final = "not_joined"
+    """A message to a room the connection is not in (a room it left, never joined, or a
+    personal stream, which takes direct messages only), or ``leave`` of such a room."""
+    FORBIDDEN_ROOM: Final = "forbidden_room"
+    """``join`` of another client's personal stream (``@`` + its id) or of a room the token's
+    ``rooms`` claim does not allow, or ``leave`` of the connection's own personal stream."""
+    TOO_MANY_ROOMS: Final = "too_many_rooms"
+    """``join`` while the connection is in ``--max-rooms`` rooms already (its personal
+    stream not counted)."""
+    INVALID_RECIPIENT: Final = "invalid_recipient"
+    """The ``to`` of a direct message is not a client id (a string of 1-64 of
+    ``A-Z a-z 0-9 _ . - : # @``)."""
 
 
 ERROR_CODES: Final = tuple(
@@ -77,6 +111,7 @@ REFUSALS: Final = (
     "bad_since",
     "bad_token",
     "forbidden_origin",
+    "forbidden_room",
     "message_too_big",
     "too_many_connections",
     "unavailable",
@@ -87,10 +122,52 @@ REFUSALS: Final = (
 
 @dataclass(frozen=True)
 class ClientError:
-    """Why a client's frame was refused: becomes ``{"type": "error", "data": {code, detail}}``."""
+    """Why a client's frame was refused: becomes ``{"type": "error", "room", "data": {code,
+    detail}}``."""
 
     code: str
     detail: str
+    room: str | None = None
+    """The room the refused frame was about, when it named a valid one; None: the frame is
+    answered in the connection's first room."""
+
+
+@dataclass(frozen=True)
+class Say:
+    """``{"message": text}`` or ``{"room": room, "message": text}``: a chat message."""
+
+    room: str | None
+    """The room to publish to; None: the connection's first room."""
+    text: str
+
+
+@dataclass(frozen=True)
+class Join:
+    """``{"join": room, "since": n, "epoch": e}``: join another room, resuming after ``since``
+    of stream ``epoch`` when given."""
+
+    room: str
+    since: int | None
+    epoch: str | None
+
+
+@dataclass(frozen=True)
+class Leave:
+    """``{"leave": room}``: stop receiving ``room``."""
+
+    room: str
+
+
+@dataclass(frozen=True)
+class Direct:
+    """``{"to": client_id, "message": text}``: a direct message to every tab of ``to``."""
+
+    to: str
+    text: str
+
+
+Command: TypeAlias = Say | Join | Leave | Direct
+"""What one client frame asks for, as :func:`parse_command` reads it."""
 
 
 @dataclass(frozen=True)
@@ -111,12 +188,8 @@ def valid_name(value: str) -> bool:
     return is_valid_name(value)
 
 
-def parse_client_frame(text: str, max_text: int) -> str | ClientError:
-    """Return the chat text of one client frame ``{"message": text}``, or why it is refused.
-
-    Only ``message`` is read: any other field (``client_id``, ``seq``, ``timestamp``...) is
-    ignored, because the server sets those itself.
-    """
+def _load_object(text: str) -> dict[str, Any] | ClientError:
+    """The JSON object ``text`` holds, or why it is not one."""
     try:
         value = json.loads(text)
     except ValueError as exc:  # JSONDecodeError, and recursion or number-size limits
@@ -128,19 +201,102 @@ def parse_client_frame(text: str, max_text: int) -> str | ClientError:
         return ClientError(
             ErrorCode.NOT_AN_OBJECT, f'send a JSON object {{"message": ...}}, not {kind}'
         )
+    return value
+
+
+def _message(value: dict[str, Any], max_text: int, room: str | None = None) -> str | ClientError:
+    """The chat text of ``value["message"]``, or why it is refused (about ``room``)."""
     if "message" not in value:
-        return ClientError(ErrorCode.MISSING_MESSAGE, 'the object has no "message" field')
+        return ClientError(ErrorCode.MISSING_MESSAGE, 'the object has no "message" field', room)
     message = value["message"]
     if not isinstance(message, str):
-        return ClientError(ErrorCode.MESSAGE_NOT_A_STRING, '"message" must be a string')
+        return ClientError(ErrorCode.MESSAGE_NOT_A_STRING, '"message" must be a string', room)
     if not message.strip():
-        return ClientError(ErrorCode.EMPTY_MESSAGE, '"message" must not be empty')
+        return ClientError(ErrorCode.EMPTY_MESSAGE, '"message" must not be empty', room)
     if len(message) > max_text:
         return ClientError(
             ErrorCode.MESSAGE_TOO_LONG,
             f'"message" has {len(message)} characters; the most is {max_text}',
+            room,
         )
     return message
+
+
+def parse_client_frame(text: str, max_text: int) -> str | ClientError:
+    """Return the chat text of ``{"message": text}``, or why it is refused.
+
+    Only ``message`` is read: any other field (``client_id``, ``seq``, ``timestamp``...) is
+    ignored, because the server sets those itself. The body of ``POST
+    /api/rooms/{room}/messages``; a WebSocket frame is read by :func:`parse_command`.
+    """
+    value = _load_object(text)
+    if isinstance(value, ClientError):
+        return value
+    return _message(value, max_text)
+
+
+def _room(value: object) -> str | ClientError:
+    """``value`` if it is a room name, else an ``invalid_room`` error."""
+    if isinstance(value, str) and is_valid_name(value):
+        return value
+    return ClientError(
+        ErrorCode.INVALID_ROOM, "a room is a string of 1-64 of A-Z a-z 0-9 _ . - : # @"
+    )
+
+
+def _join(value: dict[str, Any]) -> Join | ClientError:
+    room = _room(value["join"])
+    if isinstance(room, ClientError):
+        return room
+    since = value.get("since")
+    if since is not None and (
+        isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < _SINCE_LIMIT
+    ):
+        detail = '"since" must be an integer >= 0 (the last seq seen), or null'
+        return ClientError(ErrorCode.BAD_SINCE, detail, room)
+    epoch = value.get("epoch")
+    if epoch is not None and (not isinstance(epoch, str) or not EPOCH_PATTERN.fullmatch(epoch)):
+        detail = '"epoch" must be 1-32 of A-Z a-z 0-9 _ - (the last envelope\'s), or null'
+        return ClientError(ErrorCode.BAD_EPOCH, detail, room)
+    return Join(room, since, epoch)
+
+
+def parse_command(text: str, max_text: int) -> Command | ClientError:
+    """Read one client frame (a JSON object) as a :data:`Command`, or say why it is refused.
+
+    The first of these keys that the object has decides what it is, whatever else it holds:
+
+    - ``join``: :class:`Join` (``since`` and ``epoch`` optional, null meaning absent);
+    - ``leave``: :class:`Leave`;
+    - ``to``: :class:`Direct`, with ``message``;
+    - otherwise :class:`Say` with ``message``, to ``room`` if the object has one.
+
+    Other fields (``client_id``, ``seq``, ``timestamp``...) are ignored: the server sets
+    those itself. Never raises, whatever ``text`` holds.
+    """
+    value = _load_object(text)
+    if isinstance(value, ClientError):
+        return value
+    if "join" in value:
+        return _join(value)
+    if "leave" in value:
+        left = _room(value["leave"])
+        return left if isinstance(left, ClientError) else Leave(left)
+    if "to" in value:
+        to = value["to"]
+        if not (isinstance(to, str) and is_valid_name(to)):
+            detail = '"to" must be a client id: 1-64 of A-Z a-z 0-9 _ . - : # @'
+            return ClientError(ErrorCode.INVALID_RECIPIENT, detail)
+        message = _message(value, max_text)
+        return message if isinstance(message, ClientError) else Direct(to, message)
+    room: str | None = None
+    if "room" in value:
+        checked = _room(value["room"])
+        if isinstance(checked, ClientError):
+            return checked
+        room = checked
+    message = _message(value, max_text, room)
+    return message if isinstance(message, ClientError) else Say(room, message)
 
 
 def _size(frame: str | bytes) -> int:
@@ -195,6 +351,26 @@ class _LocalBuckets:
         return limiter.allow()
 
 
+def _claims(token: str | None, secret: str, client_id: str) -> dict[str, Any] | str:
+    """The claims of a valid token for ``client_id``, or why it is not one."""
+    if not token:
+        return "a token is required (?token=...)"
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token, secret, algorithms=["HS256"], options={"require": ["sub", "exp"]}
+        )
+    except jwt.PyJWTError as exc:
+        return f"bad token: {exc}"
+    if claims["sub"] != client_id:
+        return "the token is for another client id"
+    rooms = claims.get("rooms")
+    if rooms is not None and (
+        not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms)
+    ):
+        return "the token's rooms claim is not a list of names"
+    return claims
+
+
 def check_token(token: str | None, secret: str, client_id: str, room: str) -> str | None:
     """Why ``token`` does not let ``client_id`` into ``room``, or None if it does.
 
@@ -203,24 +379,29 @@ def check_token(token: str | None, secret: str, client_id: str, room: str) -> st
     ``exp`` (required: a token without expiry would be a password forever); an optional
     ``rooms`` claim lists the rooms it may join, ``*`` matching any run of characters.
     """
-    if not token:
-        return "a token is required (?token=...)"
-    try:
-        claims = jwt.decode(
-            token, secret, algorithms=["HS256"], options={"require": ["sub", "exp"]}
-        )
-    except jwt.PyJWTError as exc:
-        return f"bad token: {exc}"
-    if claims["sub"] != client_id:
-        return "the token is for another client id"
-    rooms = claims.get("rooms")
-    if rooms is None:
-        return None
-    if not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms):
-        return "the token's rooms claim is not a list of names"
-    if not any(_wildcard(pattern).fullmatch(room) for pattern in rooms):
+    claims = _claims(token, secret, client_id)
+    if isinstance(claims, str):
+        return claims
+    if not room_allowed(claims.get("rooms"), room):
         return f"the token does not allow room {room!r}"
     return None
+
+
+def token_rooms(token: str, secret: str, client_id: str) -> tuple[str, ...] | None:
+    """The ``rooms`` claim of a token :func:`check_token` accepted (None: any room), for the
+    rooms the connection joins later."""
+    claims = _claims(token, secret, client_id)
+    if isinstance(claims, str):
+        raise ValueError(claims)
+    rooms = claims.get("rooms")
+    return None if rooms is None else tuple(rooms)
+
+
+def room_allowed(patterns: list[str] | tuple[str, ...] | None, room: str) -> bool:
+    """Whether a ``rooms`` claim (``*`` wildcards; None: no claim, any room) allows ``room``."""
+    if patterns is None:
+        return True
+    return any(_wildcard(pattern).fullmatch(room) for pattern in patterns)
 
 
 def _wildcard(pattern: str) -> re.Pattern[str]:

@@ -6,13 +6,21 @@ Routes (documented in ``docs/protocol.md``, "The chat app's WebSocket protocol")
     GET  /healthz       {"status": "ok", ...}
     GET  /metrics       Prometheus text format
     GET  /rooms/{room}  {"room", "online", "seq"}
-    WS   /ws/{client_id}?room=NAME&since=SEQ&epoch=EPOCH
+    POST /api/rooms/{room}/messages
+    WS   /ws/{client_id}?room=NAME&since=SEQ&epoch=EPOCH&dm_since=SEQ&dm_epoch=EPOCH
+
+A connection starts in ``room`` and in the client's personal stream ``@client_id`` (where
+its direct messages arrive, on every tab; ``dm_since`` and ``dm_epoch`` resume it as
+``since`` and ``epoch`` resume the room). Its frames (:func:`parse_command`) say a message
+to its first room or to another room it is in, join or leave rooms (``--max-rooms`` at
+most), or send a direct message; they are handled one at a time, in the order sent.
 
 Everything a client sends is checked at the edge before it reaches the manager: names,
 ``since`` and ``epoch`` at the handshake (refused with HTTP 403), the ``Origin`` header
 against cross-site WebSocket hijacking, connections per IP address (HTTP 429), and every
 frame for size, rate (per client id across its tabs and nodes, and per IP address), JSON
-shape and text length. A client's mistake gets an unsequenced error frame on its own
+shape and text length, and the rooms it may join (another client's personal stream, the
+JWT's ``rooms`` claim). A client's mistake gets an unsequenced error frame on its own
 connection, never a traceback in the log.
 
 Nothing here imports a web server. A front end (:mod:`examples.chat_app.app` on Starlette,
@@ -38,7 +46,7 @@ import contextlib
 import hmac
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -52,16 +60,23 @@ from pydantic import JsonValue
 from wsbroadcast import (
     NAME_CHARACTERS,
     NAME_MAX_LENGTH,
+    AlreadyJoined,
     BackendError,
     CloseCode,
     Connection,
     ConnectionManager,
     ConnectionState,
+    Envelope,
+    Forbidden,
     InvalidData,
     InvalidInput,
+    InvalidName,
     ManagerNotRunning,
+    NotJoined,
     Transport,
     WSBroadcastError,
+    is_user_room,
+    user_room,
 )
 from wsbroadcast.envelope import EPOCH_PATTERN
 from wsbroadcast.metrics import ManagerCollector
@@ -69,14 +84,22 @@ from wsbroadcast.metrics import ManagerCollector
 from .edge import (
     _SINCE,
     ClientError,
+    Command,
+    Direct,
     ErrorCode,
+    Join,
+    Leave,
     RateLimiter,
     Refusal,
+    Say,
     _LocalBuckets,
     _size,
     check_token,
     origin_allowed,
     parse_client_frame,
+    parse_command,
+    room_allowed,
+    token_rooms,
     valid_name,
 )
 from .metrics import _METRIC_NAMES, _ChatCollector, _Counters, _integral
@@ -98,6 +121,7 @@ __all__ = [
     "check_token",
     "origin_allowed",
     "parse_client_frame",
+    "parse_command",
     "valid_name",
 ]
 
@@ -108,6 +132,10 @@ CLOSE_WAIT: Final = 1.0
 """Seconds to wait for a close frame to be written before giving up on the socket."""
 TRY_AGAIN_LATER: Final = 1013
 """Close code for a connection over the per-IP cap that passed the handshake in a race."""
+PERSONAL_RETRY_FIRST: Final = 0.5
+PERSONAL_RETRY_MAX: Final = 8.0
+"""Seconds between attempts to join a personal stream that the backend refused: from the
+first, doubling up to the most."""
 
 
 class _OutageLog:
@@ -195,6 +223,12 @@ class ChatRequest:
     """The epoch of the client's last envelope (with ``since``), or None."""
     client_ip: str | None = None
     """The peer's IP address, for the per-IP limits."""
+    dm_since: int | None = None
+    """``since`` for the client's personal stream (its direct messages), or None."""
+    dm_epoch: str | None = None
+    """``epoch`` for the client's personal stream, or None."""
+    rooms: tuple[str, ...] | None = None
+    """The rooms its token allows (``*`` wildcards), for the rooms it joins later; None: any."""
 
 
 class FrameTooBig(Exception):
@@ -328,6 +362,9 @@ class ChatService:
         if not valid_name(name):
             error = f"room must be 1-{NAME_MAX_LENGTH} characters of {NAME_CHARACTERS}"
             return HttpResponse.json({"error": error}, HTTPStatus.BAD_REQUEST)
+        if is_user_room(name):
+            error = "a personal stream (@client_id) is private: it has no presence to show"
+            return HttpResponse.json({"error": error}, HTTPStatus.FORBIDDEN)
         manager = self.manager
         if manager is None:
             return HttpResponse.json(
@@ -352,8 +389,9 @@ class ChatService:
         """``POST /api/rooms/{room}/messages``: publish ``{"message": text}`` as the server.
 
         Off (404) unless :attr:`Settings.api_keys` is set; 401 without a valid
-        ``Authorization: Bearer KEY``. The body is checked as a WebSocket frame is, with the
-        same error codes (400 ``{"error": {"code", "detail"}}``, 413 over
+        ``Authorization: Bearer KEY``; 400 for a bad room or a personal stream. The body is
+        checked as a WebSocket frame is, with the same error codes (400
+        ``{"error": {"code", "detail"}}``, 413 over
         ``max_message_bytes``); 202 with the envelope, whose ``client_id`` is null (the server).
         """
         keys = self.settings.api_keys
@@ -371,6 +409,9 @@ class ChatService:
             )
         if not valid_name(room):
             error = f"room must be 1-{NAME_MAX_LENGTH} characters of {NAME_CHARACTERS}"
+            return HttpResponse.json({"error": error}, HTTPStatus.BAD_REQUEST)
+        if is_user_room(room):
+            error = "a personal stream (@client_id) takes direct messages only"
             return HttpResponse.json({"error": error}, HTTPStatus.BAD_REQUEST)
         if content_type is None or content_type.split(";")[0].strip() != "application/json":
             return _api_error(
@@ -415,7 +456,8 @@ class ChatService:
     # The WebSocket route
 
     def check_handshake(self, handshake: Handshake) -> ChatRequest | Refusal:
-        """Check ``WS /ws/{client_id}?room=NAME&since=SEQ&epoch=E`` before the server accepts it.
+        """Check ``WS /ws/{client_id}?room=NAME&since=SEQ&epoch=E&dm_since=SEQ&dm_epoch=E``
+        before the server accepts it.
 
         A refusal is counted and logged here; the front end answers it with its HTTP status.
         """
@@ -428,35 +470,46 @@ class ChatService:
     def _check(self, handshake: Handshake) -> ChatRequest | Refusal:
         client_id, query, origin = handshake.client_id, handshake.query, handshake.origin
         room = query.get("room", "lobby")
-        since_text = query.get("since")
         if not valid_name(client_id) or not valid_name(room):
             return Refusal("bad_name", "bad client id or room")
-        since: int | None = None
-        if since_text is not None:
-            if _SINCE.fullmatch(since_text) is None:
-                return Refusal("bad_since", "since must be an integer >= 0")
-            since = int(since_text)
-        epoch = query.get("epoch")
-        if epoch is not None and EPOCH_PATTERN.fullmatch(epoch) is None:
-            return Refusal("bad_epoch", "epoch must be 1-32 of A-Z a-z 0-9 _ -")
+        if is_user_room(room):
+            # The server joins the client's own personal stream itself; nobody else's.
+            return Refusal("forbidden_room", f"room {room!r} is a personal stream")
+        resume: list[tuple[int | None, str | None]] = []
+        for since_key, epoch_key in (("since", "epoch"), ("dm_since", "dm_epoch")):
+            since_text = query.get(since_key)
+            since: int | None = None
+            if since_text is not None:
+                if _SINCE.fullmatch(since_text) is None:
+                    return Refusal("bad_since", f"{since_key} must be an integer >= 0")
+                since = int(since_text)
+            epoch = query.get(epoch_key)
+            if epoch is not None and EPOCH_PATTERN.fullmatch(epoch) is None:
+                return Refusal("bad_epoch", f"{epoch_key} must be 1-32 of A-Z a-z 0-9 _ -")
+            resume.append((since, epoch))
+        (since, epoch), (dm_since, dm_epoch) = resume
         secure, allowed = handshake.secure, self.settings.allowed_origins
         if not origin_allowed(origin, handshake.host, secure, allowed):
             return Refusal("forbidden_origin", f"origin {origin!r} not allowed")
         secret = self.settings.jwt_secret
+        rooms: tuple[str, ...] | None = None
         if secret is not None:
-            refused = check_token(query.get("token"), secret, client_id, room)
+            token = query.get("token")
+            refused = check_token(token, secret, client_id, room)
             if refused is not None:
                 return Refusal("bad_token", refused)
+            rooms = token_rooms(token or "", secret, client_id)
         ip = handshake.client_ip
         cap = self.settings.max_connections_per_ip
         if cap and ip is not None and self._per_ip[ip] >= cap:
             detail = f"{ip} has {cap} connections open already"
             return Refusal("too_many_connections", detail, HTTPStatus.TOO_MANY_REQUESTS)
-        return ChatRequest(client_id, room, since, epoch, ip)
+        return ChatRequest(client_id, room, since, epoch, ip, dm_since, dm_epoch, rooms)
 
     async def serve(self, request: ChatRequest, socket: ChatSocket) -> None:
-        """Run one client's connection: join, then publish its good frames and answer its bad
-        ones until it leaves or the manager closes it, then leave."""
+        """Run one client's connection: connect it to its room and join its personal stream,
+        then carry out its good frames and answer its bad ones until it leaves or the manager
+        closes it, then disconnect."""
         ip = request.client_ip
         if ip is None:
             await self._serve(request, socket)
@@ -508,12 +561,65 @@ class ChatService:
         try:
             # Stops receiving once the manager closed the connection (slow consumer, shutdown).
             with connection.cancel_on_close():
-                await self._receive(manager, socket, connection, request)
+                if await self._join_personal(manager, connection, request):
+                    await self._receive(manager, socket, connection, request)
+                else:
+                    async with anyio.create_task_group() as task_group:
+                        task_group.start_soon(self._rejoin_personal, manager, connection, request)
+                        await self._receive(manager, socket, connection, request)
+                        task_group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await manager.disconnect(connection)
             if getattr(transport, "aborted", False):
                 self.counters.close_aborts += 1
+
+    async def _join_personal(
+        self, manager: ConnectionManager, connection: Connection, request: ChatRequest
+    ) -> bool:
+        """Join the client's personal stream, resuming it after ``dm_since``, before any of
+        its frames is read (so that a direct message it sends reaches this tab too).
+
+        False if the backend failed: the client gets an ``unavailable`` error about the
+        stream, and the connection stays open (a backend outage closes no connection).
+        """
+        personal = user_room(connection.client_id)
+        try:
+            await manager.join(connection, personal, since=request.dm_since, epoch=request.dm_epoch)
+        except BackendError as exc:
+            self.outage.failed(f"join {connection!r} to its personal stream", exc)
+            detail = "direct messages cannot be received until the backend is back; retrying"
+            self._error(connection, ClientError(ErrorCode.UNAVAILABLE, detail, personal))
+            return False
+        except WSBroadcastError as exc:  # shutting down, or a bug: no retry
+            logger.info("%r did not join its personal stream: %s", connection, exc)
+        else:
+            self.outage.worked()
+        return True
+
+    async def _rejoin_personal(
+        self, manager: ConnectionManager, connection: Connection, request: ChatRequest
+    ) -> None:
+        """Join the personal stream again, with backoff, until it works or the connection
+        closes; its ``joined`` frame tells the client. Nothing of the stream was sent yet,
+        so it resumes from the handshake's ``dm_since`` still."""
+        personal = user_room(connection.client_id)
+        delay = PERSONAL_RETRY_FIRST
+        while connection.state is ConnectionState.OPEN:
+            await anyio.sleep(delay)
+            delay = min(2 * delay, PERSONAL_RETRY_MAX)
+            try:
+                await manager.join(
+                    connection, personal, since=request.dm_since, epoch=request.dm_epoch
+                )
+            except BackendError as exc:
+                self.outage.failed(f"join {connection!r} to its personal stream", exc)
+            except WSBroadcastError as exc:
+                logger.info("%r did not join its personal stream: %s", connection, exc)
+                return
+            else:
+                self.outage.worked()
+                return
 
     @staticmethod
     async def _close_unavailable(socket: ChatSocket) -> None:
@@ -529,7 +635,7 @@ class ChatService:
 
     def _error(self, connection: Connection, error: ClientError) -> None:
         self.counters.errors[error.code] += 1
-        connection.send_error(error.code, error.detail)
+        connection.send_error(error.code, error.detail, error.room)
 
     async def _allow(self, manager: ConnectionManager, key: str, rate: float) -> bool:
         """Take a token from the backend's bucket ``key`` (shared by every node on Redis).
@@ -570,7 +676,11 @@ class ChatService:
         connection: Connection,
         request: ChatRequest,
     ) -> None:
-        """Read the client's frames until it leaves; publish the good ones, answer the bad."""
+        """Read the client's frames until it leaves; carry out the good ones, answer the bad.
+
+        One frame at a time: each is done (a join's history queued, a message published)
+        before the next is read, so a client's frames take effect in the order it sent them.
+        """
         settings = self.settings
         max_bytes = settings.max_message_bytes
         while connection.state is ConnectionState.OPEN:
@@ -597,23 +707,128 @@ class ChatService:
                 detail = 'send text frames holding JSON {"message": ...}'
                 self._error(connection, ClientError(ErrorCode.BINARY_FRAME, detail))
                 continue
-            result = parse_client_frame(frame, settings.max_text)
-            if isinstance(result, ClientError):
-                self._error(connection, result)
+            command = parse_command(frame, settings.max_text)
+            if isinstance(command, ClientError):
+                self._error(connection, command)
                 continue
-            try:
-                await manager.broadcast(connection.room, {"message": result}, connection.client_id)
-            except BackendError as exc:
-                self.outage.failed(f"message from {connection!r}", exc)
-                detail = "the message could not be published (backend unavailable); try again"
-                self._error(connection, ClientError(ErrorCode.UNAVAILABLE, detail))
-            except InvalidData as exc:
-                # ascii(): the refused text may hold the lone surrogate, which no log can print.
-                logger.info("message from %r refused: %s", connection, ascii(str(exc)))
-                detail = '"message" cannot be encoded as text (a lone UTF-16 surrogate?)'
-                self._error(connection, ClientError(ErrorCode.INVALID_MESSAGE, detail))
-            except WSBroadcastError as exc:
-                logger.warning("message from %r not published: %s", connection, exc)
-            else:
-                self.outage.worked()
-                self.counters.messages += 1
+            await self._carry_out(manager, connection, request, command)
+
+    async def _carry_out(
+        self,
+        manager: ConnectionManager,
+        connection: Connection,
+        request: ChatRequest,
+        command: Command,
+    ) -> None:
+        """Do what one good frame asks, or answer why it cannot be done."""
+        client_id = connection.client_id
+        if isinstance(command, Say):
+            room = connection.room if command.room is None else command.room
+            if is_user_room(room) or room not in connection.rooms:
+                detail = f"you are not in room {room!r}: join it first"
+                self._error(connection, ClientError(ErrorCode.NOT_JOINED, detail, room))
+                return
+            said: JsonValue = {"message": command.text}
+            await self._publish(connection, room, manager.broadcast(room, said, client_id))
+        elif isinstance(command, Direct):
+            direct: JsonValue = {"message": command.text}
+            sent = manager.send_direct(command.to, direct, client_id)
+            await self._publish(connection, user_room(client_id), sent)
+        elif isinstance(command, Join):
+            error = await self._join(manager, connection, request, command)
+            if error is not None:
+                self._error(connection, error)
+        else:
+            error = await self._leave(manager, connection, command)
+            if error is not None:
+                self._error(connection, error)
+
+    async def _publish(
+        self, connection: Connection, room: str, publish: Awaitable[Envelope]
+    ) -> None:
+        """Await a message's publication, answering the sender's error (about ``room``) if
+        it fails; a direct message is about the sender's personal stream."""
+        try:
+            await publish
+        except BackendError as exc:
+            self.outage.failed(f"message from {connection!r}", exc)
+            detail = "the message could not be published (backend unavailable); try again"
+            self._error(connection, ClientError(ErrorCode.UNAVAILABLE, detail, room))
+        except InvalidData as exc:
+            # ascii(): the refused text may hold the lone surrogate, which no log can print.
+            logger.info("message from %r refused: %s", connection, ascii(str(exc)))
+            detail = '"message" cannot be encoded as text (a lone UTF-16 surrogate?)'
+            self._error(connection, ClientError(ErrorCode.INVALID_MESSAGE, detail, room))
+        except InvalidName as exc:  # the recipient: checked by parse_command already
+            detail = f"no such client id: {exc.reason}"
+            self._error(connection, ClientError(ErrorCode.INVALID_RECIPIENT, detail, room))
+        except WSBroadcastError as exc:
+            logger.warning("message from %r not published: %s", connection, exc)
+        else:
+            self.outage.worked()
+            self.counters.messages += 1
+
+    async def _join(
+        self,
+        manager: ConnectionManager,
+        connection: Connection,
+        request: ChatRequest,
+        command: Join,
+    ) -> ClientError | None:
+        """Join ``command.room`` (history after its ``since`` first), or say why not."""
+        room = command.room
+        personal = user_room(connection.client_id)
+        rooms = connection.rooms
+        forbidden = ErrorCode.FORBIDDEN_ROOM
+        if is_user_room(room) and room != personal:
+            return ClientError(forbidden, f"{room!r} is another client's personal stream", room)
+        if room != personal and not room_allowed(request.rooms, room):
+            return ClientError(forbidden, f"your token does not allow room {room!r}", room)
+        if room in rooms:
+            return ClientError(ErrorCode.ALREADY_JOINED, f"you are in room {room!r} already", room)
+        limit = self.settings.max_rooms
+        if len(rooms - {personal}) >= limit:
+            detail = f"a connection may be in {limit} rooms at most: leave one first"
+            return ClientError(ErrorCode.TOO_MANY_ROOMS, detail, room)
+        try:
+            await manager.join(connection, room, since=command.since, epoch=command.epoch)
+        except AlreadyJoined:
+            return ClientError(ErrorCode.ALREADY_JOINED, f"you are in room {room!r} already", room)
+        except Forbidden as exc:
+            return ClientError(forbidden, str(exc), room)
+        except InvalidName as exc:  # checked by parse_command already: a safety net
+            return ClientError(ErrorCode.INVALID_ROOM, exc.reason, None)
+        except InvalidInput as exc:  # since or epoch, checked already: a safety net
+            code = ErrorCode.BAD_EPOCH if "epoch" in str(exc) else ErrorCode.BAD_SINCE
+            return ClientError(code, str(exc), room)
+        except BackendError as exc:
+            self.outage.failed(f"join {connection!r} to room {room}", exc)
+            detail = f"could not join room {room!r} (backend unavailable); try again"
+            return ClientError(ErrorCode.UNAVAILABLE, detail, room)
+        except WSBroadcastError as exc:  # the manager is shutting down: the connection closes
+            logger.info("%r not joined to room %s: %s", connection, room, exc)
+            return None
+        self.outage.worked()
+        return None
+
+    async def _leave(
+        self, manager: ConnectionManager, connection: Connection, command: Leave
+    ) -> ClientError | None:
+        """Leave ``command.room``, or say why not (never the personal stream)."""
+        room = command.room
+        if room == user_room(connection.client_id):
+            detail = "your personal stream (your direct messages) cannot be left"
+            return ClientError(ErrorCode.FORBIDDEN_ROOM, detail, room)
+        try:
+            await manager.leave(connection, room)
+        except NotJoined:
+            return ClientError(ErrorCode.NOT_JOINED, f"you are not in room {room!r}", room)
+        except BackendError as exc:
+            self.outage.failed(f"leave {connection!r} from room {room}", exc)
+            detail = f"could not leave room {room!r} (backend unavailable); try again"
+            return ClientError(ErrorCode.UNAVAILABLE, detail, room)
+        except WSBroadcastError as exc:
+            logger.info("%r did not leave room %s: %s", connection, room, exc)
+            return None
+        self.outage.worked()
+        return None

@@ -54,6 +54,9 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     """Keys that may ``POST /api/rooms/{room}/messages`` (``Authorization: Bearer KEY``);
     none: the route is off (404)."""
+    max_rooms: int = 32
+    """Rooms one connection may be in at once (its first room included, its personal
+    stream not): a ``join`` past it gets ``too_many_rooms``."""
 
     def __post_init__(self) -> None:
         for name in ("rate_limit", "ip_rate_limit"):
@@ -66,7 +69,13 @@ class Settings:
             raise ValueError(
                 f"max_connections_per_ip must be >= 0, not {self.max_connections_per_ip}"
             )
-        for name in ("max_message_bytes", "max_text", "queue_size", "max_write_buffer"):
+        for name in (
+            "max_message_bytes",
+            "max_text",
+            "queue_size",
+            "max_write_buffer",
+            "max_rooms",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")

@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+
+from tests.chat_app.frames import next_frame
 
 if TYPE_CHECKING:
     from conftest import ChatServer, StartServer
@@ -34,8 +35,7 @@ async def watcher(server: ChatServer, room: str) -> AsyncIterator[ClientConnecti
 
 
 async def recv(ws: ClientConnection) -> Any:
-    with anyio.fail_after(10):
-        return json.loads(await ws.recv())
+    return await next_frame(ws)
 
 
 def post(server: ChatServer, room: str, body: object, key: str | None = KEY, **kw: Any) -> Any:

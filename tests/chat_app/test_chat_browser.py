@@ -250,3 +250,166 @@ def test_namespaced_names_are_encoded_in_urls(browser: Browser, server: ChatServ
     assert user.chat_errors == []  # type: ignore[attr-defined]
     for page in (user, alice):
         page.context.close()
+
+
+def test_msg_shows_in_the_direct_messages_of_both(browser: Browser, server: ChatServer) -> None:
+    """``/msg bob hi``: bob's page counts it unread and shows "alice → bob: hi" in its direct
+    messages; alice's page shows her own copy there, not counted unread; a bad /msg is
+    answered on the page, not sent."""
+    alice = open_chat(browser, server, "msg-alice", "msg-room")
+    bob = open_chat(browser, server, "msg-bob", "msg-room")
+    say(alice, "/msg msg-bob hi")
+    assert alice.input_value("#message") == ""
+    wait_unread(bob, "@msg-bob", 1)
+    open_room(bob, "@msg-bob")
+    wait_unread(bob, "@msg-bob", 0)
+    wait_for_line(bob, "direct", "msg-alice → msg-bob: hi")
+    assert bob.text_content("#room") == "direct messages"
+    say(bob, "/msg msg-alice hello yourself")  # from the direct messages' view
+    wait_for_line(bob, "direct", "msg-alice → msg-bob: hi")
+    wait_unread(alice, "@msg-alice", 1)  # bob's; her own was not counted
+    open_room(alice, "@msg-alice")
+    wait_for_line(alice, "direct", "msg-bob → msg-alice: hello yourself")
+    assert lines(alice) == [
+        "direct: msg-alice → msg-bob: hi",
+        "direct: msg-bob → msg-alice: hello yourself",
+    ]
+    say(alice, "plain text")  # not a /msg: nowhere to go from this view
+    wait_for_line(alice, "error", "To send a direct message: /msg <client id> <message>")
+    say(alice, "/msg bad/name hi")
+    say(alice, "/msg msg-bob")
+    assert [line.split(":")[0] for line in lines(alice)].count("error") == 3
+    assert lines(alice)[-1] == "error: Usage: /msg <client id> <message>"
+    for page in (alice, bob):
+        assert page.chat_errors == []  # type: ignore[attr-defined]
+        page.context.close()
+
+
+def join_room(page: Page, room: str) -> None:
+    """Join ``room`` with the room list's form; wait until the server said joined."""
+    page.fill("#join-room", room)
+    page.click("#join-button")
+    wait_joined(page, room)
+
+
+def wait_joined(page: Page, room: str) -> None:
+    page.wait_for_selector(f'#rooms li[data-room="{room}"]:not(.joining)')
+
+
+def open_room(page: Page, room: str) -> None:
+    """Show ``room`` (its lines in #messages)."""
+    page.click(f'#rooms li[data-room="{room}"] .open')
+    page.wait_for_selector(f'#rooms li.current[data-room="{room}"]')
+
+
+def unread_selector(room: str, count: int) -> str:
+    return f'#rooms li[data-room="{room}"] .unread[data-count="{count}"]'
+
+
+def wait_unread(page: Page, room: str, count: int) -> None:
+    """Wait until ``room``'s unread count is ``count`` (an empty badge is hidden)."""
+    page.wait_for_selector(unread_selector(room, count), state="attached")
+
+
+def unread(page: Page, room: str) -> int:
+    count = page.get_attribute(f'#rooms li[data-room="{room}"] .unread', "data-count")
+    assert count is not None
+    return int(count)
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A redis-server for the page's server: its streams outlive a restart of the server."""
+    from tests.backend_redis.redis_helpers import RedisServer
+
+    executable = shutil.which("redis-server")
+    if executable is None:
+        pytest.fail("redis-server is not installed (scripts/test installs it)")
+    redis = RedisServer(executable)
+    redis.start()
+    try:
+        yield redis.url
+    finally:
+        redis.kill()
+
+
+def test_rooms_direct_messages_and_unread_counts_survive_a_restart(
+    browser: Browser, start_server: StartServer, server_kind: str, redis_url: str
+) -> None:
+    """alice is in two rooms and her direct messages; the server restarts (on Redis, so
+    history outlives it) and bob publishes in both rooms and to her while she is still away:
+    back, she shows each of those once, in its room, with unread counts where she is not."""
+    server = start_server("--backend", redis_url, kind=server_kind)
+    home, second = f"br-a-{server_kind}", f"br-b-{server_kind}"
+    sockets: list[WebSocketRoute] = []
+    away = False
+
+    def route(ws: WebSocketRoute) -> None:
+        """Proxy alice's WebSocket to the server, or refuse it while she is away."""
+        if away:
+            ws.close(code=1001)
+            return
+        ws.connect_to_server()
+        sockets.append(ws)
+
+    alice = open_chat(browser, server, "alice", home, route=route)
+    bob = open_chat(browser, server, "bob", home)
+    join_room(alice, second)  # joining shows the room
+    assert alice.text_content("#room") == second
+    join_room(bob, second)
+    say(alice, "b before")
+    wait_for_line(bob, "message", "b before")
+    open_room(bob, home)
+    say(bob, "a before")
+    wait_for_line(bob, "message", "a before")
+    wait_unread(alice, home, 1)  # alice shows the second room: the first counts unread
+
+    say(alice, "/msg bob hi")
+    wait_unread(bob, "@bob", 1)
+    open_room(bob, "@bob")
+    wait_for_line(bob, "direct", "alice → bob: hi")
+
+    away = True
+    server.restart()
+    alice.wait_for_selector('#status[data-state="offline"]')
+    wait_online(bob)
+    wait_joined(bob, second)
+    open_room(bob, home)
+    say(bob, "a while away")
+    wait_for_line(bob, "message", "a while away")
+    open_room(bob, second)
+    say(bob, "b while away")
+    wait_for_line(bob, "message", "b while away")
+    say(bob, "/msg alice are you there?")
+    away = False
+
+    wait_online(alice)
+    wait_for_line(alice, "message", "b while away")  # the room shown
+    say(bob, "b after")
+    wait_for_line(alice, "message", "b after")
+    # Everything replayed came before: unread are bob's two in the first room and his
+    # direct message (alice's own is not counted).
+    assert (unread(alice, home), unread(alice, "@alice"), unread(alice, second)) == (2, 1, 0)
+    assert [line for line in lines(alice) if line.startswith("message: ")] == [
+        "message: b before",
+        "message: b while away",
+        "message: b after",
+    ]
+    open_room(alice, home)
+    wait_unread(alice, home, 0)
+    assert [line for line in lines(alice) if line.startswith("message: ")] == [
+        "message: a before",
+        "message: a while away",
+    ]
+    open_room(alice, "@alice")
+    wait_unread(alice, "@alice", 0)
+    assert lines(alice) == ["direct: alice → bob: hi", "direct: bob → alice: are you there?"]
+    # Every room resumed: no history was lost, so no notice anywhere.
+    for room in (home, second):
+        open_room(alice, room)
+        assert not [line for line in lines(alice) if line.startswith("notice: ")], lines(alice)
+    assert len(sockets) >= 2  # she did reconnect
+    for page in (alice, bob):
+        assert [e for e in page.chat_errors if "WebSocket" not in e] == []  # type: ignore[attr-defined]
+        page.context.close()
+    assert "Traceback" not in server.stderr()

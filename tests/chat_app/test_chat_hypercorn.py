@@ -26,6 +26,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.chat_app.frames import next_frame as next_chat_frame
 from tests.chat_app.rawsock import raw_websocket
 
 if TYPE_CHECKING:
@@ -57,8 +58,7 @@ def server(start_server: StartServer) -> ChatServer:
 
 
 async def next_frame(ws: ClientConnection) -> Any:
-    with anyio.fail_after(15):  # a hang guard
-        return json.loads(await ws.recv())
+    return await next_chat_frame(ws, 15)  # a hang guard
 
 
 def is_join(frame: Any, client_id: str) -> bool:

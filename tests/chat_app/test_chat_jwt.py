@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import httpx
 import jwt
 import pytest
@@ -14,6 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from examples.chat_app.service import check_token
+from tests.chat_app.frames import next_frame
 
 if TYPE_CHECKING:
     from conftest import ChatServer, StartServer
@@ -38,8 +37,7 @@ def jwt_server(start_server: StartServer) -> ChatServer:
 async def test_a_valid_token_lets_its_client_in(jwt_server: ChatServer) -> None:
     url = f"{jwt_server.ws_url}/ws/alice?room=chat%3Alobby&token={token(rooms=['chat:*'])}"
     async with connect(url) as ws:
-        with anyio.fail_after(10):
-            join = json.loads(await ws.recv())
+        join = await next_frame(ws)
     assert (join["type"], join["client_id"], join["room"]) == ("join", "alice", "chat:lobby")
 
 

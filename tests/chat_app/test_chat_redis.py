@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.backend_redis.redis_helpers import RedisServer, eventually
+from tests.chat_app.frames import next_frame, until_personal_ack
 
 if TYPE_CHECKING:
     from conftest import ChatServer, StartServer
@@ -121,9 +122,9 @@ async def client(
 
 
 async def recv(ws: ClientConnection) -> Any:
-    """The next frame, parsed; fails the test rather than hang."""
-    with anyio.fail_after(10):
-        return json.loads(await ws.recv())
+    """The next frame, parsed (past the personal stream's ``joined``); fails the test rather
+    than hang."""
+    return await next_frame(ws)
 
 
 async def recv_until(ws: ClientConnection, message: str) -> list[Any]:
@@ -134,6 +135,15 @@ async def recv_until(ws: ClientConnection, message: str) -> list[Any]:
         frames.append(frame)
         if frame["type"] == "message" and frame["data"] == {"message": message}:
             return frames
+
+
+async def connected(ws: ClientConnection, client_id: str) -> Any:
+    """The client's own join, once its personal stream is joined too: from then on, an
+    outage leaves the connection as it is (while that join is under way, it would get an
+    ``unavailable`` error about the personal stream)."""
+    frames = await until_personal_ack(ws)
+    joins = [f for f in frames if f["type"] == "join" and f["client_id"] == client_id]
+    return joins[0] if joins else await recv(ws)
 
 
 async def send(ws: ClientConnection, message: str) -> None:
@@ -285,9 +295,9 @@ async def _outage_and_recovery(
 ) -> None:
     async with AsyncExitStack() as stack:
         ann = await stack.enter_async_context(client(node_a, "ann", room))
-        assert (await recv(ann))["client_id"] == "ann"
+        assert (await connected(ann, "ann"))["client_id"] == "ann"
         ben = await stack.enter_async_context(client(node_b, "ben", room))
-        assert (await recv(ben))["client_id"] == "ben"
+        assert (await connected(ben, "ben"))["client_id"] == "ben"
         assert (await recv(ann))["client_id"] == "ben"
         await send(ann, "before")
         before = (await recv_until(ben, "before"))[-1]
@@ -364,11 +374,18 @@ async def test_redis_refusing_writes(start_server: StartServer, server_kind: str
         node = start_server("--backend", redis.url, "--rate-limit", "0", kind=server_kind)
         try:
             async with client(node, "ann", "full") as ann:
-                await recv(ann)
+                await connected(ann, "ann")
                 await admin.config_set("maxmemory", 1)
                 await send(ann, "no room for this")
                 error = await recv(ann)
                 assert (error["type"], error["data"]["code"]) == ("error", "unavailable")
+                # A join and a direct message are refused alike; the connection stays.
+                await ann.send(json.dumps({"join": "elsewhere"}))
+                error = await recv(ann)
+                assert (error["room"], error["data"]["code"]) == ("elsewhere", "unavailable")
+                await ann.send(json.dumps({"to": "bob", "message": "no room either"}))
+                error = await recv(ann)
+                assert (error["room"], error["data"]["code"]) == ("@ann", "unavailable")
                 await _refused(node, "bob", "full")  # presence refused
                 await _refused(node, "bob", "other")  # subscribe refused
                 assert httpx.get(f"{node.url}/rooms/full", timeout=5).status_code == 503
@@ -379,6 +396,8 @@ async def test_redis_refusing_writes(start_server: StartServer, server_kind: str
                 await admin.config_set("maxmemory", 0)
                 await send(ann, "room again")
                 assert [f["type"] for f in await recv_until(ann, "room again")] == ["message"]
+                await ann.send(json.dumps({"join": "elsewhere"}))  # not half joined before
+                assert (await recv(ann))["type"] == "joined"
             _assert_no_traceback(node)
         finally:
             node.stop()
@@ -404,7 +423,7 @@ async def test_one_warning_per_outage_and_healthz_follows_the_backend(
         node = start_server("--backend", url, kind=server_kind)
         try:
             async with client(node, "ann", "quiet") as ann:
-                await recv(ann)
+                await connected(ann, "ann")
                 assert health(node)[0] == 200
                 redis.kill()
                 for n in range(5):
@@ -483,3 +502,84 @@ async def test_an_http_publish_on_one_node_reaches_clients_on_both(
             assert envelope["client_id"] is None
             assert await recv(ann) == envelope
             assert await recv(ben) == envelope
+
+
+async def recv_direct(ws: ClientConnection, message: str) -> list[Any]:
+    """Frames up to and including the direct message whose text is ``message``."""
+    frames = []
+    while True:
+        frame = await recv(ws)
+        frames.append(frame)
+        if frame["type"] == "direct" and frame["data"]["data"] == {"message": message}:
+            return frames
+
+
+async def test_rooms_joined_and_direct_messages_cross_nodes(nodes: Nodes) -> None:
+    """A room joined on one node takes messages sent on the other, and a direct message sent
+    on one node reaches the recipient on the other, through its personal stream."""
+    async with (
+        client(nodes[0], "roamer", "cross-a") as roamer,
+        client(nodes[1], "local", "cross-b") as local,
+    ):
+        for ws in (roamer, local):
+            await until_personal_ack(ws)  # from here, direct messages reach it
+        await roamer.send(json.dumps({"join": "cross-b"}))
+        while (frame := await recv(roamer))["type"] != "joined":
+            pass
+        assert frame["room"] == "cross-b"
+        await send(local, "from node b")
+        got = (await recv_until(roamer, "from node b"))[-1]
+        assert (got["room"], got["client_id"]) == ("cross-b", "local")
+        await roamer.send(json.dumps({"to": "local", "message": "psst"}))
+        direct = (await recv_direct(local, "psst"))[-1]
+        assert (direct["room"], direct["client_id"]) == ("@local", "roamer")
+
+
+async def test_a_direct_message_reaches_the_senders_other_tabs(nodes: Nodes) -> None:
+    """The sender's copy (same id, in its own personal stream) reaches its tab on the other
+    node."""
+    async with (
+        client(nodes[0], "tabbed", "tabs-a") as first,
+        client(nodes[1], "tabbed", "tabs-b") as second,
+        client(nodes[1], "reader", "tabs-c") as reader,
+    ):
+        for ws in (first, second, reader):
+            await until_personal_ack(ws)
+        await first.send(json.dumps({"to": "reader", "message": "psst"}))
+        await recv_direct(reader, "psst")
+        await reader.send(json.dumps({"to": "tabbed", "message": "marker"}))
+        # The marker was published in tabbed's stream after psst's copy, had it been.
+        frames = await recv_direct(second, "marker")
+        assert [f["data"]["data"] for f in frames if f["type"] == "direct"] == [
+            {"message": "psst"},
+            {"message": "marker"},
+        ]
+
+
+async def test_a_direct_message_reaches_both_tabs_on_both_nodes_once_and_no_one_else(
+    nodes: Nodes,
+) -> None:
+    """bob has a tab on each node; alice (node a) sends him one message; carol (node b) is in
+    the same room. Each of bob's tabs gets it exactly once, carol never does: each tab's next
+    direct message is a marker published after it, in its own stream."""
+    async with (
+        client(nodes[0], "dm-alice", "dm-room") as alice,
+        client(nodes[0], "dm-bob", "dm-room") as bob_a,
+        client(nodes[1], "dm-bob", "dm-room") as bob_b,
+        client(nodes[1], "dm-carol", "dm-room") as carol,
+    ):
+        for ws in (alice, bob_a, bob_b, carol):
+            await until_personal_ack(ws)
+        await alice.send(json.dumps({"to": "dm-bob", "message": "for bob only"}))
+        for ws in (bob_a, bob_b):
+            await recv_direct(ws, "for bob only")
+        # Markers: a DM from carol to bob and to herself, published after alice's.
+        for to in ("dm-bob", "dm-carol"):
+            await carol.send(json.dumps({"to": to, "message": f"marker for {to}"}))
+        for ws in (bob_a, bob_b):
+            frames = await recv_direct(ws, "marker for dm-bob")
+            assert [f for f in frames if f["type"] == "direct"][:-1] == []  # nothing twice
+        frames = await recv_direct(carol, "marker for dm-carol")
+        texts = [f["data"]["data"]["message"] for f in frames if f["type"] == "direct"]
+        # carol sees her own two sent copies (her stream) and her marker, never bob's DM.
+        assert "for bob only" not in texts

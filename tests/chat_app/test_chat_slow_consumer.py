@@ -17,6 +17,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.chat_app.frames import next_frame as next_chat_frame
+
 if TYPE_CHECKING:
     from conftest import ChatServer, StartServer
 
@@ -68,8 +70,7 @@ def stalled(server: ChatServer) -> Iterator[socket.socket]:
 
 
 async def next_frame(ws: ClientConnection) -> Any:
-    with anyio.fail_after(30):
-        return json.loads(await ws.recv())
+    return await next_chat_frame(ws, 30)
 
 
 def metric(server: ChatServer, name: str) -> float:

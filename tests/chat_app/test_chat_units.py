@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import anyio
 import pytest
-from starlette.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
+from starlette.testclient import TestClient, WebSocketTestSession
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from examples.chat_app import Settings, create_app
+from examples.chat_app import service as service_module
 from examples.chat_app.__main__ import parse_args
 from examples.chat_app.app import (
     ClientError,
@@ -23,14 +27,28 @@ from examples.chat_app.app import (
     parse_client_frame,
     valid_name,
 )
+from examples.chat_app.edge import (
+    ERROR_CODES,
+    Command,
+    Direct,
+    Join,
+    Leave,
+    Say,
+    parse_command,
+)
 from examples.chat_app.service import (
     CHAT_HTML,
     CLOSE_WAIT,
+    ChatRequest,
     ChatService,
     _LocalBuckets,
     _OutageLog,
 )
-from wsbroadcast import NAME_PATTERN
+from tests.chat_app.frames import is_personal_ack
+from wsbroadcast import NAME_PATTERN, BackendUnavailable, ConnectionManager, History
+from wsbroadcast.backends.memory import MemoryBackend
+from wsbroadcast.envelope import EPOCH_PATTERN
+from wsbroadcast.testing import MemoryTransport
 from wsbroadcast.transport import FRAMES_EXTENSION
 from wsbroadcast.transports.starlette import StarletteFramesTransport, StarletteTransport
 
@@ -72,20 +90,27 @@ def test_routes_refuse_wrong_methods_and_bad_rooms(client: TestClient) -> None:
     assert client.get("/nowhere").status_code == 404
 
 
+def receive(ws: WebSocketTestSession) -> Any:
+    """The next frame, past the personal stream's ``joined`` (see tests/chat_app/frames.py)."""
+    while is_personal_ack(frame := ws.receive_json()):
+        pass
+    return frame
+
+
 def test_websocket_round_trip_and_room_view(client: TestClient) -> None:
     with client.websocket_connect("/ws/alice?room=units") as alice:
-        join = alice.receive_json()
+        join = receive(alice)
         assert (join["type"], join["client_id"], join["seq"]) == ("join", "alice", 1)
         assert client.get("/rooms/units").json() == {"room": "units", "online": ["alice"], "seq": 1}
         alice.send_text(json.dumps({"message": "hi"}))
-        message = alice.receive_json()
+        message = receive(alice)
         assert (message["seq"], message["data"]) == (2, {"message": "hi"})
         alice.send_text("{")
-        assert alice.receive_json()["data"]["code"] == "invalid_json"
+        assert receive(alice)["data"]["code"] == "invalid_json"
         alice.send_bytes(b"{}")
-        assert alice.receive_json()["data"]["code"] == "binary_frame"
+        assert receive(alice)["data"]["code"] == "binary_frame"
         alice.send_text(json.dumps({"message": "x" * 11}))
-        assert alice.receive_json()["data"]["code"] == "message_too_long"
+        assert receive(alice)["data"]["code"] == "message_too_long"
         metrics = client.get("/metrics").text
         assert 'chat_errors_total{code="invalid_json"} 1' in metrics
         assert "chat_messages_published_total 1" in metrics
@@ -95,10 +120,10 @@ def test_websocket_round_trip_and_room_view(client: TestClient) -> None:
 
 def test_a_frame_over_max_message_bytes_closes_with_1009(client: TestClient) -> None:
     with client.websocket_connect("/ws/big") as ws:
-        ws.receive_json()
+        receive(ws)
         ws.send_text(json.dumps({"message": "é" * 100}))  # 100 characters, 200+ bytes
         with pytest.raises(WebSocketDisconnect) as closed:
-            ws.receive_json()
+            receive(ws)
         assert closed.value.code == 1009
 
 
@@ -298,7 +323,18 @@ def test_edge_settings_and_flags() -> None:
         kwargs: Any = bad
         with pytest.raises(ValueError, match=next(iter(bad))):
             Settings(**kwargs)
-    for argv in (["--handshake-timeout", "0"], ["--max-connections-per-ip", "-1"]):
+    assert (args.max_rooms, Settings().max_rooms) == (32, 32)
+    assert parse_args(["--max-rooms", "2"]).max_rooms == 2
+    assert args.slow_consumer == "disconnect"
+    assert parse_args(["--slow-consumer", "drop_oldest"]).slow_consumer == "drop_oldest"
+    with pytest.raises(ValueError, match="max_rooms"):
+        Settings(max_rooms=0)
+    for argv in (
+        ["--handshake-timeout", "0"],
+        ["--max-connections-per-ip", "-1"],
+        ["--max-rooms", "0"],
+        ["--slow-consumer", "drop-newest"],
+    ):
         with pytest.raises(SystemExit):
             parse_args(argv)
 
@@ -342,3 +378,198 @@ def test_metrics_values_stay_integers_and_have_no_created_series() -> None:
     assert re.search(r"^chat_up 0$", text, re.MULTILINE)
     assert "_created" not in text
     assert "# HELP chat_close_aborts_total Connections dropped" in text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"message": "hi"}', Say(None, "hi")),
+        ('{"message": "hi", "client_id": "x", "seq": 3}', Say(None, "hi")),
+        ('{"room": "chat:b", "message": "hi"}', Say("chat:b", "hi")),
+        ('{"join": "b"}', Join("b", None, None)),
+        ('{"join": "b", "since": 0}', Join("b", 0, None)),
+        ('{"join": "b", "since": 7, "epoch": "e-1_X"}', Join("b", 7, "e-1_X")),
+        ('{"join": "b", "since": null, "epoch": null}', Join("b", None, None)),
+        ('{"join": "b", "since": 999999999999999999}', Join("b", 10**18 - 1, None)),
+        ('{"join": "@alice"}', Join("@alice", None, None)),
+        ('{"leave": "b"}', Leave("b")),
+        ('{"to": "bob", "message": "psst"}', Direct("bob", "psst")),
+        ('{"to": "user#42", "message": " x "}', Direct("user#42", " x ")),
+        # The first key of join, leave, to, message decides, whatever else the object holds.
+        ('{"message": "hi", "join": "b"}', Join("b", None, None)),
+        ('{"leave": "b", "join": "c"}', Join("c", None, None)),
+        ('{"to": "bob", "leave": "b", "message": "x"}', Leave("b")),
+        ('{"room": "b", "to": "bob", "message": "x"}', Direct("bob", "x")),
+    ],
+)
+def test_parse_command_reads_each_kind_of_frame(text: str, expected: Command) -> None:
+    assert parse_command(text, max_text=10) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "room"),
+    [
+        ("nope", ErrorCode.INVALID_JSON, None),
+        ("[" * 5000, ErrorCode.INVALID_JSON, None),
+        ("[1]", ErrorCode.NOT_AN_OBJECT, None),
+        ("{}", ErrorCode.MISSING_MESSAGE, None),
+        ('{"room": "b"}', ErrorCode.MISSING_MESSAGE, "b"),
+        ('{"room": "b", "message": 1}', ErrorCode.MESSAGE_NOT_A_STRING, "b"),
+        ('{"room": "b", "message": " "}', ErrorCode.EMPTY_MESSAGE, "b"),
+        ('{"room": "b", "message": "01234567890"}', ErrorCode.MESSAGE_TOO_LONG, "b"),
+        ('{"room": "a b", "message": "hi"}', ErrorCode.INVALID_ROOM, None),
+        ('{"room": null, "message": "hi"}', ErrorCode.INVALID_ROOM, None),
+        ('{"room": 5, "message": "hi"}', ErrorCode.INVALID_ROOM, None),
+        ('{"join": ""}', ErrorCode.INVALID_ROOM, None),
+        ('{"join": null}', ErrorCode.INVALID_ROOM, None),
+        ('{"join": ["b"]}', ErrorCode.INVALID_ROOM, None),
+        ('{"join": "' + "r" * 65 + '"}', ErrorCode.INVALID_ROOM, None),
+        ('{"join": "b", "since": -1}', ErrorCode.BAD_SINCE, "b"),
+        ('{"join": "b", "since": 1.5}', ErrorCode.BAD_SINCE, "b"),
+        ('{"join": "b", "since": 2.0}', ErrorCode.BAD_SINCE, "b"),
+        ('{"join": "b", "since": "3"}', ErrorCode.BAD_SINCE, "b"),
+        ('{"join": "b", "since": true}', ErrorCode.BAD_SINCE, "b"),
+        ('{"join": "b", "since": 1000000000000000000}', ErrorCode.BAD_SINCE, "b"),
+        ('{"join": "b", "since": 1, "epoch": ""}', ErrorCode.BAD_EPOCH, "b"),
+        ('{"join": "b", "since": 1, "epoch": "a b"}', ErrorCode.BAD_EPOCH, "b"),
+        ('{"join": "b", "epoch": 5}', ErrorCode.BAD_EPOCH, "b"),
+        ('{"join": "b", "epoch": "' + "e" * 33 + '"}', ErrorCode.BAD_EPOCH, "b"),
+        ('{"leave": "a/b"}', ErrorCode.INVALID_ROOM, None),
+        ('{"leave": 1}', ErrorCode.INVALID_ROOM, None),
+        ('{"to": "a b", "message": "hi"}', ErrorCode.INVALID_RECIPIENT, None),
+        ('{"to": null, "message": "hi"}', ErrorCode.INVALID_RECIPIENT, None),
+        ('{"to": "bob"}', ErrorCode.MISSING_MESSAGE, None),
+        ('{"to": "bob", "message": ""}', ErrorCode.EMPTY_MESSAGE, None),
+        ('{"to": "bob", "message": "01234567890"}', ErrorCode.MESSAGE_TOO_LONG, None),
+    ],
+)
+def test_parse_command_refuses_with_a_code(text: str, code: str, room: str | None) -> None:
+    result = parse_command(text, max_text=10)
+    assert isinstance(result, ClientError), result
+    assert (result.code, result.room) == (code, room)
+    assert result.detail
+    assert code in ERROR_CODES
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+COMMAND_KEYS = st.sampled_from(["join", "leave", "to", "room", "message", "since", "epoch"])
+NAMES = st.from_regex(NAME_PATTERN, fullmatch=True)
+
+
+@given(
+    st.dictionaries(
+        COMMAND_KEYS | st.text(max_size=8),
+        JSON_VALUES | NAMES | st.integers(min_value=-1, max_value=2**63),
+        max_size=6,
+    )
+)
+def test_parse_command_never_raises_on_any_json_object(value: dict[str, Any]) -> None:
+    """Any JSON object at all: a command whose fields are checked, or a ClientError with a
+    known code; never an exception."""
+    text = json.dumps(value, allow_nan=True)
+    result = parse_command(text, max_text=10)
+    if isinstance(result, ClientError):
+        assert result.code in ERROR_CODES
+        assert result.detail
+        assert result.room is None or NAME_PATTERN.fullmatch(result.room)
+        return
+    if isinstance(result, Join):
+        assert "join" in value
+        assert NAME_PATTERN.fullmatch(result.room)
+        assert result.since is None or 0 <= result.since < 10**18
+        assert result.epoch is None or EPOCH_PATTERN.fullmatch(result.epoch)
+    elif isinstance(result, Leave):
+        assert "join" not in value
+        assert NAME_PATTERN.fullmatch(result.room)
+    elif isinstance(result, Direct):
+        assert not {"join", "leave"} & set(value)
+        assert NAME_PATTERN.fullmatch(result.to)
+        assert result.text == value["message"]
+        assert 0 < len(result.text) <= 10
+    else:
+        assert isinstance(result, Say)
+        assert not {"join", "leave", "to"} & set(value)
+        assert result.room == value.get("room")
+        assert result.text == value["message"]
+        assert result.text.strip()
+        assert len(result.text) <= 10
+
+
+@given(st.text(max_size=40) | st.binary(max_size=40).map(lambda b: b.decode("latin-1")))
+def test_parse_command_never_raises_on_any_text(text: str) -> None:
+    result = parse_command(text, max_text=10)
+    assert isinstance(result, Say | Join | Leave | Direct | ClientError)
+
+
+class _PersonalOutage(MemoryBackend):
+    """The memory backend, failing the first ``failures`` reads of a personal stream: a
+    backend outage that begins between a connect and its personal stream's join."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def history(self, room: str, since: int, epoch: str | None = None) -> History:
+        if room.startswith("@") and self.failures:
+            self.failures -= 1
+            raise BackendUnavailable("personal streams are down")
+        return await super().history(room, since, epoch)
+
+
+class _QueueSocket:
+    """A :class:`ChatSocket` over a MemoryTransport, fed by the test."""
+
+    gone: tuple[type[Exception], ...] = (ConnectionError,)
+
+    def __init__(self) -> None:
+        self.transport = MemoryTransport()
+        self.send, self.frames = anyio.create_memory_object_stream[str | None](10)
+
+    async def receive(self) -> str | bytes | None:
+        return await self.frames.receive()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_personal_stream_the_backend_refused_is_joined_again_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection stays open, is told its direct messages are unavailable, goes on
+    chatting, and gets its personal stream's joined once the backend answers again."""
+    monkeypatch.setattr(service_module, "PERSONAL_RETRY_FIRST", 0.001)
+    service = ChatService(Settings(rate_limit=0))
+    socket = _QueueSocket()
+    transport = socket.transport
+    async with (
+        socket.send,
+        socket.frames,
+        ConnectionManager(_PersonalOutage(failures=2)) as manager,
+    ):
+        service.manager = manager
+
+        def seen(kind: str) -> Callable[[MemoryTransport], bool]:
+            return lambda t: any(m["type"] == kind for m in t.messages())
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(service.serve, ChatRequest("alice", "outage", None), socket)
+            with anyio.fail_after(10):
+                await transport.wait_until(seen("error"))
+                await socket.send.send(json.dumps({"message": "still chatting"}))
+                await transport.wait_until(seen("joined"))
+                await transport.wait_until(seen("message"))
+                await socket.send.send(json.dumps({"to": "alice", "message": "note"}))
+                await transport.wait_until(seen("direct"))
+                await socket.send.send(None)  # the client leaves
+    frames = transport.messages()
+    error = next(m for m in frames if m["type"] == "error")
+    assert (error["room"], error["data"]["code"]) == ("@alice", "unavailable")
+    joined = next(m for m in frames if m["type"] == "joined")
+    assert joined["room"] == "@alice"
+    assert frames[-1]["room"] == "@alice"
+    assert [m["data"] for m in frames if m["type"] == "message"] == [{"message": "still chatting"}]
