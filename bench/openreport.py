@@ -56,6 +56,8 @@ def highest_held(results: Sequence[OpenLoopResult], server: str, scenario: str) 
     held = [r for r in runs if r.held and not r.generator_behind]
     best = max((r.offered for r in held), default=None)
     behind = [r.offered for r in runs if r.generator_behind and (best is None or r.offered > best)]
+    if best is None and behind and min(behind) == runs[0].offered:
+        return f"inconclusive (generator fell behind at {runs[0].offered:,.0f}/s)"
     text = f"**{best:,.0f}/s**" if best is not None else f"none (lowest {runs[0].offered:,.0f}/s)"
     if behind:
         text += f" (generator fell behind at {min(behind):,.0f}/s: inconclusive above)"
@@ -152,6 +154,10 @@ def split_table(results: Sequence[OpenLoopResult]) -> str:
             rows.append(f"| {server} | — | — | — | {detail or 'no runs'} (too few runs to fit) |")
             continue
         a, b, rms = fit
+        if a < 0 or b < 0:
+            # Two costs cannot be negative: the runs disagree with the model (noise, or
+            # batching that changes the cost per delivery with the message rate).
+            detail += "; **a negative cost: the runs do not fit the model**"
         rows.append(f"| {server} | {a:.1f} | {b:.1f} | {rms * 100:.0f}% | {detail} |")
     return head + "\n".join(rows) + "\n"
 

@@ -186,6 +186,9 @@ def test_highest_load_held_says_when_the_generator_fell_behind_above_it() -> Non
     assert text.startswith("**100,000/s**")
     assert "generator fell behind at 150,000/s" in text
     assert highest_held(runs[3:], "chat", "dense") == "none (lowest 200,000/s)"
+    assert highest_held(runs[2:], "chat", "dense") == (
+        "inconclusive (generator fell behind at 150,000/s)"
+    )
 
 
 def test_cost_split_fit_recovers_per_publish_and_per_delivery_costs() -> None:
