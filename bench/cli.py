@@ -23,8 +23,11 @@ from .runner import (
 )
 from .servers import SERVERS
 
-SCENARIOS = ("fanout", "rooms", "stall", "redis")
-DEFAULT_SERVERS = "chat,chat-asgi,naive,websockets,broadcaster,fastpath,socketio"
+SCENARIOS = ("fanout", "rooms", "stall", "redis", "cluster")
+DEFAULT_SERVERS = "chat,chat-asgi,naive,websockets,broadcaster,fastpath,socketio,node"
+OPEN_SCENARIOS = ("dense", "rooms", "split")
+DEFAULT_OPEN_SERVERS = "chat,fastpath,naive,websockets,node"
+MAX_LOAD = 1_000_000
 STALL_CLIENTS = 100
 STALL_PAD = 2048
 REDIS_CLIENTS = 500
@@ -38,6 +41,16 @@ def _int_list(text: str) -> list[int]:
     if not values or any(not 1 <= v <= MAX_CLIENTS for v in values):
         raise argparse.ArgumentTypeError(f"each count must be 1..{MAX_CLIENTS}")
     return values
+
+
+def _loads(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not values or any(not 1 <= v <= MAX_LOAD for v in values):
+        raise argparse.ArgumentTypeError(f"each load must be 1..{MAX_LOAD} deliveries/s")
+    return sorted(set(values))
 
 
 def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -60,8 +73,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--servers",
         type=_names(list(SERVERS)),
-        default=DEFAULT_SERVERS.split(","),
-        help=f"comma-separated, from {', '.join(SERVERS)} (default {DEFAULT_SERVERS})",
+        default=None,
+        help=f"comma-separated, from {', '.join(SERVERS)} (default {DEFAULT_SERVERS};"
+        f" with --open-loop {DEFAULT_OPEN_SERVERS})",
     )
     parser.add_argument(
         "--clients",
@@ -129,8 +143,68 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--time-budget",
         type=float,
-        default=1200.0,
-        help="stop starting new runs after this many seconds (default %(default).0f)",
+        default=None,
+        help="stop starting new runs after this many seconds (default 1200; 3600 with --open-loop)",
+    )
+    group = parser.add_argument_group(
+        "open loop", "fixed send rates over a ladder of loads (docs/benchmarks.md, its section)"
+    )
+    group.add_argument(
+        "--open-loop",
+        action="store_true",
+        help="run the open-loop ladder instead of the closed-loop scenarios; rewrites only"
+        " the open-loop section of the report",
+    )
+    group.add_argument(
+        "--open-scenarios",
+        type=_names(OPEN_SCENARIOS),
+        default=list(OPEN_SCENARIOS),
+        help=f"comma-separated, from {', '.join(OPEN_SCENARIOS)} (default all)",
+    )
+    group.add_argument(
+        "--loads",
+        type=_loads,
+        default=[50_000, 100_000, 150_000, 200_000],
+        help="offered loads of the dense scenario, deliveries/s (default 50000,100000,"
+        "150000,200000)",
+    )
+    group.add_argument(
+        "--rooms-loads",
+        type=_loads,
+        default=[10_000, 20_000, 40_000, 80_000, 120_000],
+        help="offered loads of the rooms scenario (--rooms, --rooms-clients), deliveries/s"
+        " (default 10000,20000,40000,80000,120000)",
+    )
+    group.add_argument(
+        "--dense-clients",
+        type=int,
+        default=500,
+        help="subscribers of the dense scenario, one room (default %(default)s)",
+    )
+    group.add_argument(
+        "--load-seconds",
+        type=float,
+        default=5.0,
+        help="seconds of sending at each load (default %(default)s)",
+    )
+    group.add_argument(
+        "--split-sizes",
+        type=_int_list,
+        default=[5, 20, 100],
+        help="room sizes of the cost split's runs, --rooms-clients subscribers each"
+        " (default 5,20,100)",
+    )
+    group.add_argument(
+        "--split-load",
+        type=_loads,
+        default=[20_000],
+        help="the one offered load of the cost split's runs, deliveries/s (default 20000)",
+    )
+    group.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="after the last send, wait at most this long for late frames (default 10)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="Markdown report (default docs/benchmarks.md)"
@@ -153,6 +227,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--rooms-clients must be 1..{MAX_CLIENTS}")
     if not 1 <= args.rooms <= min(MAX_ROOMS, args.rooms_clients):
         parser.error(f"--rooms must be 1..{MAX_ROOMS} and at most --rooms-clients")
+    if not 0.1 <= args.load_seconds <= 60 or not 0.5 <= args.drain_timeout <= 60:
+        parser.error("--load-seconds must be 0.1..60 and --drain-timeout 0.5..60")
+    if not 1 <= args.dense_clients <= MAX_CLIENTS:
+        parser.error(f"--dense-clients must be 1..{MAX_CLIENTS}")
+    if args.time_budget is None:
+        args.time_budget = 3600.0 if args.open_loop else 1200.0
+    if args.open_loop:
+        return _open_loop_args(parser, args)
     if args.smoke:
         args.servers = ["chat", "chat-asgi", "naive", "socketio"]
         args.clients, args.messages = [5], 20
@@ -161,13 +243,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.time_budget, args.repeat = 60.0, 1
         if args.out is None:
             args.out = ROOT / "bench" / "results" / "smoke.md"
+    if args.servers is None:
+        args.servers = DEFAULT_SERVERS.split(",")
+    if args.out is None:
+        args.out = ROOT / "docs" / "benchmarks.md"
+    return args
+
+
+def _open_loop_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.Namespace:
+    """Defaults and bounds of the open-loop mode; ``--smoke`` makes it tiny (seconds)."""
+    if any(size > args.rooms_clients for size in args.split_sizes):
+        parser.error("--split-sizes must be at most --rooms-clients")
+    if args.smoke:
+        args.servers = args.servers or ["chat", "node"]
+        args.dense_clients, args.loads = 6, [600]
+        args.rooms, args.rooms_clients, args.rooms_loads = 2, 6, [600]
+        args.split_sizes, args.split_load = [1, 2, 3], [600]
+        args.load_seconds, args.drain_timeout, args.client_procs = 0.5, 3.0, 1
+        args.run_timeout, args.time_budget, args.repeat = 30.0, 120.0, 1
+        if args.out is None:
+            args.out = ROOT / "bench" / "results" / "smoke-open.md"
+    if args.servers is None:
+        args.servers = DEFAULT_OPEN_SERVERS.split(",")
     if args.out is None:
         args.out = ROOT / "docs" / "benchmarks.md"
     return args
 
 
 def plan(args: argparse.Namespace) -> list[RunConfig]:
-    """Every run, in order: fan-out by N then server, many rooms, stall, then Redis."""
+    """Every run, in order: fan-out by N then server, many rooms, stall, Redis, then Redis
+    Cluster (two nodes of the servers that have a Redis backend)."""
     runs: list[RunConfig] = []
     common = {"window": args.window, "client_procs": args.client_procs}
     common_t = {"run_timeout": args.run_timeout}
@@ -225,11 +332,32 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
                         **common_t,
                     )
                 )
+    if "cluster" in args.scenario:
+        messages = min(args.messages, max(10, args.max_deliveries // REDIS_CLIENTS))
+        runs += [
+            RunConfig(
+                server,
+                "cluster",
+                REDIS_CLIENTS,
+                messages,
+                nodes=2,
+                backend="redis-cluster",
+                **common,
+                **common_t,
+            )
+            for server in args.servers
+            if SERVERS[server].redis
+        ]
     return runs
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.open_loop:
+        from .opencli import run_open_loop_mode
+
+        run_open_loop_mode(args, argv)
+        return
     started = time.monotonic()
     results_dir = ROOT / "bench" / "results"
     log_dir = results_dir / "logs"
@@ -244,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             label += f" +{config.stalled} stalled"
         if config.backend == "redis":
             label += f" on {config.nodes} node(s)"
+        if config.backend == "redis-cluster":
+            label += f" on {config.nodes} node(s) of a Redis Cluster"
         if config.rooms > 1:
             label += f" in {config.rooms} rooms"
         if time.monotonic() - started > args.time_budget:

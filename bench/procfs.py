@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,6 +122,25 @@ def wait_quiet(pid: int, *, idle_cpu: float = 0.01, step: float = 0.2, limit: fl
         before = now
 
 
+def _node_versions() -> str:
+    """Node's version and the installed ``ws``'s (the Node server under test)."""
+    node = shutil.which("node")
+    if node is None:
+        return "node not installed"
+    try:
+        version = subprocess.run(
+            [node, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        version = "?"
+    package = Path(__file__).resolve().parent / "servers" / "node" / "node_modules" / "ws"
+    try:
+        ws = json.loads((package / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        ws = "not installed"
+    return f"node {version}, ws {ws}"
+
+
 def machine_description() -> dict[str, str]:
     """CPU model, cores, memory, kernel, Python and the server software's versions."""
     model = "unknown"
@@ -149,6 +170,7 @@ def machine_description() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             version = "not installed"
         versions.append(f"{distribution} {version}")
+    versions.append(_node_versions())
     return {
         "cpu": model,
         "cores": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})",

@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+from .openreport import existing_section
 from .runner import RunResult
 from .servers import SERVERS
 
@@ -45,6 +46,8 @@ def _status(result: RunResult) -> str:
         notes.append(f"{result.closed_early} closed early")
     if result.backend == "redis":
         notes.append(f"+ redis-server {result.redis_cpu_s:.2f} CPU s")
+    if result.backend == "redis-cluster":
+        notes.append(f"+ the cluster's 6 redis-servers {result.redis_cpu_s:.2f} CPU s")
     if result.failed_runs:
         notes.append(f"{result.failed_runs} runs failed or skipped, left out (see the JSON)")
     return "; ".join(notes) or "ok"
@@ -62,6 +65,8 @@ def table(results: list[RunResult]) -> str:
         scenario = r.scenario + (f" (+{r.stalled} stalled)" if r.stalled else "")
         if r.backend == "redis":
             scenario = f"redis, {r.nodes} node{'s' if r.nodes > 1 else ''}"
+        if r.backend == "redis-cluster":
+            scenario = f"redis cluster, {r.nodes} node{'s' if r.nodes > 1 else ''}"
         if r.scenario == "rooms":
             scenario = f"rooms ({r.rooms})"
         if r.error and not r.sent:
@@ -240,6 +245,7 @@ def targets(results: list[RunResult]) -> str:
             text + f", plus redis-server's {two.redis_cpu_s / deliveries * 1e6:.1f} µs;"
             f" p99 {_num(two.p99_ms, '.1f')} ms. No target was set; for the record."
         )
+    lines += _cluster_lines(results, present)
     for server in dict.fromkeys(["chat", "fastpath", *present]):
         runs = [r for r in results if r.server == server and r.scenario == "fanout" and not r.error]
         if not runs:
@@ -261,6 +267,39 @@ def targets(results: list[RunResult]) -> str:
             f" {verdict}."
         )
     return "\n".join(lines) + "\n"
+
+
+def _cluster_lines(results: list[RunResult], present: list[str]) -> list[str]:
+    """Issue 13's row: two nodes on a local Redis Cluster, beside two nodes on one Redis."""
+    lines = []
+    for server in present:
+        row = next((r for r in results if r.server == server and r.scenario == "cluster"), None)
+        if row is None:
+            continue
+        if row.error and not row.sent:
+            lines.append(f"- **Two nodes on Redis Cluster, {server}**: {row.error}.")
+            continue
+        single = _find(results, server, "redis", TARGET_CLIENTS, nodes=2)
+        lost = row.lost == 0 and row.duplicates == 0 and row.out_of_order == 0
+        text = (
+            f"- **Two nodes on Redis Cluster, {server}** (3 primaries with a replica each;"
+            f" {row.clients} subscribers dealt over both nodes, the sender on the first): lost"
+            f" {row.lost}, duplicated {row.duplicates}, out of order {row.out_of_order}"
+            + (f", {row.closed_early} closed early" if row.closed_early else "")
+            + (f", {row.failed_connects} failed connects" if row.failed_connects else "")
+            + f" (target zero loss: {'met' if lost and not row.closed_early else '**missed**'});"
+            f" CPU/delivery of both nodes {_num(row.cpu_us_per_delivery, '.1f')} µs"
+        )
+        if single is not None:
+            text += f" (two nodes on one Redis: {_num(single.cpu_us_per_delivery, '.1f')} µs)"
+        deliveries = max(1, row.deliveries)
+        lines.append(
+            text + f", plus the redis-servers' {row.redis_cpu_s / deliveries * 1e6:.1f} µs;"
+            f" p99 {_num(row.p99_ms, '.1f')} ms"
+            + (f" (one Redis: {_num(single.p99_ms, '.1f')} ms)" if single is not None else "")
+            + "."
+        )
+    return lines
 
 
 def _rooms_lines(results: list[RunResult], present: list[str]) -> list[str]:
@@ -313,6 +352,9 @@ def write_report(
     ]
     if has_plot:
         parts.append(f"![deliveries/s and CPU per delivery against N]({png.name})\n")
+    kept = existing_section(out)  # the open loop's section: its own command rewrites it
+    if kept is not None:
+        parts.append(kept)
     parts += [
         "## Servers\n",
         servers + "\n",
@@ -333,11 +375,14 @@ pip install -e ".[bench]"       # the servers, the websockets client, matplotlib
 python -m bench                 # everything (about 15 minutes): rewrites this file and its PNG
 python -m bench --servers chat,naive --clients 100,500 --scenario fanout --out /tmp/b.md
 python -m bench --smoke         # a few seconds; what CI runs (tests/test_bench_smoke.py)
+python -m bench --servers chat --scenario redis,cluster --out /tmp/redis.md  # Redis rows only
+python -m bench --open-loop     # the open-loop section only (see that section)
 ```
 
 `python -m bench --help` lists every flag (`--repeat`, `--messages`, `--max-deliveries`, `--window`,
 `--rooms`, `--rooms-clients`, `--stall-messages`, `--client-procs`, `--run-timeout`,
-`--time-budget`). Raw numbers of the
+`--time-budget`, and the open loop's). The `cluster` scenario needs `redis-server` and
+`redis-cli` and the `dev` extra (it starts the cluster tests' local cluster). Raw numbers of the
 last run are in `bench/results/latest.json` and server logs in `bench/results/logs/` (not
 committed). Everything is bounded: at most 10,000 subscribers and 100,000 messages per run,
 a hard timeout per run (120 s) and a time budget after which no new run starts (1,200 s).
@@ -413,4 +458,10 @@ METHOD = """\
   as elsewhere. (An earlier run had to connect them 4 at a time: redis-py's default pool
   failed with "Too many connections" past 100 concurrent commands instead of waiting, so
   bursts of handshakes were refused. The backend now uses a `BlockingConnectionPool`.)
+- The Redis Cluster scenario (issue 13) runs the same two nodes and 500 subscribers with
+  `--backend redis+cluster://` on a fresh local cluster of six `redis-server`s, three
+  primaries with a replica each (started and stopped by the cluster tests' own helper,
+  `tests/backend_cluster/cluster_helpers.py`, through `bench/cluster.py`), persistence off.
+  redis-server CPU is the six servers' together, shown beside the nodes', not included.
+  Subscribers connect 50 at a time per client process, as in the Redis scenario.
 """

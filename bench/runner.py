@@ -23,6 +23,8 @@ from .clients import (
     subscriber_process,
     warm_up,
 )
+from .cluster import local_cluster, server_pids
+from .cluster import unavailable_reason as cluster_unavailable_reason
 from .procfs import (
     ServerProcess,
     cpu_seconds,
@@ -54,8 +56,10 @@ class RunConfig:
     run_timeout: float = 120.0
     stall_timeout: float = 3.0
     nodes: int = 1
-    """Server processes; more than one needs ``backend="redis"``."""
+    """Server processes; more than one needs ``backend="redis"`` or ``"redis-cluster"``."""
     backend: str = "memory"
+    """``memory``, ``redis`` (one fresh redis-server) or ``redis-cluster`` (a fresh local
+    cluster of 3 primaries with a replica each, ``bench/cluster.py``)."""
     connect_concurrency: int = 50
     """Handshakes each subscriber process runs at once."""
     rooms: int = 1
@@ -96,7 +100,8 @@ class RunResult:
     nodes: int = 1
     backend: str = "memory"
     redis_cpu_s: float = 0.0
-    """CPU seconds of redis-server over the measured window (not in ``cpu_s``)."""
+    """CPU seconds of redis-server (all of a cluster's) over the measured window (not in
+    ``cpu_s``)."""
     rooms: int = 1
     wrong_room: int = 0
     """Frames of another room's messages that reached a subscriber (must be 0)."""
@@ -136,7 +141,7 @@ def combine(results: list[RunResult]) -> RunResult:
     good = [r for r in results if not r.error and r.sent]
     if not good:
         return results[0]
-    combined = RunResult(**asdict(good[0]))
+    combined = type(good[0])(**asdict(good[0]))
     for name in _MEDIAN_FIELDS:
         values = [getattr(r, name) for r in good if not math.isnan(getattr(r, name))]
         setattr(combined, name, statistics.median(values) if values else math.nan)
@@ -185,8 +190,11 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
         config.server, config.scenario, config.clients, config.stalled, config.messages
     )
     result.nodes, result.backend, result.rooms = config.nodes, config.backend, config.rooms
-    if not spec.available:
-        result.error = "not implemented yet"
+    reason = spec.unavailable_reason()
+    if reason is None and config.backend == "redis-cluster":
+        reason = cluster_unavailable_reason()
+    if reason is not None:
+        result.error = f"skipped: {reason}"
         return result
     if not 1 <= config.clients <= MAX_CLIENTS or not 1 <= config.nodes <= 4:
         raise ValueError(f"clients must be 1..{MAX_CLIENTS}, nodes 1..4")
@@ -200,15 +208,22 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
     pipes: list[Any] = []
     stalled: list[socket.socket] = []
     redis: ServerProcess | None = None
+    redis_pids: list[int] = []
     servers: list[ServerProcess] = []
+    cleanup = contextlib.ExitStack()
     try:
         extra: list[str] = []
+        if config.backend in ("redis", "redis-cluster") and not spec.redis:
+            raise ValueError(f"{spec.name} has no Redis backend")
         if config.backend == "redis":
-            if not spec.redis:
-                raise ValueError(f"{spec.name} has no Redis backend")
             redis = _redis_process(log_dir, label)
             redis.start(ROOT)
+            redis_pids = [redis.pid]
             extra = ["--backend", f"redis://127.0.0.1:{redis.port}/0"]
+        elif config.backend == "redis-cluster":
+            cluster = cleanup.enter_context(local_cluster())
+            redis_pids = server_pids(cluster)
+            extra = ["--backend", cluster.url]
         for node in range(config.nodes):
             port = free_port()
             command = [*spec_command(spec, port), *extra]
@@ -271,7 +286,7 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
                 connected_total + config.stalled
             )
         cpu_before = sum(cpu_seconds(server.pid) for server in servers)
-        redis_before = cpu_seconds(redis.pid) if redis is not None else 0.0
+        redis_before = sum(cpu_seconds(pid) for pid in redis_pids)
         # A subscriber receives the messages of its room only, 1/rooms of them: scaled by the
         # rooms, the average is in messages sent (exact when each room has as many
         # subscribers; with the remainder in the first rooms it is never short).
@@ -303,8 +318,8 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
             result.peak_rss_mib = sum(peak_rss_kib(server.pid) for server in servers) / 1024
         else:
             result.error = "server died"
-        if redis is not None and redis.alive():
-            result.redis_cpu_s = cpu_seconds(redis.pid) - redis_before
+        with contextlib.suppress(OSError):  # a redis-server gone: no figure, not an error
+            result.redis_cpu_s = sum(cpu_seconds(pid) for pid in redis_pids) - redis_before
         _tally(result, reports, sent)
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
@@ -322,6 +337,7 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
             server.stop()
         if redis is not None:
             redis.stop()
+        cleanup.close()
     return result
 
 

@@ -11,8 +11,16 @@ way for every server, whether or not it has sequence numbers.
 
 from __future__ import annotations
 
+import functools
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+"""Node's ``ws`` server: ``server.js``, ``package.json`` and its lock (``npm ci`` installs)."""
+NPM_CI_TIMEOUT = 180.0
 
 
 @dataclass(frozen=True)
@@ -28,14 +36,56 @@ class ServerSpec:
     """It takes ``--backend redis://...`` and runs as several nodes on one Redis."""
     protocol: str = "plain"
     """The client protocol, a key of ``bench.protocols.PROTOCOLS``."""
+    node_script: str | None = None
+    """Run ``node NODE_DIR/SCRIPT`` instead of a Python module (``module`` is then unused)."""
 
     @property
     def available(self) -> bool:
-        return self.module is not None
+        return self.module is not None or self.node_script is not None
+
+    def unavailable_reason(self) -> str | None:
+        """Why this server cannot run on this machine (None: it can); prepares it first.
+
+        Node's server needs ``node`` and ``npm`` and its locked packages, which the first
+        call installs with ``npm ci`` into ``bench/servers/node/node_modules``.
+        """
+        if not self.available:
+            return "not implemented yet"
+        if self.node_script is not None:
+            return node_unavailable_reason()
+        return None
 
     def command(self, port: int) -> list[str]:
+        address = ["--host", "127.0.0.1", "--port", str(port)]
+        if self.node_script is not None:
+            return [shutil.which("node") or "node", str(NODE_DIR / self.node_script), *address]
         assert self.module is not None, f"{self.name} is not implemented yet"
-        return [sys.executable, "-m", self.module, "--host", "127.0.0.1", "--port", str(port)]
+        return [sys.executable, "-m", self.module, *address]
+
+
+@functools.cache
+def node_unavailable_reason() -> str | None:
+    """None when ``node`` runs and ``ws`` is installed (``npm ci`` once, from the lock file);
+    otherwise why not, for the report. Cached: the bench asks before every run."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        return "node or npm not installed (Debian: apt-get install nodejs npm)"
+    if (NODE_DIR / "node_modules" / "ws" / "package.json").exists():
+        return None
+    try:
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel", "error"],
+            cwd=NODE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=NPM_CI_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"npm ci failed: {exc}"
+    if done.returncode != 0:
+        return f"npm ci failed: {(done.stderr or done.stdout).strip()[-200:]}"
+    return None
 
 
 _CHAT_ARGS = ("--rate-limit", "0", "--max-connections-per-ip", "0", "--log-level", "warning")
@@ -94,6 +144,14 @@ SERVERS: dict[str, ServerSpec] = {
             " (bench/servers/socketio_app.py)",
             "bench.servers.socketio_app",
             protocol="socketio",
+        ),
+        ServerSpec(
+            "node",
+            "Node's `ws` 8 (npm, the locked version in bench/servers/node/package-lock.json):"
+            " a ~50-line chat server, a Set of sockets and a seq per room, the envelope"
+            " encoded once and sent to every open member (bench/servers/node/server.js)",
+            None,
+            node_script="server.js",
         ),
     )
 }
