@@ -109,7 +109,8 @@ class _LocalRoom:
         self.members: set[Connection] = set()
         self.snapshot: tuple[Connection, ...] = ()
         self.subscription: Subscription | None = None
-        self.ready = anyio.Event()
+        self.ready: anyio.Event | None = None
+        """Made by a connect that waits while another subscribes the room (rare)."""
         self.entering = 0
 
     def fan_out(self, envelope: Envelope) -> None:
@@ -451,13 +452,16 @@ class ConnectionManager:
                     del self._rooms[name]
                     raise
                 finally:
-                    room.ready.set()
+                    if room.ready is not None:
+                        room.ready.set()
                 break
             if room.subscription is not None:
                 break
             # Another connect is subscribing the room; if it fails, try again ourselves.
             room.entering += 1
             try:
+                if room.ready is None:
+                    room.ready = anyio.Event()
                 await room.ready.wait()
             finally:
                 room.entering -= 1

@@ -27,13 +27,14 @@ DEFAULT_HISTORY_TTL = 600.0
 class _Stream:
     """One room's stream: its epoch, counter, bounded history, listeners and presence."""
 
-    __slots__ = ("epoch", "history", "history_bytes", "listeners", "members", "seq", "sizes")
+    __slots__ = ("epoch", "history", "history_bytes", "listeners", "members", "seq")
 
     def __init__(self) -> None:
         self.epoch = new_epoch()
         self.seq = 0
-        self.history: deque[Envelope] = deque()
-        self.sizes: deque[int] = deque()
+        # Made at the first publish: most streams of a chat (a personal stream per user)
+        # are quiet, and an empty deque costs several hundred bytes.
+        self.history: deque[Envelope] | None = None
         self.history_bytes = 0
         self.listeners: list[Listener] = []
         self.members: Counter[str] = Counter()
@@ -157,17 +158,15 @@ class MemoryBackend(Backend):
         stream.seq += 1
         envelope = draft.envelope(stream.seq, stream.epoch)
         if self.history_size and draft.size <= self.history_bytes:
-            stream.history.append(envelope)
-            stream.sizes.append(draft.size)
-            stream.history_bytes += draft.size
-            while (
-                len(stream.history) > self.history_size or stream.history_bytes > self.history_bytes
-            ):
-                stream.history.popleft()
-                stream.history_bytes -= stream.sizes.popleft()
+            history = stream.history
+            if history is None:
+                history = stream.history = deque()
+            history.append(envelope)
+            stream.history_bytes += envelope.size
+            while len(history) > self.history_size or stream.history_bytes > self.history_bytes:
+                stream.history_bytes -= history.popleft().size
         else:
-            stream.history.clear()
-            stream.sizes.clear()
+            stream.history = None
             stream.history_bytes = 0
         self._touch(room, stream)
         for listener in tuple(stream.listeners):
@@ -182,14 +181,15 @@ class MemoryBackend(Backend):
         stream = self._rooms.get(room)
         if stream is None:
             return History(room, since, complete=since == 0, last_seq=0, first_seq=1)
-        first = stream.history[0].seq if stream.history else stream.seq + 1
+        history = stream.history
+        first = history[0].seq if history else stream.seq + 1
         complete = first - 1 <= since <= stream.seq and (
             since == 0 or epoch is None or epoch == stream.epoch
         )
         envelopes: tuple[Envelope, ...] = ()
         if complete and since < stream.seq:
             skip = since - first + 1
-            envelopes = tuple(stream.history)[skip:]
+            envelopes = tuple(history or ())[skip:]
         return History(room, since, complete, stream.seq, first, envelopes, stream.epoch)
 
     async def subscribe(
