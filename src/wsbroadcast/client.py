@@ -38,6 +38,7 @@ from pydantic import ValidationError
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .envelope import Envelope
+from .exceptions import WSBroadcastError
 
 __all__ = [
     "GAP_CLOSE_CODE",
@@ -195,12 +196,12 @@ ClientEvent = (
 """What :meth:`Client.events` yields besides envelopes."""
 
 
-class NotConnected(Exception):
+class NotConnected(WSBroadcastError, ConnectionError):
     """A frame cannot be sent: the client is not connected (nothing is queued, since a frame
     sent again after a reconnect would be published twice)."""
 
 
-class ClientClosed(Exception):
+class ClientClosed(WSBroadcastError, ConnectionError):
     """The server ended the session for good (a code in :data:`NO_RETRY_CODES`, or a
     handshake refused with an HTTP status such as 403)."""
 

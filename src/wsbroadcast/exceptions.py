@@ -12,8 +12,12 @@ The hierarchy, so that callers can catch as broadly or as narrowly as they need:
     │   └── Forbidden                join: another client's personal stream
     ├── ManagerNotRunning (RuntimeError)
     │                                the ConnectionManager is used outside ``async with``
-    └── BackendError                 the backend failed to do what was asked
-        └── BackendUnavailable       the backend cannot be reached right now (retry later)
+    ├── BackendError                 the backend failed to do what was asked
+    │   └── BackendUnavailable       the backend cannot be reached right now (retry later)
+    ├── client.NotConnected (ConnectionError)
+    │                                the client cannot send now (nothing is queued)
+    └── client.ClientClosed (ConnectionError)
+                                     the server ended the client's session for good
 
 Exceptions raised by a transport (a dead socket) never escape a broadcast: they close the one
 connection concerned, as documented in :mod:`wsbroadcast.manager`.
