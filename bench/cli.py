@@ -23,7 +23,7 @@ from .runner import (
 )
 from .servers import SERVERS
 
-SCENARIOS = ("fanout", "rooms", "stall", "redis", "cluster")
+SCENARIOS = ("fanout", "rooms", "stall", "redis", "cluster", "workers")
 DEFAULT_SERVERS = "chat,chat-asgi,naive,websockets,broadcaster,fastpath,socketio,node"
 OPEN_SCENARIOS = ("dense", "rooms", "split")
 DEFAULT_OPEN_SERVERS = "chat,fastpath,naive,websockets,node"
@@ -31,6 +31,8 @@ MAX_LOAD = 1_000_000
 STALL_CLIENTS = 100
 STALL_PAD = 2048
 REDIS_CLIENTS = 500
+WORKERS = (1, 2)
+"""The workers scenario's ``--workers`` values, on one Redis and one port."""
 
 
 def _int_list(text: str) -> list[int]:
@@ -273,8 +275,9 @@ def _open_loop_args(
 
 
 def plan(args: argparse.Namespace) -> list[RunConfig]:
-    """Every run, in order: fan-out by N then server, many rooms, stall, Redis, then Redis
-    Cluster (two nodes of the servers that have a Redis backend)."""
+    """Every run, in order: fan-out by N then server, many rooms, stall, Redis, Redis
+    Cluster (two nodes of the servers that have a Redis backend), then workers (one node on
+    one Redis with ``--workers 1`` and ``--workers 2``, at the Redis scenario's load)."""
     runs: list[RunConfig] = []
     common = {"window": args.window, "client_procs": args.client_procs}
     common_t = {"run_timeout": args.run_timeout}
@@ -348,6 +351,23 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
             for server in args.servers
             if SERVERS[server].redis
         ]
+    if "workers" in args.scenario:
+        messages = min(args.messages, max(10, args.max_deliveries // REDIS_CLIENTS))
+        runs += [
+            RunConfig(
+                server,
+                "workers",
+                REDIS_CLIENTS,
+                messages,
+                backend="redis",
+                workers=workers,
+                **common,
+                **common_t,
+            )
+            for server in args.servers
+            if SERVERS[server].redis and SERVERS[server].module == "examples.chat_app"
+            for workers in WORKERS
+        ]
     return runs
 
 
@@ -372,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             label += f" +{config.stalled} stalled"
         if config.backend == "redis":
             label += f" on {config.nodes} node(s)"
+        if config.workers:
+            label += f" with --workers {config.workers}"
         if config.backend == "redis-cluster":
             label += f" on {config.nodes} node(s) of a Redis Cluster"
         if config.rooms > 1:

@@ -37,6 +37,13 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / CLOCK_TICKS
 
 
+def children(pid: int) -> list[int]:
+    """The process's child processes (``/proc/<pid>/task/<pid>/children``: those of its main
+    thread, which is where the chat app's ``--workers`` supervisor starts them)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(part) for part in text.split()]
+
+
 def _status_kib(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):

@@ -69,6 +69,8 @@ def table(results: list[RunResult]) -> str:
             scenario = f"redis cluster, {r.nodes} node{'s' if r.nodes > 1 else ''}"
         if r.scenario == "rooms":
             scenario = f"rooms ({r.rooms})"
+        if r.scenario == "workers":
+            scenario = f"redis, 1 node, --workers {r.workers}"
         if r.error and not r.sent:
             rows.append(f"| {scenario} | {r.server} | {r.clients} |" + " |" * 13 + f" {r.error} |")
             continue
@@ -246,6 +248,7 @@ def targets(results: list[RunResult]) -> str:
             f" p99 {_num(two.p99_ms, '.1f')} ms. No target was set; for the record."
         )
     lines += _cluster_lines(results, present)
+    lines += _workers_lines(results, present)
     for server in dict.fromkeys(["chat", "fastpath", *present]):
         runs = [r for r in results if r.server == server and r.scenario == "fanout" and not r.error]
         if not runs:
@@ -298,6 +301,47 @@ def _cluster_lines(results: list[RunResult], present: list[str]) -> list[str]:
             f" p99 {_num(row.p99_ms, '.1f')} ms"
             + (f" (one Redis: {_num(single.p99_ms, '.1f')} ms)" if single is not None else "")
             + "."
+        )
+    return lines
+
+
+def _workers_lines(results: list[RunResult], present: list[str]) -> list[str]:
+    """Issue 13's rows: one port served by ``--workers 2`` against ``--workers 1``, on one
+    Redis, at the Redis scenario's load; CPU of the whole process tree."""
+    lines = []
+    for server in present:
+        rows = {
+            r.workers: r
+            for r in results
+            if r.server == server and r.scenario == "workers" and not r.error and r.sent
+        }
+        failed = [r for r in results if r.server == server and r.scenario == "workers"]
+        if not rows:
+            if failed:
+                lines.append(f"- **Workers on one Redis, {server}**: {failed[0].error}.")
+            continue
+        clean = all(
+            r.lost == r.duplicates == r.out_of_order == r.closed_early == 0 and not r.froze
+            for r in rows.values()
+        )
+        parts = [
+            f"`--workers {w}` {_num(r.cpu_us_per_delivery, '.1f')} µs, {_num(r.deliveries_per_s)}"
+            f" deliveries/s, p99 {_num(r.p99_ms, '.1f')} ms, lost {r.lost}"
+            for w, r in sorted(rows.items())
+        ]
+        text = (
+            f"- **Workers on one Redis, {server}** (one port, {next(iter(rows.values())).clients}"
+            " subscribers in one room, the sender among them; CPU of the supervisor and its"
+            " workers): " + "; ".join(parts)
+        )
+        if 1 in rows and 2 in rows:
+            text += (
+                f" (CPU/delivery {_ratio(rows[2].cpu_us_per_delivery, rows[1].cpu_us_per_delivery)}"
+                f", deliveries/s {_ratio(rows[2].deliveries_per_s, rows[1].deliveries_per_s)})"
+            )
+        lines.append(
+            text + f"; target zero loss: {'met' if clean else '**missed**'}. A closed loop:"
+            " deliveries/s is the rate it kept up with, on 2 cores shared with the clients."
         )
     return lines
 
@@ -375,7 +419,7 @@ pip install -e ".[bench]"       # the servers, the websockets client, matplotlib
 python -m bench                 # everything (about 15 minutes): rewrites this file and its PNG
 python -m bench --servers chat,naive --clients 100,500 --scenario fanout --out /tmp/b.md
 python -m bench --smoke         # a few seconds; what CI runs (tests/test_bench_smoke.py)
-python -m bench --servers chat --scenario redis,cluster --out /tmp/redis.md  # Redis rows only
+python -m bench --servers chat --scenario redis,cluster,workers --out /tmp/redis.md  # Redis rows
 python -m bench --open-loop     # the open-loop section only (see that section)
 ```
 
@@ -464,4 +508,14 @@ METHOD = """\
   `tests/backend_cluster/cluster_helpers.py`, through `bench/cluster.py`), persistence off.
   redis-server CPU is the six servers' together, shown beside the nodes', not included.
   Subscribers connect 50 at a time per client process, as in the Redis scenario.
+- The workers scenario (issue 13) runs the chat app on one fresh `redis-server` as one node
+  with `--workers 1` and with `--workers 2` (`python -m examples.chat_app --backend redis://...
+  --workers N`: with 2, the first process only supervises and its two workers each bind the
+  port with `SO_REUSEPORT`, the kernel spreading connections over them), 500 subscribers in
+  one room and the sender on the same port, as the Redis scenario's single-node row. Both run
+  with `--log-level info` so that the harness can wait until uvicorn's "Application startup
+  complete" is logged once per worker (and the supervisor has that many children) before
+  connecting anyone. CPU and memory are the process tree's, summed: the supervisor and its
+  workers (found in `/proc/<pid>/task/<pid>/children` once they are up); redis-server's CPU
+  beside it, not included.
 """

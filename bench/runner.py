@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import math
 import multiprocessing
+import os
 import shutil
+import signal
 import socket
 import statistics
 import time
@@ -26,7 +28,9 @@ from .clients import (
 from .cluster import local_cluster, server_pids
 from .cluster import unavailable_reason as cluster_unavailable_reason
 from .procfs import (
+    STARTUP_DEADLINE,
     ServerProcess,
+    children,
     cpu_seconds,
     free_port,
     peak_rss_kib,
@@ -40,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_CLIENTS = 10_000
 MAX_ROOMS = 1000
 ROOM = "bench"
+READY_LINE = b"Application startup complete"
+"""What uvicorn logs (at ``info``) once it serves: each ``--workers`` worker logs it once."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,9 @@ class RunConfig:
     """Handshakes each subscriber process runs at once."""
     rooms: int = 1
     """Subscribers are dealt round-robin over this many rooms, and so are the messages."""
+    workers: int = 0
+    """The chat app's ``--workers N`` (0: not passed): N processes on each node's port, each
+    binding it with SO_REUSEPORT; with more than 1 the first process only supervises them."""
 
 
 @dataclass
@@ -105,6 +114,9 @@ class RunResult:
     rooms: int = 1
     wrong_room: int = 0
     """Frames of another room's messages that reached a subscriber (must be 0)."""
+    workers: int = 0
+    """``--workers`` of each node (0: not passed); CPU and memory are then the whole
+    process tree's: the supervisor and its workers."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,6 +195,43 @@ def _redis_process(log_dir: Path, label: str) -> ServerProcess:
     return ServerProcess("redis", command, port, log_dir / f"{label}-redis.log")
 
 
+def _wait_for_workers(server: ServerProcess, workers: int, log_offset: int) -> list[int]:
+    """Wait (bounded) until every worker of ``--workers`` serves: as many children of the
+    supervisor as workers (none with ``--workers 1``: the process serves itself) and the
+    ready line logged once per worker since the start. Returns the tree's pids, the
+    supervisor first."""
+    deadline = time.monotonic() + STARTUP_DEADLINE
+    expected_children = workers if workers > 1 else 0
+    while True:
+        if not server.alive():
+            raise RuntimeError(f"{server.name} exited at startup; see {server.log_path}")
+        with server.log_path.open("rb") as log:
+            log.seek(log_offset)
+            ready = log.read().count(READY_LINE)
+        kids = children(server.pid)
+        if len(kids) == expected_children and ready >= workers:
+            return [server.pid, *kids]
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{server.name}: {ready} of {workers} workers serving ({len(kids)} children)"
+                " within the deadline"
+            )
+        time.sleep(0.05)
+
+
+def _tree_cpu(trees: list[list[int]]) -> float:
+    return sum(cpu_seconds(pid) for tree in trees for pid in tree)
+
+
+def _kill_left_over(pids: list[int]) -> None:
+    """SIGKILL workers that outlived their supervisor's stop (it waits for them itself)."""
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat")
+        with contextlib.suppress(OSError):
+            if stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                os.kill(pid, signal.SIGKILL)
+
+
 def run_one(config: RunConfig, log_dir: Path) -> RunResult:
     """Run one server through one scenario; never raises for the server's failures."""
     spec = SERVERS[config.server]
@@ -190,6 +239,7 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
         config.server, config.scenario, config.clients, config.stalled, config.messages
     )
     result.nodes, result.backend, result.rooms = config.nodes, config.backend, config.rooms
+    result.workers = config.workers
     reason = spec.unavailable_reason()
     if reason is None and config.backend == "redis-cluster":
         reason = cluster_unavailable_reason()
@@ -198,11 +248,15 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
         return result
     if not 1 <= config.clients <= MAX_CLIENTS or not 1 <= config.nodes <= 4:
         raise ValueError(f"clients must be 1..{MAX_CLIENTS}, nodes 1..4")
+    if not 0 <= config.workers <= 4 or (config.workers > 1 and config.backend == "memory"):
+        raise ValueError("workers must be 0..4, and more than 1 needs a Redis backend")
     if not 1 <= config.rooms <= min(MAX_ROOMS, config.clients):
         raise ValueError(f"rooms must be 1..{MAX_ROOMS} and at most the clients")
     protocol = PROTOCOLS[spec.protocol]
     rooms = [ROOM] if config.rooms == 1 else [f"{ROOM}-{r}" for r in range(config.rooms)]
     label = f"{config.server}-{config.scenario}-{config.clients}-{config.nodes}"
+    if config.workers:
+        label += f"-w{config.workers}"
     ctx = multiprocessing.get_context("spawn")
     workers: list[Any] = []
     pipes: list[Any] = []
@@ -210,6 +264,8 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
     redis: ServerProcess | None = None
     redis_pids: list[int] = []
     servers: list[ServerProcess] = []
+    trees: list[list[int]] = []
+    """Each node's pids: the server alone, or with --workers its supervisor and workers."""
     cleanup = contextlib.ExitStack()
     try:
         extra: list[str] = []
@@ -227,16 +283,25 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
         for node in range(config.nodes):
             port = free_port()
             command = [*spec_command(spec, port), *extra]
+            if config.workers:
+                # At info level uvicorn logs its ready line, once per worker (the chat app
+                # logs nothing per message at info: setup lines only, before the window).
+                command += ["--workers", str(config.workers), "--log-level", "info"]
             log = log_dir / f"{label}-node{node}.log"
             servers.append(ServerProcess(config.server, command, port, log))
         for server in servers:
+            offset = server.log_path.stat().st_size if server.log_path.exists() else 0
             server.start(ROOT)
+            if config.workers:
+                trees.append(_wait_for_workers(server, config.workers, offset))
+            else:
+                trees.append([server.pid])
         bases = [f"ws://127.0.0.1:{server.port}" for server in servers]
         for base in bases:
             asyncio.run(warm_up(base + protocol.path("warmup", ROOM), protocol))
-        for server in servers:
-            wait_quiet(server.pid, limit=5)
-        rss_before = sum(rss_kib(server.pid) for server in servers)
+        for pid in (pid for tree in trees for pid in tree):
+            wait_quiet(pid, limit=5)
+        rss_before = sum(rss_kib(pid) for tree in trees for pid in tree)
         for _ in range(config.stalled):
             stalled.append(
                 open_stalled_client(
@@ -278,14 +343,14 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
             _, _connected, failed = pipe.recv()
             result.failed_connects += failed
         connected_total = config.clients - result.failed_connects
-        for server in servers:
-            wait_quiet(server.pid, limit=30)
-        rss_idle = sum(rss_kib(server.pid) for server in servers)
+        for pid in (pid for tree in trees for pid in tree):
+            wait_quiet(pid, limit=30)
+        rss_idle = sum(rss_kib(pid) for tree in trees for pid in tree)
         if connected_total:
             result.idle_kib_per_connection = (rss_idle - rss_before) / (
                 connected_total + config.stalled
             )
-        cpu_before = sum(cpu_seconds(server.pid) for server in servers)
+        cpu_before = _tree_cpu(trees)
         redis_before = sum(cpu_seconds(pid) for pid in redis_pids)
         # A subscriber receives the messages of its room only, 1/rooms of them: scaled by the
         # rooms, the average is in messages sent (exact when each room has as many
@@ -314,8 +379,12 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
             _, report = pipe.recv()
             reports.append(report)
         if all(server.alive() for server in servers):
-            result.cpu_s = sum(cpu_seconds(server.pid) for server in servers) - cpu_before
-            result.peak_rss_mib = sum(peak_rss_kib(server.pid) for server in servers) / 1024
+            try:
+                result.cpu_s = _tree_cpu(trees) - cpu_before
+                peak = sum(peak_rss_kib(pid) for tree in trees for pid in tree)
+                result.peak_rss_mib = peak / 1024
+            except OSError:  # a worker gone
+                result.error = "a worker died"
         else:
             result.error = "server died"
         with contextlib.suppress(OSError):  # a redis-server gone: no figure, not an error
@@ -335,6 +404,7 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
             pipe.close()
         for server in servers:
             server.stop()
+        _kill_left_over([pid for tree in trees for pid in tree[1:]])
         if redis is not None:
             redis.stop()
         cleanup.close()
