@@ -23,7 +23,7 @@ from .runner import (
 )
 from .servers import SERVERS
 
-SCENARIOS = ("fanout", "rooms", "stall", "redis", "cluster", "workers")
+SCENARIOS = ("fanout", "rooms", "stall", "redis", "redis-rooms", "cluster", "workers")
 DEFAULT_SERVERS = "chat,chat-asgi,naive,websockets,broadcaster,fastpath,socketio,node"
 OPEN_SCENARIOS = ("dense", "rooms", "split")
 DEFAULT_OPEN_SERVERS = "chat,fastpath,naive,websockets,node"
@@ -335,6 +335,26 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
                         **common_t,
                     )
                 )
+    if "redis-rooms" in args.scenario:
+        # The rooms scenario on one Redis node: with the redis rows (one room of 500), it
+        # separates the cost per publish read from Redis from the cost per delivery
+        # (bench.capacity fits both).
+        per_message = -(-args.rooms_clients // args.rooms)
+        messages = min(args.messages, max(10, args.max_deliveries // per_message))
+        runs += [
+            RunConfig(
+                server,
+                "redis-rooms",
+                args.rooms_clients,
+                messages,
+                rooms=args.rooms,
+                backend="redis",
+                **common,
+                **common_t,
+            )
+            for server in args.servers
+            if SERVERS[server].redis
+        ]
     if "cluster" in args.scenario:
         messages = min(args.messages, max(10, args.max_deliveries // REDIS_CLIENTS))
         runs += [

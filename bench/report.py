@@ -69,6 +69,8 @@ def table(results: list[RunResult]) -> str:
             scenario = f"redis cluster, {r.nodes} node{'s' if r.nodes > 1 else ''}"
         if r.scenario == "rooms":
             scenario = f"rooms ({r.rooms})"
+        if r.scenario == "redis-rooms":
+            scenario = f"rooms ({r.rooms}) on redis, 1 node"
         if r.scenario == "workers":
             scenario = f"redis, 1 node, --workers {r.workers}"
         if r.error and not r.sent:
