@@ -38,7 +38,7 @@ from .clients import Tally, sent_to_room, warm_up
 from .procfs import ServerProcess, cpu_seconds, free_port, wait_quiet
 from .protocols import PROTOCOLS, Plain
 from .rawws import RawClient, client_frame, open_raw
-from .runner import ROOM, ROOT, RunResult, _client_procs, _percentile, combine
+from .runner import ROOM, ROOT, RunResult, _client_procs, combine, tally
 from .servers import SERVERS, spec_command
 
 HELD_DELIVERED_FRACTION = 0.9
@@ -528,26 +528,10 @@ async def _drive(
 
 
 def _tally(result: OpenLoopResult, reports: list[OpenLoopReport], sent: PacedSend) -> None:
+    tally(result, reports, sent.first_send_ns)
     result.sent = sent.sent
     result.echoes = sent.echoes
-    result.expected = sum(r.expected for r in reports)
-    result.deliveries = sum(r.unique for r in reports)
-    result.lost = sum(r.lost for r in reports)
-    result.wrong_room = sum(r.wrong_room for r in reports)
-    result.duplicates = sum(r.duplicates for r in reports)
-    result.out_of_order = sum(r.out_of_order for r in reports)
-    result.closed_early = sum(r.closed_early for r in reports)
     result.drained = all(r.drained for r in reports)
-    last = max((r.last_receive_ns for r in reports), default=0)
-    if last > sent.first_send_ns:
-        result.duration_s = (last - sent.first_send_ns) / 1e9
-        result.deliveries_per_s = result.deliveries / result.duration_s
-    latencies = sorted(v for r in reports for v in r.latencies_us)
-    result.p50_ms = _percentile(latencies, 0.50) / 1000
-    result.p99_ms = _percentile(latencies, 0.99) / 1000
-    if result.deliveries:
-        result.cpu_us_per_delivery = result.cpu_s / result.deliveries * 1e6
-        result.cpu_us_min = result.cpu_us_max = result.cpu_us_per_delivery
     result.sender_lag_p99_ms, result.sender_lag_max_ms = sent.lag_p99_ms, sent.lag_max_ms
     result.receiver_lag_p99_ms = max((r.lag_p99_ms for r in reports), default=math.nan)
     result.receiver_cpu_busy = max((r.cpu_s / r.wall_s for r in reports if r.wall_s), default=0)

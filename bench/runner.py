@@ -12,6 +12,7 @@ import signal
 import socket
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -412,6 +413,12 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
 
 
 def _tally(result: RunResult, reports: list[WorkerReport], sent: SendResult) -> None:
+    tally(result, reports, sent.first_send_ns)
+
+
+def tally(result: Any, reports: Sequence[Any], first_send_ns: int) -> None:
+    """Fill ``result``'s counts, rate, latencies and CPU per delivery from the subscriber
+    processes' ``reports`` (closed-loop and open-loop runs report the same fields)."""
     result.expected = sum(r.expected for r in reports)
     result.deliveries = sum(r.unique for r in reports)
     result.lost = sum(r.lost for r in reports)
@@ -420,8 +427,8 @@ def _tally(result: RunResult, reports: list[WorkerReport], sent: SendResult) -> 
     result.out_of_order = sum(r.out_of_order for r in reports)
     result.closed_early = sum(r.closed_early for r in reports)
     last = max((r.last_receive_ns for r in reports), default=0)
-    if last > sent.first_send_ns:
-        result.duration_s = (last - sent.first_send_ns) / 1e9
+    if last > first_send_ns:
+        result.duration_s = (last - first_send_ns) / 1e9
         result.deliveries_per_s = result.deliveries / result.duration_s
     latencies = sorted(v for r in reports for v in r.latencies_us)
     result.p50_ms = _percentile(latencies, 0.50) / 1000

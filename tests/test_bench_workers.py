@@ -50,7 +50,8 @@ def test_two_workers_on_one_redis_lose_nothing_and_are_measured_together(
     assert result.expected == result.deliveries == 10 * 20
     assert result.lost == result.duplicates == result.out_of_order == 0
     assert result.closed_early == result.failed_connects == 0
-    assert result.cpu_s > 0
+    # CPU is read in 10 ms ticks: a run this small may take none, so no figure is asserted;
+    # that the whole tree was measured is what the recorded tree below shows.
     [tree] = trees
     assert len(tree) == 3  # the supervisor and its two workers
     for pid in tree:
