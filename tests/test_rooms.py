@@ -73,6 +73,8 @@ async def test_join_adds_a_room_with_its_own_gap_free_seqs_in_one_order_of_arriv
     connection = await manager.connect(alice, "alice", "lobby")
     await manager.join(connection, "red")
     assert connection.rooms == {"lobby", "red"}
+    assert connection.in_room("red")
+    assert not connection.in_room("blue")
     sent = []
     for n in range(6):
         room = "red" if n % 2 else "lobby"

@@ -703,7 +703,7 @@ class ChatService:
         client_id = connection.client_id
         if isinstance(command, Say):
             room = connection.room if command.room is None else command.room
-            if is_user_room(room) or room not in connection.rooms:
+            if is_user_room(room) or not connection.in_room(room):
                 detail = f"you are not in room {room!r}: join it first"
                 self._error(connection, ClientError(ErrorCode.NOT_JOINED, detail, room))
                 return

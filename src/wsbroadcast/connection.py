@@ -113,6 +113,11 @@ class Connection:
         and those :meth:`ConnectionManager.join` added."""
         return self.queue.rooms
 
+    def in_room(self, room: str) -> bool:
+        """Whether the connection is in ``room`` (or joining it): ``room in rooms``, without
+        building the set, for a check on every message."""
+        return self.queue.follows(room)
+
     @property
     def state(self) -> ConnectionState:
         """Where the connection is in its life."""
