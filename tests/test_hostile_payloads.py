@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, currently_in_test_context, event, example, given, settings
 from hypothesis import strategies as st
 
-from wsbroadcast import ConnectionManager, InvalidData
+from wsbroadcast import ConnectionManager, InvalidData, user_room
 from wsbroadcast.backends.memory import MemoryBackend
 from wsbroadcast.testing import MemoryBatchTransport, MemoryTransport
 
@@ -274,3 +274,60 @@ HOSTILE = {
 @pytest.mark.anyio
 async def test_a_named_hostile_payload_leaves_no_hole(value: Any) -> None:
     await broadcast_each([value, "after"])
+
+
+async def send_direct_each(values: list[Any]) -> None:
+    """Direct messages from ``alice`` (two tabs) to ``bob`` (two tabs): each is refused
+    whole (no seq taken in either personal stream) or reaches all four tabs intact, once."""
+    backend = MemoryBackend(history_bytes=BIG)
+    async with ConnectionManager(backend, queue_bytes=BIG) as manager:
+        tabs: dict[str, list[MemoryTransport]] = {"alice": [], "bob": []}
+        for client_id, transports in tabs.items():
+            for kind in KINDS:
+                transport = kind()
+                connection = await manager.connect(transport, client_id, ROOM)
+                await manager.join(connection, user_room(client_id))
+                transports.append(transport)
+        sent: list[str] = []
+        for value in values:
+            try:
+                envelope = await manager.send_direct("bob", value, "alice")
+            except InvalidData:
+                note_outcome("refused")
+                continue
+            note_outcome("delivered")
+            strict_json(envelope.text)
+            sent.append(envelope.id)
+        probe = await manager.send_direct("bob", "probe", "alice")
+        sent.append(probe.id)
+        for client_id, transports in tabs.items():
+            stream = user_room(client_id)
+            history = await backend.history(stream, 0)
+            # No hole: every seq of the stream is a message that was accepted, in order.
+            assert [e.id for e in history.envelopes] == sent, client_id
+            assert [e.seq for e in history.envelopes] == list(range(1, len(sent) + 1))
+            with anyio.fail_after(10):
+                for transport in transports:
+                    await transport.wait_until(lambda t: probe.id in "".join(t.frames))
+            texts = {e.seq: e.text for e in history.envelopes}
+            for transport in transports:
+                direct = [f for f in transport.frames if json.loads(f).get("room") == stream]
+                seqs = [json.loads(f).get("seq") for f in direct if "seq" in json.loads(f)]
+                assert seqs == sorted(texts), client_id  # once each, in order
+                assert [f for f in direct if "seq" in json.loads(f)] == [texts[s] for s in seqs]
+                for frame in transport.frames:
+                    strict_json(frame)
+
+
+@pytest.mark.parametrize("async_backend", ["asyncio", "trio"])
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(values=st.lists(payloads, min_size=1, max_size=3))
+@example(values=[{"message": "\ud800"}, nest(0, 64, "list"), 2**64])
+def test_a_hostile_direct_message_is_refused_in_both_streams_or_reaches_every_tab(
+    async_backend: str, values: list[Any]
+) -> None:
+    anyio.run(send_direct_each, [materialize(value) for value in values], backend=async_backend)
