@@ -38,7 +38,7 @@ from .clients import Tally, sent_to_room, warm_up
 from .procfs import ServerProcess, cpu_seconds, free_port, wait_quiet
 from .protocols import PROTOCOLS, Plain
 from .rawws import RawClient, client_frame, open_raw
-from .runner import ROOM, ROOT, RunResult, _client_procs, combine, tally
+from .runner import ROOM, ROOT, RunResult, _client_procs, combine, tally, wait_connected
 from .servers import SERVERS, spec_command
 
 HELD_DELIVERED_FRACTION = 0.9
@@ -441,11 +441,7 @@ def run_open_loop(config: OpenLoopConfig, log_dir: Path) -> OpenLoopResult:
             child_end.close()
             workers.append(worker)
             pipes.append(parent_end)
-        for pipe in pipes:
-            if not pipe.poll(config.run_timeout):
-                raise RuntimeError("subscribers did not connect within the run timeout")
-            _, _connected, failed = pipe.recv()
-            result.failed_connects += failed
+        result.failed_connects += wait_connected(pipes, config.run_timeout)
         wait_quiet(server.pid, limit=30)
         sent, reports, cpu_s = asyncio.run(
             asyncio.wait_for(

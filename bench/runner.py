@@ -338,11 +338,7 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
             child_end.close()
             workers.append(worker)
             pipes.append(parent_end)
-        for pipe in pipes:
-            if not pipe.poll(config.run_timeout):
-                raise RuntimeError("subscribers did not connect within the run timeout")
-            _, _connected, failed = pipe.recv()
-            result.failed_connects += failed
+        result.failed_connects += wait_connected(pipes, config.run_timeout)
         connected_total = config.clients - result.failed_connects
         for pid in (pid for tree in trees for pid in tree):
             wait_quiet(pid, limit=30)
@@ -410,6 +406,18 @@ def run_one(config: RunConfig, log_dir: Path) -> RunResult:
             redis.stop()
         cleanup.close()
     return result
+
+
+def wait_connected(pipes: Sequence[Any], timeout: float) -> int:
+    """Wait until every subscriber process says it connected; return how many connects
+    failed. Raises if one does not answer within ``timeout`` seconds."""
+    failed = 0
+    for pipe in pipes:
+        if not pipe.poll(timeout):
+            raise RuntimeError("subscribers did not connect within the run timeout")
+        _, _connected, count = pipe.recv()
+        failed += count
+    return failed
 
 
 def _tally(result: RunResult, reports: list[WorkerReport], sent: SendResult) -> None:
