@@ -15,6 +15,7 @@ from tests.faults import CheckpointBackend, CheckpointCancel
 from wsbroadcast import (
     AlreadyJoined,
     BackendUnavailable,
+    CloseCode,
     ConnectionManager,
     ConnectionState,
     Forbidden,
@@ -464,3 +465,37 @@ async def test_every_membership_period_sees_its_rooms_stream_gap_free(
                 previous[room] = seq
         for room in connection.rooms - {"lobby"}:
             assert expected[room] == (await manager.backend.position(room))[1]
+
+
+@pytest.mark.parametrize("transport_class", [MemoryTransport, MemoryBatchTransport])
+async def test_a_client_in_several_rooms_that_never_reads_is_closed_and_leaves_every_room(
+    transport_class: type[MemoryTransport],
+) -> None:
+    """Frames of all its rooms fill one bounded queue: it is closed with 4008 and leaves
+    every room's presence, while a reader in the same rooms gets everything."""
+    async with ConnectionManager(queue_size=8) as manager:
+        stalled, reader = transport_class(), MemoryTransport()
+        stuck = await manager.connect(stalled, "stalled", "lobby")
+        await manager.join(stuck, "red")
+        await manager.join(stuck, user_room("stalled"))
+        healthy = await manager.connect(reader, "reader", "lobby")
+        await manager.join(healthy, "red")
+        stalled.pause()
+        sent = 0
+        with anyio.fail_after(GUARD):
+            while stuck.state is ConnectionState.OPEN:
+                await manager.broadcast(("lobby", "red")[sent % 2], sent)
+                await manager.send_direct("stalled", sent)
+                sent += 1
+                await anyio.wait_all_tasks_blocked()  # the reader's writer keeps up
+            await stuck.wait_closed()
+        assert stuck.close_code == CloseCode.SLOW_CONSUMER
+        assert manager.stats().slow_consumer_disconnects == 1
+        for room in ("lobby", "red"):
+            assert await manager.presence(room) == ["reader"]
+        await manager.broadcast("red", "last")
+        await until(reader, lambda t: last_data(t) == "last")
+        assert [e["data"] for e in reader.envelopes() if e["type"] == "message"] == [
+            *range(sent),
+            "last",
+        ]
