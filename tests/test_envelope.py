@@ -1,12 +1,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+import threading
 from datetime import datetime, timezone
 
 import pydantic
 import pytest
 
 from wsbroadcast import Envelope
+from wsbroadcast.envelope import Draft
 
 
 def make(**overrides: object) -> Envelope:
@@ -54,3 +60,47 @@ def test_envelopes_are_immutable() -> None:
 def test_invalid_envelopes_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(pydantic.ValidationError):
         make(**bad)
+
+
+def test_envelope_ids_are_random_hex_and_never_repeat() -> None:
+    # More ids than one block from the OS, so that a refill is crossed.
+    ids = [Draft("message", "lobby", "alice", i).id for i in range(1_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", id_) for id_ in ids)
+
+
+def test_threads_never_share_an_envelope_id() -> None:
+    def take(out: list[str]) -> None:
+        out.extend(Draft("message", "lobby", None).id for _ in range(2_000))
+
+    results: list[list[str]] = [[] for _ in range(4)]
+    threads = [threading.Thread(target=take, args=(out,)) for out in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = [id_ for out in results for id_ in out]
+    assert len(ids) == 8_000
+    assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_process_does_not_repeat_its_parents_ids() -> None:
+    # In a fresh interpreter: pytest's own threads would make fork() warn.
+    code = """if True:
+        import os, sys
+        from wsbroadcast.envelope import Draft
+        Draft("message", "lobby", None)  # the parent holds a block of ids
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(write, Draft("message", "lobby", None).id.encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(os.read(read, 64).decode(), Draft("message", "lobby", None).id)
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    child, parent = done.stdout.split()
+    assert child != parent

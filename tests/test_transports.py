@@ -394,3 +394,44 @@ async def test_uvicorn_protocol_sends_the_refusal_of_a_handshake_it_cannot_parse
     async with _uvicorn(endpoint, WebSocketProtocol, deflate=False) as url:
         response = await anyio.to_thread.run_sync(_raw_exchange, url, request_bytes)
     assert response.startswith(b"HTTP/1.1 " + status + b" "), response[:200]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_uvicorn_protocol_receives_in_order_after_a_cancelled_receive() -> None:
+    # The protocol's own receive queue: a receive cancelled while it waits loses nothing,
+    # and a burst of frames reaches the application whole and in order.
+    got: list[str] = []
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await websocket.receive()
+        assert scope.cancelled_caught
+        waiting = anyio.CancelScope()
+        async with anyio.create_task_group() as tg:
+
+            async def wait_then_give_up() -> None:
+                with waiting:
+                    await websocket.receive()
+
+            tg.start_soon(wait_then_give_up)
+            await anyio.wait_all_tasks_blocked()
+            waiting.cancel()
+        assert waiting.cancelled_caught
+        await websocket.send_text("ready")
+        while len(got) < 500:
+            got.append(await websocket.receive_text())
+        await websocket.send_text("done")
+
+    with anyio.fail_after(30):
+        async with (
+            _uvicorn(endpoint, WebSocketProtocol, deflate=False) as url,
+            connect(url) as client,
+        ):
+            assert await client.recv() == "ready"
+            for n in range(500):
+                await client.send(str(n))
+            assert await client.recv() == "done"
+    assert got == [str(n) for n in range(500)]

@@ -90,6 +90,29 @@ class Envelope(BaseModel):
         return envelope
 
 
+_ID_BLOCK = 256
+"""Envelope ids taken from the OS's random generator at a time."""
+_ids: list[str] = []
+
+
+def _new_id() -> str:
+    """A random 128-bit envelope id, in hex.
+
+    From the OS's CSPRNG like ``os.urandom(16)``, but fetched 256 ids at a time: one system
+    call per id was a measurable share of a publish. ``list.pop`` is atomic, so threads never
+    share an id, and a forked child starts with an empty list instead of its parent's ids.
+    """
+    try:
+        return _ids.pop()
+    except IndexError:
+        block = os.urandom(16 * _ID_BLOCK).hex()
+        _ids[:] = [block[i : i + 32] for i in range(32, len(block), 32)]
+        return block[:32]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.clear)
+
 _FIELDS = frozenset(Envelope.model_fields)
 _PLAIN = re.compile(r"[A-Za-z0-9_.\-:#@]*")
 _DATA_JSON = TypeAdapter(JsonValue).serializer
@@ -134,7 +157,7 @@ class Draft:
         self.room = room
         self.client_id = client_id
         self.data = check_data(data)
-        self.id = os.urandom(16).hex()
+        self.id = _new_id()
         self.timestamp = datetime.now(timezone.utc)
         try:
             encoded = _DATA_JSON.to_json(self.data)
