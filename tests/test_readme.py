@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient, WebSocketTestSession
 
 README = Path(__file__).parent.parent / "README.md"
 REPOSITORY = "https://github.com/wsbroadcast/wsbroadcast"
@@ -26,6 +26,17 @@ def readme_app(marker: str) -> Any:
     namespace: dict[str, Any] = {}
     exec(compile(code, "README.md", "exec"), namespace)
     return namespace["app"]
+
+
+def bob_joins_and_alice_says_hello(alice: WebSocketTestSession, bob: WebSocketTestSession) -> None:
+    """Bob's join is seq 2; alice's hello reaches both as seq 3, after bob's join for alice."""
+    assert bob.receive_json()["seq"] == 2
+    alice.send_text("hello")
+    for socket in (alice, bob):
+        received = socket.receive_json()
+        if received["type"] == "join":
+            received = socket.receive_json()
+        assert (received["data"], received["seq"]) == ({"message": "hello"}, 3)
 
 
 def test_readme_opens_with_pip_install_and_the_fastapi_example() -> None:
@@ -52,13 +63,7 @@ def test_readme_fastapi_example_broadcasts_resumes_and_publishes_over_http() -> 
         join = alice.receive_json()
         assert (join["type"], join["seq"]) == ("join", 1)
         with client.websocket_connect("/ws/lobby/bob") as bob:
-            assert bob.receive_json()["seq"] == 2
-            alice.send_text("hello")
-            for socket in (alice, bob):
-                received = socket.receive_json()
-                if received["type"] == "join":
-                    received = socket.receive_json()
-                assert (received["data"], received["seq"]) == ({"message": "hello"}, 3)
+            bob_joins_and_alice_says_hello(alice, bob)
             response = client.post("/rooms/lobby/messages", json={"message": "from HTTP"})
             assert response.status_code == 202
             assert response.json() == {"seq": 4, "epoch": join["epoch"]}
@@ -83,14 +88,7 @@ def test_readme_starlette_example_broadcasts_with_sequence_numbers() -> None:
     ):
         assert alice.receive_json()["type"] == "join"
         with client.websocket_connect("/ws/bob") as bob:
-            assert bob.receive_json()["seq"] == 2
-            alice.send_text("hello")
-            for socket in (alice, bob):
-                received = socket.receive_json()
-                if received["type"] == "join":
-                    received = socket.receive_json()
-                assert received["data"] == {"message": "hello"}
-                assert received["seq"] == 3
+            bob_joins_and_alice_says_hello(alice, bob)
 
 
 def test_readme_keeps_the_two_set_up_commands() -> None:
