@@ -71,7 +71,7 @@ def test_wheel_metadata_has_one_version_and_no_development_extras(dist: Path) ->
     for framework in ("AsyncIO", "Trio", "AnyIO"):
         assert f"Framework :: {framework}" in classifiers
     assert "Typing :: Typed" in classifiers
-    # PEP 639: a licence expression and a licence classifier never both.
+    # PEP 639: the licence expression, not the deprecated licence classifiers.
     assert not [c for c in classifiers if c.startswith("License ::")]
     labels = {url.split(", ", 1)[0] for url in fields.get_all("Project-URL") or []}
     assert labels == {"Homepage", "Documentation", "Repository", "Changelog", "Issues"}
