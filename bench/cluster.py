@@ -34,7 +34,7 @@ def unavailable_reason() -> str | None:
     try:
         _helpers()
     except ImportError as exc:
-        return f"the cluster helper cannot be imported: {exc} (pip install -e '.[dev]')"
+        return f"the cluster helper cannot be imported: {exc} (pip install -e . --group dev)"
     return None
 
 

@@ -417,7 +417,7 @@ def write_report(
 
 HOW_TO_RUN = """\
 ```sh
-pip install -e ".[bench]"       # the servers, the websockets client, matplotlib
+pip install -e . --group bench  # the servers, the websockets client, matplotlib (pip >= 25.1)
 python -m bench                 # everything (about 15 minutes): rewrites this file and its PNG
 python -m bench --servers chat,naive --clients 100,500 --scenario fanout --out /tmp/b.md
 python -m bench --smoke         # a few seconds; what CI runs (tests/test_bench_smoke.py)
@@ -428,7 +428,7 @@ python -m bench --open-loop     # the open-loop section only (see that section)
 `python -m bench --help` lists every flag (`--repeat`, `--messages`, `--max-deliveries`, `--window`,
 `--rooms`, `--rooms-clients`, `--stall-messages`, `--client-procs`, `--run-timeout`,
 `--time-budget`, and the open loop's). The `cluster` scenario needs `redis-server` and
-`redis-cli` and the `dev` extra (it starts the cluster tests' local cluster). Raw numbers of the
+`redis-cli` and the `dev` group (it starts the cluster tests' local cluster). Raw numbers of the
 last run are in `bench/results/latest.json` and server logs in `bench/results/logs/` (not
 committed). Everything is bounded: at most 10,000 subscribers and 100,000 messages per run,
 a hard timeout per run (120 s) and a time budget after which no new run starts (1,200 s).
