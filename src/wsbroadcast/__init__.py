@@ -54,7 +54,7 @@ from .protocol import CloseCode, control_frame, error_frame
 from .publisher import Publisher
 from .transport import Transport
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "DEFAULT_QUEUE_BYTES",
