@@ -35,7 +35,7 @@ def expected(manager: ConnectionManager) -> dict[str, tuple[str, float]]:
     kinds = {key: kind for key, kind, _ in MANAGER_METRICS}
     result = {
         f"wsbroadcast_{key}" + ("_total" if kinds[key] == "counter" else ""): (kinds[key], value)
-        for key, value in dataclasses.asdict(manager.stats()).items()
+        for key, value in dataclasses.asdict(manager.statistics()).items()
     }
     result["wsbroadcast_backend_up"] = ("gauge", 1)
     return result

@@ -317,14 +317,14 @@ class ChatService:
         manager = self.manager
         if manager is None:
             return HttpResponse.json({"status": "unavailable"}, HTTPStatus.SERVICE_UNAVAILABLE)
-        backend = manager.backend.health()
-        stats = manager.stats()
-        ok = backend.get("status") == "ok"
+        health = manager.backend.health()
+        statistics = manager.statistics()
+        ok = health.ok
         body: dict[str, JsonValue] = {
             "status": "ok" if ok else "degraded",
-            "backend": backend,
-            "connections": stats.connections,
-            "rooms": stats.rooms,
+            "backend": health.as_dict(),
+            "connections": statistics.connections,
+            "rooms": statistics.rooms,
         }
         return HttpResponse.json(body, HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
 

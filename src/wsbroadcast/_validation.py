@@ -6,9 +6,9 @@ from collections.abc import Iterable
 
 from pydantic import ConfigDict, JsonValue, TypeAdapter, ValidationError
 
+from .control import RESERVED_TYPES
 from .exceptions import InvalidData, InvalidInput
 from .names import NAME_MAX_LENGTH, check_name, is_user_room
-from .protocol import RESERVED_TYPES
 
 __all__ = [
     "INT_MAX",

@@ -17,15 +17,15 @@ from collections.abc import Callable, Iterator, Sequence
 import anyio
 from pydantic import JsonValue
 
-from .envelope import Envelope
+from .control import ControlMessage
 from .outbound import (
     ConnectionState,
+    OutboundMessage,
     OutboundQueue,
     QueueStatistics,
     SlowConsumerPolicy,
 )
-from .protocol import error_frame
-from .transport import BatchTransport, NowaitBatchTransport, Transport
+from .transports.base import BatchTransport, NowaitBatchTransport, Transport
 
 __all__ = ["Connection", "ConnectionState", "ConnectionStatistics", "SlowConsumerPolicy"]
 
@@ -159,7 +159,8 @@ class Connection:
     def send_error(self, code: str, detail: str, room: str | None = None) -> bool:
         """Queue ``{"type": "error", "room", "data": {"code", "detail"}}`` for this client only
         (``room`` defaults to the first room)."""
-        return self.queue.push_text(error_frame(code, detail, self.room if room is None else room))
+        message = ControlMessage.error(code, detail, self.room if room is None else room)
+        return self.queue.push_message(message)
 
     async def wait_closed(self) -> None:
         """Wait until the connection is fully closed (presence updated, socket closed or
@@ -287,18 +288,18 @@ class Connection:
                 queue.sent(len(batch))
             else:
                 send = self.transport.send_text
-                for item in batch:
-                    await send(item if isinstance(item, str) else item.text)
+                for message in batch:
+                    await send(message.text)
                     queue.sent(1)
 
-    async def send_now(self, items: Sequence[Envelope | str]) -> None:
-        """Send ``items`` straight to the socket, bypassing the queue (history replay)."""
+    async def send_now(self, messages: Sequence[OutboundMessage]) -> None:
+        """Send `messages` straight to the socket, bypassing the queue (history replay)."""
         send = self.transport.send_text
-        for item in items:
-            await send(item if isinstance(item, str) else item.text)
+        for message in messages:
+            await send(message.text)
             self.queue.count_delivered(1)
 
-    async def replay(self, items: Sequence[Envelope | str]) -> bool:
+    async def replay(self, items: Sequence[OutboundMessage]) -> bool:
         """Queue a recovering room's history, waiting while the queue is full (the joining
         client's own frames wait for its socket; nothing else does). False if the
         connection closed first."""

@@ -7,6 +7,8 @@ The hierarchy, so that callers can catch as broadly or as narrowly as they need:
     │   ├── InvalidName              a room, client id or envelope type is empty, too long or odd
     │   ├── InvalidData              the payload is not a JSON value
     │   ├── InvalidBackendURL        a backend URL names no known backend or has bad options
+    │   │   └── InvalidBackendOptions
+    │   │                            a backend's options are refused (given in a URL or not)
     │   ├── AlreadyJoined            join: the connection is in that room already
     │   ├── NotJoined                leave: the connection is not in that room
     │   └── Forbidden                join: another client's personal stream
@@ -30,6 +32,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "Forbidden",
+    "InvalidBackendOptions",
     "InvalidBackendURL",
     "InvalidData",
     "InvalidInput",
@@ -70,6 +73,15 @@ class InvalidData(InvalidInput):
 
 class InvalidBackendURL(InvalidInput):
     """A backend URL has an unknown scheme or options the backend does not accept."""
+
+
+class InvalidBackendOptions(InvalidBackendURL):
+    """A backend refuses its options, whether they came in a URL's query or as arguments
+    (or, for a cluster, disagree with what the other nodes use).
+
+    A subclass of `InvalidBackendURL`, which was raised here before, so that code that
+    catches it goes on working.
+    """
 
 
 class AlreadyJoined(InvalidInput):

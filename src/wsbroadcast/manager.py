@@ -41,9 +41,11 @@ from pydantic import JsonValue
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
+from ._deprecated import renamed_names, warn_renamed
 from ._validation import check_name, check_publication
-from .backend import Backend, StreamReset, Subscription, backend_from_url
+from .backends.base import Backend, StreamReset, Subscription, backend_from_url
 from .connection import Connection, ConnectionState
+from .control import RESERVED_TYPES, CloseCode, ControlMessage
 from .envelope import EPOCH_PATTERN, Draft, Envelope, direct_drafts
 from .exceptions import (
     AlreadyJoined,
@@ -55,16 +57,15 @@ from .exceptions import (
     NotJoined,
 )
 from .names import is_user_room
-from .outbound import DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_SIZE, SlowConsumerPolicy
-from .protocol import RESERVED_TYPES, CloseCode, control_frame
-from .transport import Transport
+from .outbound import DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_SIZE, OutboundMessage, SlowConsumerPolicy
+from .transports.base import Transport
 
 __all__ = [
     "DEFAULT_QUEUE_BYTES",
     "DEFAULT_QUEUE_SIZE",
     "RESERVED_TYPES",
     "ConnectionManager",
-    "ManagerStats",
+    "ManagerStatistics",
 ]
 
 logger = logging.getLogger("wsbroadcast")
@@ -74,7 +75,7 @@ _T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
-class ManagerStats:
+class ManagerStatistics:
     """Counters of one :class:`ConnectionManager` since it started (gauges are current)."""
 
     connections: int
@@ -402,9 +403,9 @@ class ConnectionManager:
         # The client's first frame is its own join: nothing numbered before it follows.
         after = join.seq - 1 if join is not None else 0
         if since is not None:
-            frames, after, _ = await self._history(room, since, epoch, after)
+            messages, after, _ = await self._history(room, since, epoch, after)
             try:
-                await connection.send_now(frames)
+                await connection.send_now(messages)
             except Exception as exc:  # the socket died: the connect returns it closed
                 self._send_failed(connection, exc)
         return after
@@ -469,7 +470,7 @@ class ConnectionManager:
 
     async def _history(
         self, room: str, since: int, epoch: str | None, after: int | None
-    ) -> tuple[Sequence[Envelope | str], int, str]:
+    ) -> tuple[Sequence[OutboundMessage], int, str]:
         """What a client resuming ``room`` after ``since`` gets first (the envelopes, or one
         ``history_lost``), the seq that live frames then follow, and the stream's epoch.
 
@@ -478,20 +479,21 @@ class ConnectionManager:
         """
         history = await self.backend.history(room, since, epoch)
         if not history.complete:
-            lost: dict[str, JsonValue] = {
-                "since": since,
-                "epoch": history.epoch,
-                "first_seq": history.first_seq,
-                "last_seq": history.last_seq,
-            }
+            lost = ControlMessage.history_lost(
+                room,
+                since=since,
+                epoch=history.epoch,
+                first_seq=history.first_seq,
+                last_seq=history.last_seq,
+            )
             after = history.last_seq if after is None else after
-            return [control_frame("history_lost", room, lost)], after, history.epoch
-        frames = history.envelopes
-        if frames:
-            after = frames[-1].seq
+            return [lost], after, history.epoch
+        envelopes = history.envelopes
+        if envelopes:
+            after = envelopes[-1].seq
         elif after is None or since > after:
             after = since
-        return frames, after, history.epoch
+        return envelopes, after, history.epoch
 
     @contextlib.asynccontextmanager
     async def session(
@@ -592,16 +594,16 @@ class ConnectionManager:
         await self._enter_room(connection, room)
         join = None if personal else await self._shielded(self._add_presence(connection, room))
         after = join.seq - 1 if join is not None else None
-        frames: Sequence[Envelope | str] = ()
+        messages: Sequence[OutboundMessage] = ()
         if since is not None:
-            frames, after, stream = await self._history(room, since, epoch, after)
+            messages, after, stream = await self._history(room, since, epoch, after)
         elif join is not None:
             stream = join.epoch
         else:
             stream, after = await self._shielded(self.backend.position(room))
         assert after is not None
-        if await connection.replay(frames):
-            ack = control_frame("joined", room, {"seq": after, "epoch": stream})
+        if await connection.replay(messages):
+            ack = ControlMessage.joined(room, seq=after, epoch=stream)
             connection.queue.room_live(room, after, ack)
 
     async def leave(self, connection: Connection, room: str) -> None:
@@ -618,9 +620,9 @@ class ConnectionManager:
         if queue.closing or connection not in self._connections:
             return
         with anyio.CancelScope(shield=True):
-            await self._leave(connection, room, control_frame("left", room, None))
+            await self._leave(connection, room, ControlMessage.left(room))
 
-    async def _leave(self, connection: Connection, room: str, ack: str | None) -> None:
+    async def _leave(self, connection: Connection, room: str, ack: ControlMessage | None) -> None:
         connection.queue.remove_room(room, ack)
         await self._leave_room(connection, room)
         await self._depart_room(connection, room)
@@ -860,7 +862,7 @@ class ConnectionManager:
         check_name("room", room)
         return await self.backend.presence(room)
 
-    def stats(self) -> ManagerStats:
+    def statistics(self) -> ManagerStatistics:
         """Current gauges and counters, for health checks and metrics."""
         delivered = self._delivered
         dropped = self._dropped
@@ -870,7 +872,7 @@ class ConnectionManager:
                 delivered += connection.queue.delivered
                 dropped += connection.queue.dropped
                 slow += connection.overflowed
-        return ManagerStats(
+        return ManagerStatistics(
             connections=len(self._connections) + len(self._connecting),
             rooms=len(self._rooms),
             published=self._published,
@@ -881,3 +883,13 @@ class ConnectionManager:
             departures_lost=self._departures_lost,
             close_timeouts=self._close_timeouts,
         )
+
+    def stats(self) -> ManagerStatistics:
+        """Deprecated: use `statistics` (anyio's name for it)."""
+        warn_renamed("ConnectionManager.stats()", "ConnectionManager.statistics()")
+        return self.statistics()
+
+
+__getattr__ = renamed_names(
+    "wsbroadcast.manager", {"ManagerStats": ("wsbroadcast.manager", "ManagerStatistics")}
+)

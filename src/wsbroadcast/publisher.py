@@ -18,7 +18,7 @@ from types import TracebackType
 from pydantic import JsonValue
 
 from ._validation import check_name, check_publication
-from .backend import Backend, backend_from_url
+from .backends.base import Backend, backend_from_url
 from .envelope import Draft, Envelope, direct_drafts
 from .exceptions import ManagerNotRunning
 

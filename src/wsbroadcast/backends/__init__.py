@@ -1,1 +1,57 @@
-"""Backends, each imported lazily by :func:`wsbroadcast.backend_from_url` from its URL scheme."""
+"""Backends: the interface in `wsbroadcast.backends.base`, and the adapters.
+
+`backend_from_url` imports a backend's module from its URL scheme, only when it is used;
+the adapters' classes are importable from here too, each imported on first use, so that
+importing wsbroadcast imports no broker client:
+
+- `MemoryBackend` (`wsbroadcast.backends.memory`, `memory://`): in-process.
+- `RedisBackend` and `RedisClusterBackend` (`wsbroadcast.backends.redis`, `redis://`,
+  `rediss://`, `redis+cluster://`; extra `wsbroadcast[redis]`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .base import (
+    Backend,
+    BackendHealth,
+    History,
+    Listener,
+    ResetListener,
+    StreamReset,
+    Subscription,
+    backend_from_url,
+)
+
+if TYPE_CHECKING:
+    from .memory import MemoryBackend
+    from .redis import RedisBackend, RedisClusterBackend
+
+__all__ = [
+    "Backend",
+    "BackendHealth",
+    "History",
+    "Listener",
+    "MemoryBackend",
+    "RedisBackend",
+    "RedisClusterBackend",
+    "ResetListener",
+    "StreamReset",
+    "Subscription",
+    "backend_from_url",
+]
+
+_ADAPTERS = {
+    "MemoryBackend": "wsbroadcast.backends.memory",
+    "RedisBackend": "wsbroadcast.backends.redis",
+    "RedisClusterBackend": "wsbroadcast.backends.redis",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _ADAPTERS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

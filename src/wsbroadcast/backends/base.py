@@ -11,6 +11,7 @@ backend's module only when its scheme is used, so the core never imports a broke
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
 import importlib
 import math
@@ -19,15 +20,17 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import JsonValue
 
-from .envelope import Draft, Envelope
-from .exceptions import InvalidBackendURL, InvalidInput
+from .._deprecated import warn_renamed
+from ..envelope import Draft, Envelope
+from ..exceptions import InvalidBackendURL, InvalidInput
 
 __all__ = [
     "Backend",
+    "BackendHealth",
     "History",
     "Listener",
     "ResetListener",
@@ -82,6 +85,42 @@ class History:
     envelopes: Sequence[Envelope] = ()
     epoch: str = ""
     """The stream's epoch ("" for a room that has no stream: never published to, or forgotten)."""
+
+
+@dataclass(frozen=True)
+class BackendHealth:
+    """What `Backend.health` reports, for health checks and metrics.
+
+    Backends add their own fields in a subclass (see `RedisHealth`); `as_dict` gives them all
+    as JSON-able values, for a `/healthz` body.
+    """
+
+    status: str
+    """`"ok"`, or `"degraded"` while the backend cannot do its work (a broker unreachable)."""
+    backend: str
+    """The backend's class name."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether `status` is `"ok"`."""
+        return self.status == "ok"
+
+    def as_dict(self) -> dict[str, JsonValue]:
+        """Every field, by name: JSON-able."""
+        return dataclasses.asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        """Deprecated: `health()` was a dict; read the attribute instead."""
+        warn_renamed(f"health()[{key!r}]", f"health().{key}")
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Deprecated: `health()` was a dict; read the attribute instead."""
+        warn_renamed(f"health().get({key!r})", f"health().{key}")
+        return getattr(self, key, default)
 
 
 class Subscription(Protocol):
@@ -177,9 +216,9 @@ class Backend(abc.ABC):
     async def presence(self, room: str) -> list[str]:
         """The client ids with at least one connection in ``room``, sorted."""
 
-    def health(self) -> dict[str, JsonValue]:
-        """A JSON-able status for health checks and metrics; ``status`` is ``"ok"`` or not."""
-        return {"status": "ok", "backend": type(self).__name__}
+    def health(self) -> BackendHealth:
+        """The backend's status for health checks and metrics (`status` is `"ok"` or not)."""
+        return BackendHealth(status="ok", backend=type(self).__name__)
 
     async def allow(self, key: str, rate: float, burst: float) -> bool:
         """Take one token from the bucket ``key`` (refilled at ``rate`` per second, up to

@@ -1,10 +1,13 @@
 """The transport interface: the one socket the library writes to.
 
-A transport is what the original design draws as a WebSocket: ``accept()``, ``send_text(str)``
-and ``close(code, reason)``. Starlette's ``WebSocket`` fits as it is; adapters for other
-servers live in :mod:`wsbroadcast.transports`. Receiving stays with the application: the
-library only ever writes, from one writer task per connection, so a transport never sees two
-concurrent sends.
+A transport is what the original design draws as a WebSocket: `accept()`, `send_text(str)`
+and `close(code, reason)`. Starlette's `WebSocket` fits as it is; adapters for other
+servers live in `wsbroadcast.transports`. Receiving stays with the application: the
+library only ever writes, and never two sends at once on one connection. Which task writes
+depends on what the transport can do, decided once when the connection is made: a
+`NowaitBatchTransport` is written by the manager's one flusher task, and by a writer task of
+its own connection only while its socket is full; any other transport has a writer task for
+as long as its connection is open.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, TypedDict, runtime_checkable
 
 if TYPE_CHECKING:
-    from .envelope import Envelope
+    from ..outbound import OutboundMessage
 
 __all__ = [
     "FRAMES_EXTENSION",
@@ -51,17 +54,18 @@ class Transport(Protocol):
 class BatchTransport(Transport, Protocol):
     """A transport that can write several frames at once: the fast path.
 
-    When a transport has ``send_batch``, the connection's writer hands it every frame that
-    is waiting, in order, instead of calling ``send_text`` once per frame. Items are
-    :class:`~wsbroadcast.Envelope` objects (whose :attr:`~wsbroadcast.Envelope.frame` is the
-    WebSocket frame built once per publish, shared by every recipient) and ``str`` (one-off
-    frames such as errors). An implementation writes them in one go when it can, and must
-    fall back to per-frame encoding when its connection negotiated an extension such as
-    permessage-deflate, which makes frames differ per connection.
+    When a transport has `send_batch`, the connection's writer hands it every message that
+    is waiting, in order, instead of calling `send_text` once per message. Each is an
+    `OutboundMessage`: an `Envelope` (whose `frame` is the WebSocket frame built once per
+    publish, shared by every recipient) or a `ControlMessage` (an error, a `history_lost`...);
+    both have `text` and `frame`. An implementation writes their frames in one go when it
+    can (`wsbroadcast.outbound.frames_of`), and must fall back to sending each `text` when
+    its connection negotiated an extension such as permessage-deflate, which makes frames
+    differ per connection.
     """
 
-    async def send_batch(self, frames: Sequence[Envelope | str], /) -> None:
-        """Send ``frames`` in order, as text frames; raise if the peer is gone."""
+    async def send_batch(self, messages: Sequence[OutboundMessage], /) -> None:
+        """Send `messages` in order, as text frames; raise if the peer is gone."""
         ...
 
 
@@ -69,14 +73,14 @@ class BatchTransport(Transport, Protocol):
 class NowaitBatchTransport(BatchTransport, Protocol):
     """A batch transport that can also write without waiting, when its socket has room.
 
-    For such transports the manager does not wake one writer task per connection per
-    publish: one flusher task writes, once per burst, every connection's waiting frames with
-    ``send_batch_nowait``. Only a connection whose socket is full falls back to its writer,
-    which waits with ``send_batch``.
+    For such transports the manager does not wake a writer task per connection per
+    publish: one flusher task writes, once per burst, every connection's waiting messages
+    with `send_batch_nowait`. Only a connection whose socket is full falls back to a writer
+    task of its own, which waits with `send_batch`.
     """
 
-    def send_batch_nowait(self, frames: Sequence[Envelope | str], /) -> bool:
-        """Write all of ``frames`` now and return true, or write nothing and return false.
+    def send_batch_nowait(self, messages: Sequence[OutboundMessage], /) -> bool:
+        """Write all of `messages` now and return true, or write nothing and return false.
 
         Return false when the socket's buffer is above its limit (or the connection uses an
         extension that prevents raw writes); raise if the peer is gone.

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.websockets import WebSocket, WebSocketState
 
-from ..frames import frames_bytes
-from ..transport import FRAMES_EXTENSION, FramesExtension
+from ..outbound import frames_of
 from ._once import log_once
+from .base import FRAMES_EXTENSION, FramesExtension
 
 if TYPE_CHECKING:
-    from ..envelope import Envelope
+    from ..outbound import OutboundMessage
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
@@ -115,7 +115,7 @@ class StarletteFramesTransport(StarletteTransport):
     """The fast path on an ASGI server that offers the ``wsbroadcast.frames`` extension.
 
     A :class:`~wsbroadcast.transport.NowaitBatchTransport`: the manager's flusher hands it
-    every frame waiting for the connection and it writes their prepared bytes (each
+    every message waiting for the connection and it writes their prepared bytes (each
     envelope's frame is built once per publish and shared by every recipient) in one socket
     write, without a task switch or an ASGI message per frame. When the socket is full, the
     connection's writer waits for it to drain. A ``close`` that times out drops the TCP
@@ -135,15 +135,17 @@ class StarletteFramesTransport(StarletteTransport):
         self._drain = extension["drain"]
         self._abort = extension["abort"]
 
-    async def send_batch(self, frames: Sequence[Envelope | str], /) -> None:
-        """Write ``frames`` in one socket write, first waiting for room if the socket is full."""
-        data = frames_bytes(frames)
+    async def send_batch(self, messages: Sequence[OutboundMessage], /) -> None:
+        """Write the frames of `messages` in one socket write, first waiting for room if the
+        socket is full."""
+        data = frames_of(messages)
         while not self._write(data):
             await self._drain()
 
-    def send_batch_nowait(self, frames: Sequence[Envelope | str], /) -> bool:
-        """Write ``frames`` in one socket write if the socket has room; else write nothing."""
-        return self._write(frames_bytes(frames))
+    def send_batch_nowait(self, messages: Sequence[OutboundMessage], /) -> bool:
+        """Write the frames of `messages` in one socket write if the socket has room; else
+        write nothing."""
+        return self._write(frames_of(messages))
 
     def _close_timed_out(self) -> None:
         self._abort()

@@ -49,9 +49,9 @@ from typing import Any, ClassVar, cast
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
-from ..protocol import CloseCode
-from ..transport import FRAMES_EXTENSION, FramesExtension
+from ..control import CloseCode
 from ._once import log_once
+from .base import FRAMES_EXTENSION, FramesExtension
 
 __all__ = ["WebSocketProtocol"]
 

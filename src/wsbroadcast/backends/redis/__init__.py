@@ -42,8 +42,9 @@ class, publish, history, rate limits) and ``cluster`` (the Redis Cluster backend
 from __future__ import annotations
 
 from .backend import RedisBackend
-from .cluster import DEFAULT_PARTITIONS, RedisClusterBackend
+from .cluster import DEFAULT_PARTITIONS, RedisClusterBackend, RedisClusterHealth
 from .keys import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_TTL, DEFAULT_PREFIX
+from .link import RedisHealth
 
 __all__ = [
     "DEFAULT_HISTORY",
@@ -53,4 +54,6 @@ __all__ = [
     "DEFAULT_PREFIX",
     "RedisBackend",
     "RedisClusterBackend",
+    "RedisClusterHealth",
+    "RedisHealth",
 ]

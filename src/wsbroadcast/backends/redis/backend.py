@@ -19,9 +19,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ...backend import History
 from ...envelope import Draft, Envelope, new_epoch
-from ...exceptions import BackendError, InvalidBackendURL, InvalidInput
+from ...exceptions import BackendError, InvalidBackendOptions, InvalidBackendURL, InvalidInput
+from ..base import History
 from . import scripts
 from .keys import (
     DEFAULT_HISTORY,
@@ -34,7 +34,7 @@ from .keys import (
 )
 from .link import UNREACHABLE
 from .presence import RedisPresence
-from .reader import _Room
+from .reader import _RoomCursor
 
 logger = logging.getLogger("wsbroadcast.backends.redis")
 
@@ -109,16 +109,16 @@ class RedisBackend(RedisPresence):
         max_connections: int = 50,
     ) -> None:
         if history_size < 1:
-            raise InvalidBackendURL(f"history size must be >= 1, not {history_size}")
+            raise InvalidBackendOptions(f"history size must be >= 1, not {history_size}")
         if history_bytes < 1:
-            raise InvalidBackendURL(f"history_bytes must be >= 1, not {history_bytes}")
+            raise InvalidBackendOptions(f"history_bytes must be >= 1, not {history_bytes}")
         if not 0 < heartbeat_interval < presence_ttl:
-            raise InvalidBackendURL(
+            raise InvalidBackendOptions(
                 f"need 0 < heartbeat_interval ({heartbeat_interval}) "
                 f"< presence_ttl ({presence_ttl})"
             )
         if history_ttl is not None and not history_ttl > 2 * heartbeat_interval:
-            raise InvalidBackendURL(
+            raise InvalidBackendOptions(
                 f"history_ttl ({history_ttl}) must exceed 2 * heartbeat_interval "
                 f"({heartbeat_interval}): heartbeats keep used rooms alive"
             )
@@ -129,11 +129,11 @@ class RedisBackend(RedisPresence):
             ("backoff_max", backoff_max),
         ):
             if not value > 0:
-                raise InvalidBackendURL(f"{name} must be positive, not {value}")
+                raise InvalidBackendOptions(f"{name} must be positive, not {value}")
         if read_count < 1:
-            raise InvalidBackendURL(f"read_count must be >= 1, not {read_count}")
+            raise InvalidBackendOptions(f"read_count must be >= 1, not {read_count}")
         if max_connections < 1:
-            raise InvalidBackendURL(f"max_connections must be >= 1, not {max_connections}")
+            raise InvalidBackendOptions(f"max_connections must be >= 1, not {max_connections}")
         self.url = url
         self.prefix = prefix
         self.history_size = history_size
@@ -154,7 +154,7 @@ class RedisBackend(RedisPresence):
         self._redis: Redis | None = None
         self._reader: Redis | None = None
         self._task_group: TaskGroup | None = None
-        self._rooms: dict[str, _Room] = {}
+        self._rooms: dict[str, _RoomCursor] = {}
         self._presence: Counter[tuple[str, str]] = Counter()
         self._keys = KeyLayout(prefix, self.node_id)
         self._partitions = [Partition(index) for index in range(self._keys.count)]

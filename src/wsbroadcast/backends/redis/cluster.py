@@ -19,8 +19,10 @@ Everything works as on one Redis (same Lua scripts, same reader, presence and ch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,10 +39,10 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from ...exceptions import InvalidBackendURL
+from ...exceptions import InvalidBackendOptions, InvalidBackendURL
 from .backend import RedisBackend
 from .keys import KeyLayout, Partition
-from .link import UNREACHABLE
+from .link import UNREACHABLE, RedisHealth
 
 __all__ = ["DEFAULT_PARTITIONS", "RedisClusterBackend"]
 
@@ -106,6 +108,16 @@ class _WaitingCluster(RedisCluster):
 
         pipe.execute = waiting  # type: ignore[method-assign]
         return pipe
+
+
+@dataclass(frozen=True)
+class RedisClusterHealth(RedisHealth):
+    """What `RedisClusterBackend.health` reports: `RedisHealth` and the partitions."""
+
+    partitions: int
+    """Partitions the rooms are spread over."""
+    readers: int
+    """Partitions whose reader runs: each holds one blocking connection to its primary."""
 
 
 class RedisClusterBackend(RedisBackend):
@@ -201,7 +213,7 @@ class RedisClusterBackend(RedisBackend):
             logger.warning("could not check the cluster's partitions (%r); not checked", exc)
             return
         if stored is not None and stored != str(self.partitions):
-            raise InvalidBackendURL(
+            raise InvalidBackendOptions(
                 f"this cluster's rooms are spread over partitions={stored} (key {key!r}), "
                 f"not {self.partitions}: every node must use the same number"
             )
@@ -215,13 +227,13 @@ class RedisClusterBackend(RedisBackend):
             return ""  # not known yet (before the first command), or the slot is not served
         return str(node.name)
 
-    def health(self) -> dict[str, Any]:
-        """As :meth:`RedisBackend.health`, plus ``partitions`` and ``readers`` (partitions
-        whose reader runs: each holds one blocking connection to its primary)."""
-        health = super().health()
-        health["partitions"] = self.partitions
-        health["readers"] = sum(partition.reading for partition in self._partitions)
-        return health
+    def health(self) -> RedisClusterHealth:
+        """As `RedisBackend.health`, plus `partitions` and `readers`."""
+        return RedisClusterHealth(
+            **dataclasses.asdict(super().health()),
+            partitions=self.partitions,
+            readers=sum(partition.reading for partition in self._partitions),
+        )
 
 
 def _parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str]:
