@@ -356,6 +356,7 @@ def test_constructor_refuses_bad_settings() -> None:
 def test_the_core_imports_no_web_framework_or_broker_client() -> None:
     code = (
         "import sys, wsbroadcast, wsbroadcast.testing, wsbroadcast.backends.memory\n"
+        "import wsbroadcast.backends, wsbroadcast.transports, wsbroadcast.control\n"
         "wsbroadcast.backend_from_url('memory://')\n"
         "bad = {'starlette', 'websockets', 'redis', 'uvicorn', 'fastapi'} & set(sys.modules)\n"
         "print(sorted(bad))\n"

@@ -142,7 +142,7 @@ def test_a_reset_while_recovering_is_told_in_order_and_restarts_the_seqs() -> No
     queue.go_live(after_seq=6)
     items = queue.take()
     assert seqs(items) == [7, "history_lost", 1]
-    lost = json.loads(items[1])  # type: ignore[arg-type]
+    lost = json.loads(items[1].text)
     assert lost["data"] == {"since": 7, "epoch": "e2", "first_seq": 1, "last_seq": 0}
 
 

@@ -115,7 +115,7 @@ async def execute(
                 await manager.disconnect(session.connection)
                 session.ended = True
                 if kind == "resume":
-                    seen = [json.loads(f) for f in session.transport.frames]
+                    seen = [json.loads(f) for f in session.transport.texts]
                     seqs = [f["seq"] for f in seen if "seq" in f]
                     since = seqs[-1] if seqs else session.seq_before
                     # The epoch of the last envelope seen: the stream is the same, so the

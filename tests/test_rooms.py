@@ -195,7 +195,7 @@ async def test_refused_joins_change_nothing_and_the_connection_goes_on(
 ) -> None:
     alice = MemoryTransport()
     connection = await manager.connect(alice, "alice", "lobby")
-    await until(alice, lambda t: len(t.frames) == 1)
+    await until(alice, lambda t: len(t.texts) == 1)
     refusals: list[tuple[str, dict[str, Any], type[Exception]]] = [
         ("lobby", {}, AlreadyJoined),
         ("bad room", {}, InvalidName),
@@ -212,7 +212,7 @@ async def test_refused_joins_change_nothing_and_the_connection_goes_on(
     assert len(alice.texts) == 1
     assert await manager.presence("red") == []
     await manager.broadcast("lobby", "still here")
-    await until(alice, lambda t: len(t.frames) == 2)
+    await until(alice, lambda t: len(t.texts) == 2)
 
 
 async def test_a_failed_backend_leaves_the_room_unjoined_and_the_connection_open() -> None:

@@ -21,8 +21,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from wsbroadcast import CloseCode, Connection, ConnectionManager, ConnectionState, Transport
 from wsbroadcast.testing import MemoryTransport
-from wsbroadcast.transports.base import BatchTransport, NowaitBatchTransport
 from wsbroadcast.transports import _once
+from wsbroadcast.transports.base import BatchTransport, NowaitBatchTransport
 from wsbroadcast.transports.starlette import (
     DEFAULT_CLOSE_TIMEOUT,
     StarletteFramesTransport,

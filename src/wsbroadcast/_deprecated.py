@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 
@@ -13,16 +13,16 @@ def warn_renamed(old: str, new: str, *, stacklevel: int = 3) -> None:
     warnings.warn(f"{old} is deprecated: use {new}", DeprecationWarning, stacklevel=stacklevel)
 
 
-def moved_module(old: str, new: str, names: Iterable[str]) -> Callable[[str], Any]:
-    """The `__getattr__` of the module `old` that moved to `new`: each of `names` warns and
-    comes from `new`."""
-    known = frozenset(names)
+def moved_module(old: str, new: str) -> Callable[[str], Any]:
+    """The `__getattr__` of the module `old` that moved to `new`: each name of `new`'s
+    `__all__` warns and comes from `new`."""
 
     def __getattr__(name: str) -> Any:
-        if name not in known:
+        module = importlib.import_module(new)
+        if name not in module.__all__:
             raise AttributeError(f"module {old!r} has no attribute {name!r}")
         warn_renamed(f"{old}.{name}", f"{new}.{name}")
-        return getattr(importlib.import_module(new), name)
+        return getattr(module, name)
 
     return __getattr__
 

@@ -4,16 +4,4 @@ from __future__ import annotations
 
 from ._deprecated import moved_module
 
-__getattr__ = moved_module(
-    "wsbroadcast.backend",
-    "wsbroadcast.backends.base",
-    (
-        "Backend",
-        "History",
-        "Listener",
-        "ResetListener",
-        "StreamReset",
-        "Subscription",
-        "backend_from_url",
-    ),
-)
+__getattr__ = moved_module("wsbroadcast.backend", "wsbroadcast.backends.base")

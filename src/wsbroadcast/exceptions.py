@@ -22,7 +22,7 @@ The hierarchy, so that callers can catch as broadly or as narrowly as they need:
                                      the server ended the client's session for good
 
 Exceptions raised by a transport (a dead socket) never escape a broadcast: they close the one
-connection concerned, as documented in :mod:`wsbroadcast.manager`.
+connection concerned, as documented in `wsbroadcast.manager`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class InvalidInput(WSBroadcastError, ValueError):
 class InvalidName(InvalidInput):
     """A room, client id or envelope type is not 1-64 characters of ``A-Z a-z 0-9 _ . - : # @``.
 
-    The grammar is :mod:`wsbroadcast.names`.
+    The grammar is `wsbroadcast.names`.
 
     ``field`` says which argument was refused, so that an application can turn it into a
     precise error for its own client.
@@ -85,11 +85,11 @@ class InvalidBackendOptions(InvalidBackendURL):
 
 
 class AlreadyJoined(InvalidInput):
-    """:meth:`~wsbroadcast.ConnectionManager.join` of a room the connection is in (or joining)."""
+    """`join` of a room the connection is in (or joining)."""
 
 
 class NotJoined(InvalidInput):
-    """:meth:`~wsbroadcast.ConnectionManager.leave` of a room the connection is not in."""
+    """`leave` of a room the connection is not in."""
 
 
 class Forbidden(InvalidInput):
@@ -97,7 +97,7 @@ class Forbidden(InvalidInput):
 
 
 class ManagerNotRunning(WSBroadcastError, RuntimeError):
-    """The :class:`~wsbroadcast.ConnectionManager` was used before ``async with`` or after it."""
+    """The `ConnectionManager` was used before ``async with`` or after it."""
 
 
 class BackendError(WSBroadcastError):

@@ -13,9 +13,9 @@ How a broadcast travels::
      the flusher (no-wait transports) or the connection's writer  ->  the socket
 
 A slow or dead client only ever fills its own queue; what happens then is the connection's
-:class:`~wsbroadcast.SlowConsumerPolicy`.
+`SlowConsumerPolicy`.
 
-Who cleans up: while :meth:`ConnectionManager.connect` runs, the connecting task owns its
+Who cleans up: while `ConnectionManager.connect` runs, the connecting task owns its
 connection; once connected, the manager does. Whatever ends a connection (the application,
 its queue's policy, a send that failed, shutdown) aborts its queue, which hands it to exactly
 one closer: it leaves the room, removes presence and announces ``leave``, stops the writer
@@ -76,7 +76,7 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class ManagerStatistics:
-    """Counters of one :class:`ConnectionManager` since it started (gauges are current)."""
+    """Counters of one `ConnectionManager` since it started (gauges are current)."""
 
     connections: int
     """Open connections now, connecting ones included (gauge)."""
@@ -175,8 +175,8 @@ class ConnectionManager:
     (return, exception, cancellation), closes every connection with 1001 (Going Away),
     announces the departures and returns within a bound set by ``close_timeout``.
 
-    :param backend: a :class:`~wsbroadcast.backend.Backend` or a URL for
-        :func:`~wsbroadcast.backend_from_url` (default ``memory://``).
+    :param backend: a `Backend` or a URL for
+        `backend_from_url` (default ``memory://``).
     :param queue_size: frames each connection may have waiting (default 1,024) ...
     :param queue_bytes: ... and bytes (default 1 MiB). A full queue triggers
         ``slow_consumer``.
@@ -328,14 +328,14 @@ class ConnectionManager:
         no room and in no presence, and a ``leave`` is announced only after its ``join``.
         Adding presence and publishing the ``join`` are done together or not at all.
 
-        ``room`` may be the client's own personal stream (:func:`~wsbroadcast.user_room`): no
+        ``room`` may be the client's own personal stream (`user_room`): no
         presence, nothing announced.
 
-        Raises :class:`~wsbroadcast.exceptions.InvalidInput` (before accepting) for a bad room,
+        Raises `InvalidInput` (before accepting) for a bad room,
         client id, ``since`` or ``epoch``, and its subclass
-        :class:`~wsbroadcast.exceptions.Forbidden` for another client's personal stream;
-        :class:`~wsbroadcast.exceptions.ManagerNotRunning` outside ``async with``; and
-        :class:`~wsbroadcast.exceptions.BackendError` (after closing the socket with 1011) if
+        `Forbidden` for another client's personal stream;
+        `ManagerNotRunning` outside ``async with``; and
+        `BackendError` (after closing the socket with 1011) if
         the backend fails. If the socket dies or overflows, or the manager shuts down, during
         the connect, the returned connection is already closed.
         """
@@ -504,9 +504,9 @@ class ConnectionManager:
         since: int | None = None,
         epoch: str | None = None,
     ) -> AsyncIterator[Connection]:
-        """:meth:`connect` for the length of an ``async with`` block, then :meth:`disconnect`.
+        """`connect` for the length of an ``async with`` block, then `disconnect`.
 
-        The block runs in :meth:`Connection.cancel_on_close`, so a receive loop in it stops
+        The block runs in `Connection.cancel_on_close`, so a receive loop in it stops
         when the manager closes the connection by itself (slow consumer, dead socket,
         shutdown)::
 
@@ -515,7 +515,7 @@ class ConnectionManager:
                     await manager.broadcast(room, {"message": text}, client_id)
 
         Leaving the block, however it is left, closes the connection (shielded from
-        cancellation) and announces the departure. Raises what :meth:`connect` raises.
+        cancellation) and announces the departure. Raises what `connect` raises.
         """
         connection = await self.connect(transport, client_id, room, since, epoch)
         try:
@@ -534,23 +534,23 @@ class ConnectionManager:
         since: int | None = None,
         epoch: str | None = None,
     ) -> None:
-        """Add ``room`` to an open connection, with the same guarantees as :meth:`connect`.
+        """Add ``room`` to an open connection, with the same guarantees as `connect`.
 
         The client gets, in its one queue and in order: the envelopes of ``room`` after
         ``since`` from history (or one ``history_lost`` frame), then one unsequenced
         ``{"type": "joined", "room", "data": {"seq", "epoch"}}`` frame saying which seq of
         which stream it is now up to date with, then the room's live stream, with no gap and
         no duplicate; frames of its other rooms go on meanwhile. Presence and ``join`` as in
-        :meth:`connect`. The history is queued under the connection's bounds: when they are
+        `connect`. The history is queued under the connection's bounds: when they are
         full, this waits for the client to read (only this caller waits).
 
-        A personal stream (:func:`~wsbroadcast.user_room`) may be joined by its own client
+        A personal stream (`user_room`) may be joined by its own client
         only; it has no presence and announces nothing.
 
-        Raises :class:`~wsbroadcast.exceptions.InvalidName`, :class:`InvalidInput` (bad
-        ``since`` or ``epoch``), :class:`~wsbroadcast.exceptions.AlreadyJoined`,
-        :class:`~wsbroadcast.exceptions.Forbidden` (another client's personal stream), with
-        nothing changed; :class:`~wsbroadcast.exceptions.BackendError` if the backend fails,
+        Raises `InvalidName`, `InvalidInput` (bad
+        ``since`` or ``epoch``), `AlreadyJoined`,
+        `Forbidden` (another client's personal stream), with
+        nothing changed; `BackendError` if the backend fails,
         the connection staying open and out of the room. Cancelled, it leaves the room again.
         If the connection closes meanwhile, returns (the closer cleans up).
         """
@@ -611,7 +611,7 @@ class ConnectionManager:
 
         The client gets ``{"type": "left", "room", "data": null}`` and no envelope of the room
         after it (those still queued are dropped). Presence and ``leave`` as when a connection
-        closes. Raises :class:`~wsbroadcast.exceptions.NotJoined` if the connection is not in
+        closes. Raises `NotJoined` if the connection is not in
         ``room`` (or is still joining it). Returns at once on a closing connection.
         """
         queue = connection.queue
@@ -686,7 +686,7 @@ class ConnectionManager:
 
         Frames still queued for it are dropped. Safe to call more than once and on a socket
         that is already dead: it never raises because of the socket. Returns once the
-        connection is closed (see :meth:`Connection.wait_closed`).
+        connection is closed (see `Connection.wait_closed`).
         """
         connection.queue.abort(code, reason or "")
         await connection.wait_closed()
@@ -821,9 +821,9 @@ class ConnectionManager:
         Returns as soon as the backend has ordered the envelope and it is queued for every
         local member; it never waits for a recipient's socket. The envelope is encoded once,
         before the backend numbers it: what cannot be encoded raises
-        :class:`~wsbroadcast.exceptions.InvalidData` and takes no seq. Raises
-        :class:`~wsbroadcast.exceptions.InvalidInput` for a bad room, client id, type or data
-        (nothing is published), and :class:`~wsbroadcast.exceptions.BackendUnavailable` if
+        `InvalidData` and takes no seq. Raises
+        `InvalidInput` for a bad room, client id, type or data
+        (nothing is published), and `BackendUnavailable` if
         the backend cannot be reached.
         """
         self._check_running()
@@ -834,14 +834,14 @@ class ConnectionManager:
         """Send ``data`` to every connection of client ``to``, on any node; return its envelope.
 
         The envelope has type ``direct`` and data ``{"to": to, "data": data}``, and is published
-        in the personal stream :func:`~wsbroadcast.user_room` of ``to``: it reaches the
+        in the personal stream `user_room` of ``to``: it reaches the
         connections that joined that stream, in order and resumable like a room's. Sent by a
         client (``client_id``, not ``to``), the same envelope (same ``id``) is published in the
         sender's personal stream too, so that the sender's other tabs show it; that copy is
         published second, and if the backend fails in between only the recipient has it.
 
         Nobody connected: it is kept in the stream's history (bounded and expiring like any
-        room's) for the recipient's next resume, not refused. Raises what :meth:`broadcast`
+        room's) for the recipient's next resume, not refused. Raises what `broadcast`
         raises.
         """
         self._check_running()

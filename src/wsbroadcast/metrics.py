@@ -1,4 +1,4 @@
-"""A Prometheus collector over a :class:`~wsbroadcast.ConnectionManager`'s statistics.
+"""A Prometheus collector over a `ConnectionManager`'s statistics.
 
 Needs the ``prometheus`` extra (``pip install wsbroadcast[prometheus]``); the rest of
 wsbroadcast never imports this module or ``prometheus_client``::
@@ -8,7 +8,7 @@ wsbroadcast never imports this module or ``prometheus_client``::
 
     REGISTRY.register(ManagerCollector(manager))
 
-Each scrape reads :meth:`~wsbroadcast.ConnectionManager.statistics` and the backend's
+Each scrape reads `statistics` and the backend's
 ``health()``: nothing is counted twice and nothing runs between scrapes.
 """
 
@@ -42,7 +42,7 @@ MANAGER_METRICS: Final[tuple[tuple[str, _Kind, str], ...]] = (
     ("close_timeouts", "counter",
      "Sockets whose close did not finish within the manager's close timeout."),
 )  # fmt: skip
-"""Every field of :class:`~wsbroadcast.ManagerStatistics`: (field, type, help)."""
+"""Every field of `ManagerStatistics`: (field, type, help)."""
 
 BACKEND_METRICS: Final[tuple[tuple[str, _Kind, str], ...]] = (
     ("reconnects", "counter", "Times the backend reached its broker again after an outage."),
@@ -81,9 +81,9 @@ def _metric_keys() -> tuple[str, ...]:
 class ManagerCollector:
     """A ``prometheus_client`` custom collector for one manager and its backend.
 
-    Reports every field of :meth:`~wsbroadcast.ConnectionManager.statistics`, ``backend_up``
+    Reports every field of `statistics`, ``backend_up``
     (1 while ``manager.backend.health().ok``, else 0) and the integer
-    counters and gauges of :data:`BACKEND_METRICS` that ``health()`` reports. A metric is
+    counters and gauges of `BACKEND_METRICS` that ``health()`` reports. A metric is
     named ``{prefix}_{key}`` (counters get ``_total`` from ``prometheus_client``): e.g.
     ``wsbroadcast_connections``, ``wsbroadcast_delivered_total``, ``wsbroadcast_backend_up``,
     ``wsbroadcast_backend_reconnects_total``. While the manager is not running only
@@ -91,7 +91,7 @@ class ManagerCollector:
 
     :param prefix: the start of every metric name.
     :param names: full metric names for some keys (a field of ``ManagerStatistics``,
-        ``backend_up`` or ``backend_`` + a key of :data:`BACKEND_METRICS`), instead of
+        ``backend_up`` or ``backend_`` + a key of `BACKEND_METRICS`), instead of
         ``{prefix}_{key}``; for counters, ``_total`` may be given or left off.
     """
 

@@ -1,11 +1,11 @@
 """A connection's outbound queue, sans I/O: what to send next, bounded, with its policy.
 
 This module does no I/O and imports no event loop library: it decides, the way the
-``websockets`` library's ``Protocol`` does for bytes. :class:`OutboundQueue` holds the
-messages waiting for one client — shared :class:`~wsbroadcast.Envelope` objects of the rooms
-it is in and its own :class:`~wsbroadcast.ControlMessage` objects — bounded in messages
+``websockets`` library's ``Protocol`` does for bytes. `OutboundQueue` holds the
+messages waiting for one client — shared `Envelope` objects of the rooms
+it is in and its own `ControlMessage` objects — bounded in messages
 *and* bytes, in one order of arrival, without duplicates (each room's seqs are tracked on
-their own). The I/O layer (:class:`~wsbroadcast.Connection` and the manager's writer and
+their own). The I/O layer (`Connection` and the manager's writer and
 flusher) takes batches from it and reports what it wrote; the queue never waits and never blocks a
 broadcast. Every state change is a plain method call, so it is unit-tested without a loop.
 """
@@ -59,10 +59,10 @@ class SlowConsumerPolicy(str, enum.Enum):
 
     The queue is full when it holds ``queue_size`` frames or ``queue_bytes`` bytes.
     ``DISCONNECT`` (the default) closes the connection with close code ``4008``
-    (:attr:`~wsbroadcast.CloseCode.SLOW_CONSUMER`): the client knows it fell behind and can
+    (`SLOW_CONSUMER`): the client knows it fell behind and can
     reconnect with ``since`` and ``epoch`` to recover what it missed from history.
     ``DROP_OLDEST`` keeps the connection and discards the oldest queued envelopes until the
-    new frame fits (control frames such as errors and ``history_lost`` are kept while there
+    new frame fits (control messages such as errors and ``history_lost`` are kept while there
     is an envelope to drop, since history cannot give them back): the client sees a gap in
     ``seq`` and can resume from its last seq. Neither policy ever makes a broadcast wait.
     """
@@ -116,18 +116,18 @@ class OutboundQueue:
     """The frames waiting for one client, bounded in count and bytes, in send order.
 
     The queue follows the rooms it was told of: ``room`` (the connection's first) and those
-    :meth:`add_room` added until :meth:`remove_room`. Envelopes of those rooms are queued once
+    `add_room` added until `remove_room`. Envelopes of those rooms are queued once
     each (a seq not above the last one queued for its room is a duplicate and is skipped),
-    those of other rooms never; control texts always. While :attr:`state` is ``RECOVERING``
-    every frame is held aside, under the same bounds, until :meth:`go_live` says which seq
+    those of other rooms never; control messages always. While `state` is ``RECOVERING``
+    every frame is held aside, under the same bounds, until `go_live` says which seq
     the live stream follows; while a room added later recovers, its envelopes are held the
-    same way until :meth:`room_live`. When a frame does not fit, the
-    :class:`SlowConsumerPolicy` decides: drop the oldest, or :meth:`abort` with 4008.
+    same way until `room_live`. When a frame does not fit, the
+    `SlowConsumerPolicy` decides: drop the oldest, or `abort` with 4008.
 
     :param on_ready: called (synchronously) when frames become available to an idle writer:
-        the I/O layer schedules a write. Not called again until :meth:`take` empties it.
+        the I/O layer schedules a write. Not called again until `take` empties it.
     :param on_abort: called once, synchronously, when the queue aborts (by its policy or by
-        :meth:`abort`): the I/O layer starts closing the connection.
+        `abort`): the I/O layer starts closing the connection.
     """
 
     __slots__ = (
@@ -180,7 +180,7 @@ class OutboundQueue:
         self._last: dict[str, int] = {}
         """The seq of the newest envelope queued per other room the queue follows."""
         self._recovering: set[str] = set()
-        """Rooms added while open whose envelopes are held until :meth:`room_live`."""
+        """Rooms added while open whose envelopes are held until `room_live`."""
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.overflowed = False
@@ -370,7 +370,7 @@ class OutboundQueue:
     # -- rooms joined and left while open
 
     def add_room(self, room: str) -> bool:
-        """Follow ``room`` too; its envelopes are held until :meth:`room_live`.
+        """Follow ``room`` too; its envelopes are held until `room_live`.
 
         False (nothing changes) if the queue follows it already or is closing.
         """
@@ -389,7 +389,7 @@ class OutboundQueue:
         )
 
     def push_replay(self, item: OutboundMessage) -> bool:
-        """Queue a frame of a recovering room's history (the caller checked :meth:`fits`)."""
+        """Queue a frame of a recovering room's history (the caller checked `fits`)."""
         return self._append(item)
 
     def room_live(self, room: str, after_seq: int, ack: ControlMessage | None = None) -> None:
@@ -481,7 +481,7 @@ class OutboundQueue:
     def _make_room(self, items: list[OutboundMessage], size: int) -> bool:
         """Apply the policy to a full queue; true if the oldest frame made way."""
         if self.policy is SlowConsumerPolicy.DROP_OLDEST:
-            # The oldest envelope: history holds it for a resume, while a control frame
+            # The oldest envelope: history holds it for a resume, while a control message
             # (an error, a history_lost) exists nowhere else. Only controls: the oldest.
             index = next((i for i, old in enumerate(items) if isinstance(old, Envelope)), 0)
             self._bytes -= items.pop(index).size
@@ -495,7 +495,7 @@ class OutboundQueue:
 
     @property
     def has_frames(self) -> bool:
-        """Whether :meth:`take` would return anything."""
+        """Whether `take` would return anything."""
         return bool(self._items) and self.state is ConnectionState.OPEN
 
     def peek(self) -> list[OutboundMessage]:
@@ -504,8 +504,8 @@ class OutboundQueue:
 
     def take(self) -> list[OutboundMessage]:
         """Hand every waiting frame to the writer, in order; they count as queued until
-        :meth:`sent` (or as dropped if the queue aborts first). Empty: the writer is idle
-        and :attr:`on_ready` will be called for the next frame."""
+        `sent` (or as dropped if the queue aborts first). Empty: the writer is idle
+        and `on_ready` will be called for the next frame."""
         items = self._items
         if not items or self.state is not ConnectionState.OPEN:
             self._ready = False
@@ -526,7 +526,7 @@ class OutboundQueue:
         self._delivered += count
 
     def flushed(self) -> None:
-        """Everything :meth:`peek` returned was written at once (the no-wait path): the queue
+        """Everything `peek` returned was written at once (the no-wait path): the queue
         is empty and idle, and ``on_ready`` will be called for the next frame."""
         self._delivered += len(self._items)
         self._items = []

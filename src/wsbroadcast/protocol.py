@@ -4,8 +4,4 @@ from __future__ import annotations
 
 from ._deprecated import moved_module
 
-__getattr__ = moved_module(
-    "wsbroadcast.protocol",
-    "wsbroadcast.control",
-    ("RESERVED_TYPES", "CloseCode", "control_frame", "error_frame"),
-)
+__getattr__ = moved_module("wsbroadcast.protocol", "wsbroadcast.control")

@@ -28,7 +28,7 @@ __all__ = ["MemoryBatchTransport", "MemoryTransport", "TransportClosed"]
 
 
 class TransportClosed(ConnectionError):
-    """Raised by :class:`MemoryTransport` when sending on a closed or failed socket."""
+    """Raised by `MemoryTransport` when sending on a closed or failed socket."""
 
 
 class MemoryTransport:
@@ -36,7 +36,7 @@ class MemoryTransport:
 
     :param turns_per_send: scheduler turns each send takes (one checkpoint each): a
         deterministic stand-in for a slow network.
-    :param fail_after: raise :class:`TransportClosed` on this send (0 = the first), playing a
+    :param fail_after: raise `TransportClosed` on this send (0 = the first), playing a
         client that vanished.
     """
 
@@ -81,11 +81,11 @@ class MemoryTransport:
 
     @property
     def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
+        """Whether `close` was called."""
         return self._closed.is_set()
 
     def pause(self) -> None:
-        """Make sends block until :meth:`resume`: a client that stopped reading."""
+        """Make sends block until `resume`: a client that stopped reading."""
         if self._resume is None:
             self._resume = anyio.Event()
 
@@ -133,7 +133,7 @@ class MemoryTransport:
 
 
 class MemoryBatchTransport(MemoryTransport):
-    """A :class:`MemoryTransport` that also plays the fast path (``NowaitBatchTransport``).
+    """A `MemoryTransport` that also plays the fast path (``NowaitBatchTransport``).
 
     ``send_batch_nowait`` writes at once unless the transport is paused or slow
     (``turns_per_send > 0``), in which case it refuses, as a full socket would, and the

@@ -4,14 +4,4 @@ from __future__ import annotations
 
 from ._deprecated import moved_module
 
-__getattr__ = moved_module(
-    "wsbroadcast.transport",
-    "wsbroadcast.transports.base",
-    (
-        "FRAMES_EXTENSION",
-        "BatchTransport",
-        "FramesExtension",
-        "NowaitBatchTransport",
-        "Transport",
-    ),
-)
+__getattr__ = moved_module("wsbroadcast.transport", "wsbroadcast.transports.base")

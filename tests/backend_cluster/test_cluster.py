@@ -151,7 +151,7 @@ async def test_rooms_on_every_primary_are_all_delivered(
                 name: [await node_b.broadcast(name, i, "bob") for i in range(5)] for name in names
             }
             for name, transport in transports.items():
-                await transport.wait_until(lambda t, name=name: sent[name][-1].text in t.frames)
+                await transport.wait_until(lambda t, name=name: sent[name][-1].text in t.texts)
                 assert transport.texts[1:] == [envelope.text for envelope in sent[name]]
             health = backend.health()
             assert health.status == "ok"
@@ -230,7 +230,7 @@ async def test_a_primary_killed_mid_stream_never_leaves_a_silent_hole(
                 text = (await node_a.broadcast(room, f"marker {attempt}")).text
                 with anyio.move_on_after(3):
                     for _, transport in clients.values():
-                        await transport.wait_until(lambda t, text=text: text in t.frames)
+                        await transport.wait_until(lambda t, text=text: text in t.texts)
                     break
             else:
                 pytest.fail("no marker reached every client")

@@ -11,9 +11,9 @@ importing wsbroadcast imports no broker client:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_attributes
 from .base import (
     Backend,
     BackendHealth,
@@ -50,8 +50,4 @@ _ADAPTERS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _ADAPTERS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _ADAPTERS)

@@ -4,7 +4,7 @@ A backend is the single source of order. ``publish_draft`` assigns each room's n
 in the room's stream (named by its ``epoch``), keeps the envelope in a history bounded in
 count, bytes and time, and hands it to every listener subscribed to the room, on every node,
 in ``seq`` order. Backends are chosen by URL
-(``memory://``, ``redis://host:port/db``) with :func:`backend_from_url`, which imports the
+(``memory://``, ``redis://host:port/db``) with `backend_from_url`, which imports the
 backend's module only when its scheme is used, so the core never imports a broker client.
 """
 
@@ -124,7 +124,7 @@ class BackendHealth:
 
 
 class Subscription(Protocol):
-    """A handle on a listener registered with :meth:`Backend.subscribe`."""
+    """A handle on a listener registered with `Backend.subscribe`."""
 
     async def aclose(self) -> None:
         """Stop calling the listener. Idempotent."""
@@ -137,7 +137,7 @@ class Backend(abc.ABC):
     Implementations promise, per room: ``seq`` starts at 1 in each epoch and grows by exactly
     1 per published envelope; each listener receives every envelope published after its
     ``subscribe`` returned, exactly once and in ``seq`` order, or is told a
-    :class:`StreamReset` first; ``history`` is all or nothing; a draft that cannot be stored
+    `StreamReset` first; ``history`` is all or nothing; a draft that cannot be stored
     consumes no seq. A room with no presence and no listener is forgotten (history, epoch
     and all) once nothing was published to it for ``history_ttl`` seconds.
 
@@ -159,9 +159,9 @@ class Backend(abc.ABC):
     async def publish(
         self, room: str, type: str, client_id: str | None, data: JsonValue = None
     ) -> Envelope:
-        """Encode an envelope (:class:`~wsbroadcast.envelope.Draft`) and :meth:`publish_draft` it.
+        """Encode an envelope (`Draft`) and `publish_draft` it.
 
-        Raises :class:`~wsbroadcast.exceptions.InvalidData` before anything is published if
+        Raises `InvalidData` before anything is published if
         ``data`` cannot be encoded. Names are not checked here: the manager checks them.
         """
         return await self.publish_draft(Draft(type, room, client_id, data))
@@ -171,7 +171,7 @@ class Backend(abc.ABC):
         """Assign the room's next seq (in its current epoch), store, fan out, return it.
 
         The draft is already encoded, so nothing after the seq is taken can fail for the
-        data's sake. Raises :class:`~wsbroadcast.exceptions.BackendUnavailable` if the
+        data's sake. Raises `BackendUnavailable` if the
         envelope could not be published; in that case no seq was consumed.
         """
 
@@ -188,7 +188,7 @@ class Backend(abc.ABC):
         """The stream's epoch and last seq now (``("", 0)`` for a room with no stream).
 
         What a client joining without ``since`` is up to date with. The default asks
-        :meth:`history` for a position far ahead of any room, which both backends answer
+        `history` for a position far ahead of any room, which both backends answer
         without reading entries.
         """
         history = await self.history(room, _FAR_AHEAD)
@@ -201,7 +201,7 @@ class Backend(abc.ABC):
         """Call ``listener`` with every envelope published to ``room`` from now on.
 
         ``on_reset`` is told, before any envelope that follows it, when the listener will
-        not get envelopes it was owed (see :class:`StreamReset`).
+        not get envelopes it was owed (see `StreamReset`).
         """
 
     @abc.abstractmethod
@@ -225,7 +225,7 @@ class Backend(abc.ABC):
         ``burst``); false if it is empty. Backends that span nodes share the bucket between
         them (the Redis backend does), so a limit holds across every node.
 
-        This default keeps the buckets in this process, at most :attr:`max_buckets` of them:
+        This default keeps the buckets in this process, at most `max_buckets` of them:
         past that, the least recently used is forgotten (and starts full if used again).
         """
         if not (rate > 0 and burst >= 1 and math.isfinite(rate) and math.isfinite(burst)):
@@ -243,11 +243,11 @@ class Backend(abc.ABC):
         return allowed
 
     max_buckets = 100_000
-    """Most rate-limit buckets :meth:`allow` keeps in this process."""
+    """Most rate-limit buckets `allow` keeps in this process."""
 
     @functools.cached_property
     def _buckets(self) -> OrderedDict[str, tuple[float, float]]:
-        """Rate-limit buckets of :meth:`allow`: key -> (tokens, when last refilled)."""
+        """Rate-limit buckets of `allow`: key -> (tokens, when last refilled)."""
         return OrderedDict()
 
 

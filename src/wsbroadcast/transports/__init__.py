@@ -17,9 +17,9 @@ from here too, each module imported on first use:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_attributes
 from .base import (
     FRAMES_EXTENSION,
     BatchTransport,
@@ -55,8 +55,4 @@ _ADAPTERS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _ADAPTERS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _ADAPTERS)

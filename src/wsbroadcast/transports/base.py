@@ -29,7 +29,7 @@ __all__ = [
 
 @runtime_checkable
 class Transport(Protocol):
-    """What :class:`~wsbroadcast.ConnectionManager` needs from a WebSocket.
+    """What `ConnectionManager` needs from a WebSocket.
 
     ``send_text`` may block while the peer is slow (that is how back-pressure reaches the
     connection's queue) and may raise once the peer is gone: either way only that connection
@@ -89,7 +89,7 @@ class NowaitBatchTransport(BatchTransport, Protocol):
 
 
 FRAMES_EXTENSION = "wsbroadcast.frames"
-"""The key of :class:`FramesExtension` in an ASGI WebSocket scope's ``extensions``."""
+"""The key of `FramesExtension` in an ASGI WebSocket scope's ``extensions``."""
 
 
 class FramesExtension(TypedDict):
@@ -98,13 +98,13 @@ class FramesExtension(TypedDict):
     ASGI has one ``websocket.send`` per frame and no way to send without waiting, so an ASGI
     application pays the server's per-frame work once per recipient, however well it
     batches. A server that offers this extension in ``scope["extensions"]["wsbroadcast.frames"]``
-    takes pre-built, unmasked server frames (:func:`wsbroadcast.frames.text_frame`), several
+    takes pre-built, unmasked server frames (`wsbroadcast.frames.text_frame`), several
     at a time, in one socket write. A server offers it only for a connection that negotiated
     no WebSocket extension (such as permessage-deflate, which makes frames differ per
-    connection). :class:`wsbroadcast.transports.uvicorn.WebSocketProtocol` offers it on
-    uvicorn; :func:`wsbroadcast.transports.starlette.starlette_transport` uses it when offered.
+    connection). `wsbroadcast.transports.uvicorn.WebSocketProtocol` offers it on
+    uvicorn; `wsbroadcast.transports.starlette.starlette_transport` uses it when offered.
 
-    ``write`` and ``drain`` raise :class:`ConnectionError` when the connection is not open:
+    ``write`` and ``drain`` raise `ConnectionError` when the connection is not open:
     before the application accepted it, after a close frame was sent or received, or once it
     is lost; ``abort`` on a connection that is gone does nothing.
     Frames written with it and ``websocket.send`` messages go out in the order they are made.

@@ -22,7 +22,7 @@ logger = logging.getLogger("wsbroadcast.transports.websockets")
 class WebsocketsTransport:
     """Wraps a ``websockets.asyncio.server.ServerConnection``; the library's fast path.
 
-    It is a :class:`~wsbroadcast.transport.NowaitBatchTransport`: while the socket has room,
+    It is a `NowaitBatchTransport`: while the socket has room,
     the manager's flusher hands it every waiting message at once, with no task switch per
     connection; when the connection negotiated no extension it writes each envelope's
     prepared frame (built once per publish, shared by every recipient) in a single write to
@@ -36,7 +36,7 @@ class WebsocketsTransport:
     :param close_timeout: seconds ``close`` may take before the TCP connection is dropped.
         A client that stopped reading (the one a slow-consumer close is for) never drains its
         buffer, so the close frame could wait behind it until keepalive gave up. Such a close
-        sets :attr:`close_timed_out` and :attr:`aborted`, for the application's metrics.
+        sets `close_timed_out` and `aborted`, for the application's metrics.
     """
 
     def __init__(self, connection: ServerConnection, *, close_timeout: float = 2.0) -> None:

@@ -63,8 +63,8 @@ class RedisBackend(RedisPresence):
 
     asyncio only (redis-py's client is). Use it as ``async with`` (a ``ConnectionManager``
     does that): it runs a reader and a heartbeat task until it exits. If Redis is
-    unreachable, it keeps retrying with exponential backoff, :meth:`health` says
-    ``degraded``, and publishing raises :class:`~wsbroadcast.exceptions.BackendUnavailable`.
+    unreachable, it keeps retrying with exponential backoff, `health` says
+    ``degraded``, and publishing raises `BackendUnavailable`.
 
     :param url: ``redis://host:port/db`` or ``rediss://...``, passed to redis-py.
     :param prefix: prepended to every key, so several applications can share a database.
@@ -177,7 +177,7 @@ class RedisBackend(RedisPresence):
         self._reaped_nodes = 0
 
     _url_options: ClassVar[dict[str, tuple[str, Callable[[str], Any]]]] = {}
-    """Query options a subclass adds to :meth:`from_url`'s: name -> (argument, converter)."""
+    """Query options a subclass adds to `from_url`'s: name -> (argument, converter)."""
 
     @classmethod
     def from_url(cls, url: str) -> RedisBackend:
@@ -323,7 +323,7 @@ class RedisBackend(RedisPresence):
         retried once on a fresh connection; a receipt keyed by the envelope id (kept
         ``2 * command_timeout`` seconds) makes the retry a no-op if the first attempt did
         reach Redis, so nothing is published twice. Raises
-        :class:`~wsbroadcast.exceptions.BackendUnavailable` if both attempts fail. In the
+        `BackendUnavailable` if both attempts fail. In the
         rare case that both replies were lost after Redis ran the script, the envelope was
         published although this raised: never silently lost, at worst reported lost.
         """
@@ -409,9 +409,9 @@ class RedisBackend(RedisPresence):
         """Take one token from the bucket ``key``, shared by every node through Redis.
 
         The bucket lives in ``P rate:<key>`` (on Redis's clock) and expires once it would be
-        full again. Raises :class:`~wsbroadcast.exceptions.BackendUnavailable` if Redis
+        full again. Raises `BackendUnavailable` if Redis
         cannot be reached: the caller decides whether to fail open (let the message through,
-        perhaps under a local :meth:`Backend.allow` bucket) or closed (refuse it).
+        perhaps under a local `Backend.allow` bucket) or closed (refuse it).
         """
         if not (rate > 0 and burst >= 1 and math.isfinite(rate) and math.isfinite(burst)):
             raise InvalidInput(f"need rate > 0 and burst >= 1, not {rate} and {burst}")

@@ -1,10 +1,10 @@
 """The Redis Cluster backend: rooms spread over the primaries of a Redis Cluster.
 
 Everything works as on one Redis (same Lua scripts, same reader, presence and checks; see
-:mod:`wsbroadcast.backends.redis`), with three differences:
+`wsbroadcast.backends.redis`), with three differences:
 
 - Keys carry a hash tag: a room's keys, and the node keys that scripts touch with them, are
-  in one of ``partitions`` hash slots (:class:`~wsbroadcast.backends.redis.keys.KeyLayout`),
+  in one of ``partitions`` hash slots (`KeyLayout`),
   so every script and multi-key command stays in one slot, and the partitions' slots are
   spread evenly over the 16,384, hence over the primaries.
 - A node runs one reader (one blocking ``XREAD``) per partition that holds its rooms,
@@ -123,7 +123,7 @@ class RedisClusterHealth(RedisHealth):
 class RedisClusterBackend(RedisBackend):
     """Orders, stores and fans out rooms through a Redis Cluster, for any number of processes.
 
-    The same guarantees as :class:`~wsbroadcast.backends.redis.RedisBackend` (one order per
+    The same guarantees as `RedisBackend` (one order per
     room, resume, presence, rate limits across nodes), with rooms spread over the cluster's
     primaries through ``partitions`` hash tags. A room's keys share one slot, so its publish
     script stays atomic. See ``docs/backends.md`` ("Redis Cluster") for what a failover does.
@@ -134,7 +134,7 @@ class RedisClusterBackend(RedisBackend):
         application must use the same number (checked when entering, through the key
         ``<prefix>layout``): it decides where each room's keys are. Each node may hold one
         blocking connection per partition that holds its rooms.
-    :param options: as for :class:`~wsbroadcast.backends.redis.RedisBackend`.
+    :param options: as for `RedisBackend`.
     """
 
     _url_options: ClassVar[dict[str, tuple[str, Callable[[str], Any]]]] = {

@@ -1,6 +1,6 @@
 """The Redis backend's key layout, defaults, and the state every part of the backend shares.
 
-:class:`RedisKeys` declares the attributes that :class:`~wsbroadcast.backends.redis.RedisBackend`
+`RedisKeys` declares the attributes that `RedisBackend`
 sets up, so that each concern (link, reader, presence) can be written as its own class in
 its own module, and names every key (see the package docstring for the layout).
 """

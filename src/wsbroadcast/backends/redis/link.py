@@ -211,7 +211,7 @@ class RedisLink(RedisKeys):
         in a cluster, the primary that serves the partition) lost its data.
 
         The partition's rooms are then checked (before its reader's next read): each room
-        whose stream is gone or restarted gets a :class:`StreamReset` and is read from its
+        whose stream is gone or restarted gets a `StreamReset` and is read from its
         new start.
         """
         if partition.generation is None:

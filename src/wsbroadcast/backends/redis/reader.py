@@ -2,7 +2,7 @@
 
 One reader task per backend does a single blocking ``XREAD`` over the logs of the rooms with
 local listeners (and its wake stream), and calls the listeners in seq order, or tells them a
-:class:`~wsbroadcast.backend.StreamReset` first when it cannot. It also checks the streams
+`StreamReset` first when it cannot. It also checks the streams
 of the rooms it reads after an outage or a data loss, and every heartbeat.
 """
 
@@ -79,7 +79,7 @@ class RedisReader(RedisLink):
         """Register ``listener``; it gets the envelopes numbered after the room's current seq.
 
         ``on_reset`` is called before any envelope that follows a reset of the room's stream
-        or a gap in it (see :class:`~wsbroadcast.backend.StreamReset`).
+        or a gap in it (see `StreamReset`).
         """
         client = self._client()
         with self._commands(f"subscribe to {room!r}"):
