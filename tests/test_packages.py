@@ -4,8 +4,6 @@ only when used."""
 from __future__ import annotations
 
 import importlib
-import subprocess
-import sys
 
 import pytest
 
@@ -52,19 +50,3 @@ def test_an_adapter_comes_from_its_module(package: object, name: str, module: st
 def test_an_unknown_name_is_an_attribute_error(package: object) -> None:
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
         package.Nothing  # type: ignore[attr-defined]  # noqa: B018
-
-
-def test_importing_the_packages_imports_no_adapter() -> None:
-    code = (
-        "import sys, wsbroadcast, wsbroadcast.backends, wsbroadcast.transports\n"
-        "from wsbroadcast.backends import Backend, backend_from_url\n"
-        "from wsbroadcast.transports import Transport, NowaitBatchTransport\n"
-        "adapters = {'wsbroadcast.backends.memory', 'wsbroadcast.backends.redis',\n"
-        "    'wsbroadcast.transports.starlette', 'wsbroadcast.transports.uvicorn',\n"
-        "    'wsbroadcast.transports.websockets', 'starlette', 'redis', 'websockets', 'uvicorn'}\n"
-        "print(sorted(adapters & set(sys.modules)))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
-    assert result.stdout.strip() == "[]"

@@ -4,7 +4,8 @@ Frames a server sends are not masked, so a text frame's bytes are the same for e
 recipient whose connection negotiated no extension (such as permessage-deflate). A transport
 that can write raw frames (see `BatchTransport`) then writes the one prepared frame of a
 message to every socket, and a connection's pending frames in one write. This module is
-sans-I/O and knows only bytes: it builds frames, and imports nothing of wsbroadcast.
+sans-I/O and knows only bytes: it builds frames and imports nothing of wsbroadcast
+(but for its deprecated `frames_bytes`, when that is used).
 """
 
 from __future__ import annotations
