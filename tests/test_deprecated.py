@@ -145,6 +145,20 @@ def test_push_text_queues_the_text_as_a_control_message() -> None:
     assert message.text == '{"type":"notice","room":"lobby","data":1}'
 
 
+def test_room_live_and_remove_room_still_take_an_ack_as_text() -> None:
+    queue = OutboundQueue("lobby")
+    queue.go_live(0)
+    queue.add_room("red")
+    with pytest.deprecated_call(match="ControlMessage"):
+        queue.room_live("red", 0, '{"type":"joined","room":"red","data":null}')
+    with pytest.deprecated_call(match="ControlMessage"):
+        assert queue.remove_room("red", '{"type":"left","room":"red","data":null}')
+    assert [(message.type, message.room) for message in queue.take()] == [
+        ("joined", "red"),
+        ("left", "red"),
+    ]
+
+
 def test_health_reads_like_the_dict_it_was() -> None:
     health = MemoryBackend().health()
     assert isinstance(health, BackendHealth)

@@ -392,7 +392,7 @@ class OutboundQueue:
         """Queue a frame of a recovering room's history (the caller checked `fits`)."""
         return self._append(item)
 
-    def room_live(self, room: str, after_seq: int, ack: ControlMessage | None = None) -> None:
+    def room_live(self, room: str, after_seq: int, ack: ControlMessage | str | None = None) -> None:
         """End ``room``'s recovery: the client has its envelopes up to ``after_seq``.
 
         ``ack`` (a control message, say ``joined``) is queued first; then the envelopes held
@@ -402,7 +402,7 @@ class OutboundQueue:
             return
         self._recovering.discard(room)
         self._last[room] = max(self._last[room], after_seq)  # never the first: added ones
-        if ack is not None and not self._append(ack):
+        if ack is not None and not self._append(_control(ack)):
             return
         mine = [item for item in self._held if _room_of(item) == room]
         if mine:
@@ -411,7 +411,7 @@ class OutboundQueue:
             self._held_bytes -= sum(item.size for item in mine if not isinstance(item, _Reset))
             self._release(mine)
 
-    def remove_room(self, room: str, ack: ControlMessage | None = None) -> bool:
+    def remove_room(self, room: str, ack: ControlMessage | str | None = None) -> bool:
         """Stop following ``room``: its envelopes still queued or held are dropped and none
         is queued after ``ack`` (a control message, say ``left``). False if not following it."""
         if not self.follows(room) or self.closing:
@@ -435,7 +435,7 @@ class OutboundQueue:
             self._bytes = sum(item.size for item in kept)
             self._items = kept
         if ack is not None:
-            self._append(ack)
+            self._append(_control(ack))
         return True
 
     def _hold(self, item: OutboundMessage) -> bool:
@@ -566,6 +566,18 @@ class OutboundQueue:
     def set_closed(self) -> None:
         """The I/O layer finished closing (socket closed, presence updated)."""
         self.state = ConnectionState.CLOSED
+
+
+def _control(ack: ControlMessage | str) -> ControlMessage:
+    """`ack` as a control message; a text (what 0.1 took) is deprecated."""
+    if isinstance(ack, str):
+        warnings.warn(
+            "an ack given as text is deprecated: give a ControlMessage",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return ControlMessage.from_text(ack)
+    return ack
 
 
 def _room_of(item: OutboundMessage | _Reset) -> str | None:
