@@ -294,7 +294,7 @@ class Client:
     Made by `connect`; use it as an async context manager. Iterate it for the
     envelopes of every subscribed room and of the personal stream (`Envelope`), each
     once and in each room's order; iterate `events` for envelopes and
-    `ClientEvent` s together. Iteration ends after `close`, and raises
+    `ClientEvent` objects together. Iteration ends after `close`, and raises
     `ClientClosed` when the server ended the session for good.
     """
 
