@@ -12,10 +12,10 @@ nothing was lost, at least 90% of the offered deliveries/s were delivered, and p
 The load generator is measured too, because on a 2-core machine it shares the CPUs with the
 server: the sender's lag behind its schedule, and each subscriber process's event-loop lag
 (how late a 5 ms timer fires: the time a frame that arrived waited before it was stamped) and
-CPU. When either lags past :data:`GENERATOR_LAG_MS` the run is marked **generator fell
+CPU. When either lags past `GENERATOR_LAG_MS` the run is marked **generator fell
 behind**: its latency and rate say nothing sure about the server.
 
-The subscribers and the sender speak raw WebSocket through :mod:`bench.rawws` (a few µs per
+The subscribers and the sender speak raw WebSocket through `bench.rawws` (a few µs per
 frame, about a third of the ``websockets`` client's), in several subscriber processes.
 """
 
@@ -90,7 +90,7 @@ class OpenLoopConfig:
 
 @dataclass
 class OpenLoopResult(RunResult):
-    """A :class:`RunResult` with the open loop's offered load, verdict and generator health."""
+    """A `RunResult` with the open loop's offered load, verdict and generator health."""
 
     offered: float = 0.0
     """Offered deliveries per second."""
@@ -119,7 +119,7 @@ OPEN_MEDIANS = (
 
 
 def combine_open(results: list[OpenLoopResult]) -> OpenLoopResult:
-    """Repetitions as one row (medians, worst counts; see :func:`bench.runner.combine`),
+    """Repetitions as one row (medians, worst counts; see `bench.runner.combine`),
     the generator marked behind if it was in any repetition, and the verdict of the row."""
     combined = combine(list(results))
     assert isinstance(combined, OpenLoopResult)
@@ -470,7 +470,7 @@ def run_open_loop(config: OpenLoopConfig, log_dir: Path) -> OpenLoopResult:
 
 @dataclass(frozen=True)
 class _Procs:
-    """The two fields of a run config that :func:`bench.runner._client_procs` reads."""
+    """The two fields of a run config that `bench.runner._client_procs` reads."""
 
     clients: int
     client_procs: int

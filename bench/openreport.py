@@ -1,6 +1,6 @@
 """The open-loop part of docs/benchmarks.md: its own marked section, a plot, the cost split.
 
-``python -m bench --open-loop`` rewrites only the text between :data:`BEGIN` and :data:`END`
+``python -m bench --open-loop`` rewrites only the text between `BEGIN` and `END`
 (adding the section if it is missing), and the closed-loop report keeps that section when it
 rewrites the rest: either command refreshes its own figures and leaves the other's alone.
 """

@@ -1,8 +1,8 @@
 """How the client harness speaks to a server under test over a plain WebSocket.
 
-Every server but one speaks the chat protocol (:class:`Plain`): connect at
+Every server but one speaks the chat protocol (`Plain`): connect at
 ``/ws/{client_id}?room=NAME``, send ``{"message": "..."}``, receive one JSON text frame per
-message. python-socketio speaks Socket.IO v5 over Engine.IO v4 (:class:`SocketIO`): the same
+message. python-socketio speaks Socket.IO v5 over Engine.IO v4 (`SocketIO`): the same
 ``websockets`` client, with the few packets of that protocol the harness needs. Either way the
 sender's text (``~K~T~R~pad``) appears verbatim in the frame a subscriber receives.
 """
@@ -28,7 +28,7 @@ class Plain:
 
     name = "plain"
     ping: str | None = None
-    """A frame that the client must answer with :attr:`pong` (None: no such frame)."""
+    """A frame that the client must answer with `pong` (None: no such frame)."""
     pong = ""
     message_prefix = ""
     """Frames that carry a room message start with this; others are not the sender's."""

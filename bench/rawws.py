@@ -52,7 +52,7 @@ def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
 class RawClient(asyncio.Protocol):
     """One client connection: handshake, the protocol's join, then frames to ``on_text``.
 
-    :attr:`ready` resolves once the client is in its room (or fails); :attr:`closed` once
+    `ready` resolves once the client is in its room (or fails); `closed` once
     the connection is gone. Text frames before the join completes are the protocol's own and
     are not passed on; the protocol's ping text (Socket.IO's ``2``) is answered, never passed.
     """
@@ -93,7 +93,7 @@ class RawClient(asyncio.Protocol):
             self.closed.set_result(None)
 
     def write(self, frames: bytes) -> None:
-        """Write prepared frames (see :func:`client_frame`); never waits (open loop)."""
+        """Write prepared frames (see `client_frame`); never waits (open loop)."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(frames)
 
@@ -187,7 +187,7 @@ class RawClient(asyncio.Protocol):
 async def open_raw(
     host: str, port: int, path: str, protocol: Plain, on_text: OnText | None = None
 ) -> RawClient:
-    """A :class:`RawClient` connected and in its room, or an exception (bounded in time)."""
+    """A `RawClient` connected and in its room, or an exception (bounded in time)."""
     loop = asyncio.get_running_loop()
     _, client = await asyncio.wait_for(
         loop.create_connection(lambda: RawClient(host, port, path, protocol, on_text), host, port),

@@ -102,7 +102,7 @@ class RunResult:
     idle_kib_per_connection: float = math.nan
     error: str = ""
     runs: int = 1
-    """Repetitions combined into this result (see :func:`combine`)."""
+    """Repetitions combined into this result (see `combine`)."""
     cpu_us_min: float = math.nan
     cpu_us_max: float = math.nan
     failed_runs: int = 0

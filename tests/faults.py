@@ -24,8 +24,8 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from wsbroadcast import Connection, ConnectionManager
-from wsbroadcast.backend import History, Listener, ResetListener, Subscription
+from wsbroadcast import Connection, ConnectionManager, OutboundMessage
+from wsbroadcast.backends.base import History, Listener, ResetListener, Subscription
 from wsbroadcast.backends.memory import MemoryBackend
 from wsbroadcast.envelope import Draft, Envelope
 from wsbroadcast.testing import MemoryBatchTransport, MemoryTransport
@@ -86,14 +86,14 @@ class HangingBatchTransport(_Hanging, MemoryBatchTransport):
         await self._hang()
         await super().send_text(data)
 
-    async def send_batch(self, frames: Sequence[Envelope | str], /) -> None:
+    async def send_batch(self, messages: Sequence[OutboundMessage], /) -> None:
         await self._hang()
-        await super().send_batch(frames)
+        await super().send_batch(messages)
 
-    def send_batch_nowait(self, frames: Sequence[Envelope | str], /) -> bool:
+    def send_batch_nowait(self, messages: Sequence[OutboundMessage], /) -> bool:
         if not self._released.is_set():
             return False
-        return super().send_batch_nowait(frames)
+        return super().send_batch_nowait(messages)
 
 
 class GatedAcceptBatchTransport(MemoryBatchTransport):
@@ -240,13 +240,13 @@ class CheckpointBatchTransport(CheckpointTransport):
     def __init__(self, inner: MemoryBatchTransport, harness: CheckpointCancel) -> None:
         super().__init__(inner, harness)
 
-    async def send_batch(self, frames: Sequence[Envelope | str], /) -> None:
+    async def send_batch(self, messages: Sequence[OutboundMessage], /) -> None:
         await self.harness.point("send_batch:before")
-        await self.inner.send_batch(frames)
+        await self.inner.send_batch(messages)
         await self.harness.point("send_batch:after")
 
-    def send_batch_nowait(self, frames: Sequence[Envelope | str], /) -> bool:
-        return self.inner.send_batch_nowait(frames)
+    def send_batch_nowait(self, messages: Sequence[OutboundMessage], /) -> bool:
+        return self.inner.send_batch_nowait(messages)
 
 
 class GatedSubscribeBackend(MemoryBackend):

@@ -45,7 +45,7 @@ def presence_events(transport: MemoryTransport, client_id: str) -> list[str]:
 
 
 def last_seq(transport: MemoryTransport) -> int:
-    return int(json.loads(transport.frames[-1]).get("seq", 0)) if transport.frames else 0
+    return int(json.loads(transport.texts[-1]).get("seq", 0)) if transport.texts else 0
 
 
 # -- cancelled at the k-th await, for every k
@@ -65,8 +65,8 @@ async def connect_cancelled_at(k: int, since_mode: str, room_mode: str, fast: bo
             for n in range(3):
                 await manager.broadcast(ROOM, n, "watcher")
             with anyio.fail_after(GUARD):
-                await watcher.wait_for_frames(4)
-        baseline = manager.stats()
+                await watcher.wait_for_messages(4)
+        baseline = manager.statistics()
         inner = MemoryBatchTransport() if fast else MemoryTransport()
         transport: CheckpointTransport = (
             CheckpointBatchTransport(inner, harness)
@@ -89,7 +89,7 @@ async def connect_cancelled_at(k: int, since_mode: str, room_mode: str, fast: bo
         await anyio.wait_all_tasks_blocked()  # whatever the cleanup left running settles
         present = "client" in await backend.presence(ROOM)
         if connection is None:
-            stats = manager.stats()
+            stats = manager.statistics()
             assert stats.connections == baseline.connections, f"{where}: connection counted"
             assert stats.rooms == baseline.rooms, f"{where}: room kept"
             assert not present, f"{where}: left in presence"
@@ -183,7 +183,7 @@ async def test_a_connect_cancelled_while_subscribing_does_not_fail_the_next(
             connection = outcome["second"]
             assert connection.state is ConnectionState.OPEN
             assert await backend.presence("new") == ["second"]
-            assert manager.stats().connections == 1
+            assert manager.statistics().connections == 1
             if first.accepted:
                 assert first.closed
             envelope = await manager.broadcast("new", "hello", "second")
@@ -241,7 +241,7 @@ async def test_the_first_frame_of_a_new_connection_is_its_own_join(seed: int) ->
 
     bad: list[str] = []
     for client_id, transport in transports.items():
-        frames = [json.loads(frame) for frame in transport.frames]
+        frames = [json.loads(frame) for frame in transport.texts]
         first = frames[0]
         seqs = [frame["seq"] for frame in frames]
         if (first["type"], first["client_id"]) != ("join", client_id):

@@ -130,8 +130,8 @@ async def test_every_connection_is_closed_however_the_manager_ends(how: str) -> 
     assert codes == dict.fromkeys(connections, CloseCode.GOING_AWAY)
     unreturned = [room for room, t in transports.items() if t.accepted and room not in connections]
     assert all(transports[room].closed for room in unreturned), unreturned
-    assert manager.stats().connections == 0
-    assert manager.stats().rooms == 0
+    assert manager.statistics().connections == 0
+    assert manager.statistics().rooms == 0
     for room in transports:
         assert await backend.presence(room) == [], room
     with anyio.fail_after(GUARD):
@@ -174,7 +174,7 @@ async def test_a_connection_that_ends_while_running_is_closed(
         if ending == "send_raises":
             transport.fail_after = 1  # the join goes out; the next send raises
         connection = await manager.connect(transport, "victim", "room")
-        await transport.wait_for_frames(1)
+        await transport.wait_for_messages(1)
         if paused:
             transport.pause()
             await fill_queue(manager, connection, "room", watchers)
@@ -192,7 +192,7 @@ async def test_a_connection_that_ends_while_running_is_closed(
             for watcher in watchers:
                 await watcher.wait_until(lambda t: leaves(t, "victim") > 0)
         assert connection.state is ConnectionState.CLOSED
-        assert manager.stats().connections == len(watchers)
+        assert manager.statistics().connections == len(watchers)
         assert await backend.presence("room") == ["watcher0", "watcher1"]
         assert [leaves(w, "victim") for w in watchers] == [1, 1]
         assert transport.closed, "the transport was never closed"
@@ -244,8 +244,8 @@ async def test_a_send_that_never_returns_does_not_hold_back_the_departure(
                         assert await backend.presence("room") == ["watcher"]
                         await connection.wait_closed()
                 assert connection.state is ConnectionState.CLOSED
-                assert manager.stats().connections == 1
-                assert not hanging.frames, "the send was released by no one"
+                assert manager.statistics().connections == 1
+                assert not hanging.texts, "the send was released by no one"
             finally:
                 # Released here in every case: nothing can cancel the hanging send.
                 hanging.release()
@@ -318,5 +318,5 @@ async def test_a_fast_path_connect_accepted_after_exit_began_leaves_nothing_open
         assert outcome.get("refused")
     if late.accepted:
         assert late.closed, "accepted, not returned open, and never closed"
-    assert manager.stats().connections == 0
+    assert manager.statistics().connections == 0
     assert await backend.presence("room") == []

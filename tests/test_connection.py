@@ -100,7 +100,7 @@ async def test_a_dead_socket_found_by_the_flusher_is_closed(manager: ConnectionM
     await manager.connect(alive, "alive")
     await manager.broadcast("lobby", {"message": "hi"}, "alive")
     await connection.wait_closed()
-    assert manager.stats().send_failures == 1
+    assert manager.statistics().send_failures == 1
     await alive.wait_until(saw_leave)
 
 
@@ -183,7 +183,7 @@ async def test_session_body_is_cancelled_by_shutdown() -> None:
 
     async with anyio.create_task_group() as task_group, ConnectionManager() as manager:
         task_group.start_soon(client, manager)
-        await transport.wait_for_frames(1)
+        await transport.wait_for_messages(1)
     assert reached_end
     assert transport.close_code == CloseCode.GOING_AWAY
 
@@ -193,7 +193,7 @@ async def test_frames_being_written_when_the_socket_dies_count_as_dropped(
 ) -> None:
     slow = MemoryTransport()
     connection = await manager.connect(slow, "slow")
-    await slow.wait_for_frames(1)
+    await slow.wait_for_messages(1)
     slow.pause()
     for i in range(3):
         await manager.broadcast("lobby", {"message": i}, "other")

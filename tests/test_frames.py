@@ -6,8 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
-from wsbroadcast import Envelope
-from wsbroadcast.frames import frames_bytes, text_frame
+from wsbroadcast import ControlMessage, Envelope, OutboundMessage
+from wsbroadcast.frames import text_frame
+from wsbroadcast.outbound import frames_of
 
 
 @given(
@@ -22,9 +23,9 @@ def test_text_frame_is_what_websockets_serialises_for_a_server(payload: bytes) -
 
 
 @given(st.lists(st.one_of(st.text(max_size=200), st.integers(0, 10**6)), max_size=8))
-def test_frames_bytes_puts_each_item_s_frame_back_to_back(items: list[str | int]) -> None:
-    batch = [
-        item
+def test_frames_of_puts_each_message_s_frame_back_to_back(items: list[str | int]) -> None:
+    batch: list[OutboundMessage] = [
+        ControlMessage("notice", None, item)
         if isinstance(item, str)
         else Envelope(
             type="message",
@@ -37,7 +38,5 @@ def test_frames_bytes_puts_each_item_s_frame_back_to_back(items: list[str | int]
         )
         for item in items
     ]
-    expected = b"".join(
-        text_frame(item.encode() if isinstance(item, str) else item.text.encode()) for item in batch
-    )
-    assert frames_bytes(batch) == expected
+    expected = b"".join(text_frame(item.text.encode()) for item in batch)
+    assert frames_of(batch) == expected

@@ -158,7 +158,7 @@ def strict_json(text: str) -> Any:
 
 
 def last_seq(transport: MemoryTransport) -> int:
-    return int(json.loads(transport.frames[-1]).get("seq", 0)) if transport.frames else 0
+    return int(json.loads(transport.texts[-1]).get("seq", 0)) if transport.texts else 0
 
 
 # -- the scenario
@@ -216,10 +216,10 @@ async def broadcast_each(values: list[Any]) -> None:
             for transport, _ in members + late:
                 await transport.wait_until(lambda t: last_seq(t) >= final)
         for n, (transport, first) in enumerate(members + late):
-            seqs = [json.loads(frame).get("seq") for frame in transport.frames]
+            seqs = [json.loads(frame).get("seq") for frame in transport.texts]
             assert seqs == list(range(first, final + 1)), f"client {n} was left behind"
-            assert transport.frames == [canonical[seq] for seq in seqs], "texts differ"
-            for frame in transport.frames:
+            assert transport.texts == [canonical[seq] for seq in seqs], "texts differ"
+            for frame in transport.texts:
                 strict_json(frame)
 
 
@@ -308,14 +308,14 @@ async def send_direct_each(values: list[Any]) -> None:
             assert [e.seq for e in history.envelopes] == list(range(1, len(sent) + 1))
             with anyio.fail_after(10):
                 for transport in transports:
-                    await transport.wait_until(lambda t: probe.id in "".join(t.frames))
+                    await transport.wait_until(lambda t: probe.id in "".join(t.texts))
             texts = {e.seq: e.text for e in history.envelopes}
             for transport in transports:
-                direct = [f for f in transport.frames if json.loads(f).get("room") == stream]
+                direct = [f for f in transport.texts if json.loads(f).get("room") == stream]
                 seqs = [json.loads(f).get("seq") for f in direct if "seq" in json.loads(f)]
                 assert seqs == sorted(texts), client_id  # once each, in order
                 assert [f for f in direct if "seq" in json.loads(f)] == [texts[s] for s in seqs]
-                for frame in transport.frames:
+                for frame in transport.texts:
                     strict_json(frame)
 
 

@@ -43,8 +43,8 @@ async def test_connect_announces_join_to_everyone_including_the_joiner(
     alice, bob = MemoryTransport(), MemoryTransport()
     await manager.connect(alice, "alice")
     await manager.connect(bob, "bob")
-    await alice.wait_for_frames(2)
-    await bob.wait_for_frames(1)
+    await alice.wait_for_messages(2)
+    await bob.wait_for_messages(1)
     assert alice.accepted
     assert bob.accepted
     assert kinds(alice) == [("join", "alice", 1), ("join", "bob", 2)]
@@ -60,9 +60,9 @@ async def test_broadcast_reaches_every_member_with_server_fields(
     await manager.connect(bob, "bob")
     envelope = await manager.broadcast("lobby", {"message": "hi"}, "alice")
     assert envelope.seq == 3
-    await alice.wait_for_frames(3)
-    await bob.wait_for_frames(2)
-    assert alice.frames[-1] == bob.frames[-1] == envelope.text
+    await alice.wait_for_messages(3)
+    await bob.wait_for_messages(2)
+    assert alice.texts[-1] == bob.texts[-1] == envelope.text
     received = bob.envelopes()[-1]
     assert received["client_id"] == "alice"
     assert received["data"] == {"message": "hi"}
@@ -75,8 +75,8 @@ async def test_rooms_are_isolated(manager: ConnectionManager) -> None:
     await manager.connect(blue, "b", room="blue")
     await manager.broadcast("red", "only red", "r")
     await manager.broadcast("blue", "only blue", "b")
-    await red.wait_for_frames(2)
-    await blue.wait_for_frames(2)
+    await red.wait_for_messages(2)
+    await blue.wait_for_messages(2)
     assert [e["data"] for e in red.envelopes()] == [None, "only red"]
     assert [e["data"] for e in blue.envelopes()] == [None, "only blue"]
     assert [e["seq"] for e in red.envelopes()] == [1, 2]
@@ -91,10 +91,10 @@ async def test_disconnect_announces_leave_and_is_idempotent(manager: ConnectionM
     await manager.disconnect(connection)
     assert connection.state is ConnectionState.CLOSED
     assert alice.close_code == CloseCode.NORMAL
-    await bob.wait_for_frames(2)
+    await bob.wait_for_messages(2)
     assert kinds(bob) == [("join", "bob", 2), ("leave", "alice", 3)]
     assert await manager.presence("lobby") == ["bob"]
-    assert manager.stats().connections == 1
+    assert manager.statistics().connections == 1
 
 
 async def test_second_tab_of_a_client_joins_and_leaves_once(manager: ConnectionManager) -> None:
@@ -107,7 +107,7 @@ async def test_second_tab_of_a_client_joins_and_leaves_once(manager: ConnectionM
     assert await manager.presence("lobby") == ["alice", "watcher"]
     await manager.disconnect(tab2)
     assert await manager.presence("lobby") == ["watcher"]
-    await watcher.wait_for_frames(3)
+    await watcher.wait_for_messages(3)
     assert kinds(watcher) == [
         ("join", "watcher", 1),
         ("join", "alice", 2),
@@ -128,7 +128,7 @@ async def test_a_dead_socket_is_removed_without_disturbing_others(
     await healthy.wait_until(lambda t: any(e["type"] == "leave" for e in t.envelopes()))
     assert [e["data"] for e in healthy.envelopes() if e["type"] == "message"] == list(range(5))
     assert await manager.presence("lobby") == ["healthy"]
-    stats = manager.stats()
+    stats = manager.statistics()
     assert stats.send_failures == 1
     assert stats.connections == 1
 
@@ -149,7 +149,7 @@ async def test_a_stalled_client_never_delays_a_broadcast_and_is_disconnected() -
         assert stalled.close_code == CloseCode.SLOW_CONSUMER
         assert stalled_connection.overflowed
         assert [e["data"] for e in healthy.envelopes() if e["type"] == "message"] == list(range(20))
-        stats = manager.stats()
+        stats = manager.statistics()
         assert stats.slow_consumer_disconnects == 1
         assert stats.dropped >= 8
 
@@ -158,7 +158,7 @@ async def test_drop_oldest_keeps_the_connection_and_shows_a_gap() -> None:
     async with ConnectionManager(queue_size=4, slow_consumer="drop_oldest") as manager:
         slow = MemoryTransport()
         connection = await manager.connect(slow, "slow")
-        await slow.wait_for_frames(1)
+        await slow.wait_for_messages(1)
         slow.pause()
         # The writer takes the first frame and blocks on it; the queue then holds 4.
         for n in range(10):
@@ -179,11 +179,11 @@ async def test_resume_delivers_exactly_the_missing_suffix(manager: ConnectionMan
         await manager.broadcast("lobby", n, "alice")
     late = MemoryTransport()
     await manager.connect(late, "bob", since=3)
-    await late.wait_for_frames(4)
+    await late.wait_for_messages(4)
     # seq 4..6 are messages 2..4; seq 7 is bob's own join, delivered once.
     assert [e["seq"] for e in late.envelopes()] == [4, 5, 6, 7]
     await manager.broadcast("lobby", "live", "alice")
-    await late.wait_for_frames(5)
+    await late.wait_for_messages(5)
     assert [e["seq"] for e in late.envelopes()] == [4, 5, 6, 7, 8]
 
 
@@ -194,7 +194,7 @@ async def test_resume_beyond_history_says_so_before_the_live_stream() -> None:
             await manager.broadcast("lobby", n, "alice")
         late = MemoryTransport()
         await manager.connect(late, "bob", since=2)
-        await late.wait_for_frames(2)
+        await late.wait_for_messages(2)
         first, second = late.messages()[:2]
         assert first == {
             "type": "history_lost",
@@ -207,7 +207,7 @@ async def test_resume_beyond_history_says_so_before_the_live_stream() -> None:
 async def test_resume_from_a_future_seq_is_reported_as_lost(manager: ConnectionManager) -> None:
     late = MemoryTransport()
     await manager.connect(late, "bob", since=99)
-    await late.wait_for_frames(2)
+    await late.wait_for_messages(2)
     assert late.messages()[0]["type"] == "history_lost"
     assert late.envelopes()[0]["seq"] == 1
 
@@ -260,7 +260,7 @@ async def test_bad_names_are_refused_and_publish_nothing(
     assert caught.value.field == field
     assert isinstance(caught.value, ValueError)
     await manager.broadcast("lobby", "after", "watcher")
-    await watcher.wait_for_frames(2)
+    await watcher.wait_for_messages(2)
     assert [e["seq"] for e in watcher.envelopes()] == [1, 2]
 
 
@@ -294,7 +294,7 @@ async def test_bad_connect_arguments_are_refused_before_accepting(
     with pytest.raises(InvalidInput):
         await manager.connect(transport, "ok", since=-1)
     assert not transport.accepted
-    assert manager.stats().connections == 0
+    assert manager.statistics().connections == 0
 
 
 async def test_error_and_control_frames_go_to_one_client_unsequenced(
@@ -304,14 +304,14 @@ async def test_error_and_control_frames_go_to_one_client_unsequenced(
     connection = await manager.connect(alice, "alice")
     await manager.connect(bob, "bob")
     assert connection.send_error("invalid_json", "not JSON")
-    await alice.wait_for_frames(3)
+    await alice.wait_for_messages(3)
     assert alice.messages()[-1] == {
         "type": "error",
         "room": "lobby",
         "data": {"code": "invalid_json", "detail": "not JSON"},
     }
     await manager.broadcast("lobby", "x", "bob")
-    await bob.wait_for_frames(2)
+    await bob.wait_for_messages(2)
     assert all(message["type"] != "error" for message in bob.messages())
     await manager.disconnect(connection)
     assert not connection.send_error("late", "closed")
@@ -322,10 +322,10 @@ async def test_idle_rooms_release_their_backend_subscription() -> None:
     async with ConnectionManager(backend) as manager:
         connection = await manager.connect(MemoryTransport(), "alice", room="temp")
         assert len(backend._rooms["temp"].listeners) == 1
-        assert manager.stats().rooms == 1
+        assert manager.statistics().rooms == 1
         await manager.disconnect(connection)
         assert backend._rooms["temp"].listeners == []
-        assert manager.stats().rooms == 0
+        assert manager.statistics().rooms == 0
 
 
 async def test_concurrent_connects_to_a_new_room_share_one_subscription() -> None:
@@ -356,9 +356,12 @@ def test_constructor_refuses_bad_settings() -> None:
 def test_the_core_imports_no_web_framework_or_broker_client() -> None:
     code = (
         "import sys, wsbroadcast, wsbroadcast.testing, wsbroadcast.backends.memory\n"
+        "import wsbroadcast.backends, wsbroadcast.transports, wsbroadcast.control\n"
         "wsbroadcast.backend_from_url('memory://')\n"
-        "bad = {'starlette', 'websockets', 'redis', 'uvicorn', 'fastapi'} & set(sys.modules)\n"
-        "print(sorted(bad))\n"
+        "bad = {'starlette', 'websockets', 'redis', 'uvicorn', 'fastapi',\n"
+        "    'wsbroadcast.backends.redis', 'wsbroadcast.transports.starlette',\n"
+        "    'wsbroadcast.transports.uvicorn', 'wsbroadcast.transports.websockets'}\n"
+        "print(sorted(bad & set(sys.modules)))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -401,7 +404,7 @@ async def test_a_failed_connect_leaves_the_clients_other_tabs_present() -> None:
         await manager.broadcast("lobby", "still here", "watcher")
         await watcher.wait_until(lambda t: t.envelopes()[-1]["data"] == "still here")
         assert [e["type"] for e in watcher.envelopes()] == ["join", "join", "message"]
-        assert manager.stats().connections == 2
+        assert manager.statistics().connections == 2
 
 
 async def test_a_broadcast_the_backend_refuses_raises_and_delivers_nothing() -> None:
@@ -415,5 +418,5 @@ async def test_a_broadcast_the_backend_refuses_raises_and_delivers_nothing() -> 
         backend.fail_publish = False
         envelope = await manager.broadcast("lobby", "next", "watcher")
         assert envelope.seq == 2
-        await watcher.wait_for_frames(2)
+        await watcher.wait_for_messages(2)
         assert [e["data"] for e in watcher.envelopes()] == [None, "next"]

@@ -9,10 +9,9 @@ import sys
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
-from pydantic import JsonValue
 
 from tests.faults import stall_one_of_two
-from wsbroadcast import CloseCode, ConnectionManager
+from wsbroadcast import BackendHealth, CloseCode, ConnectionManager
 from wsbroadcast.backends.memory import MemoryBackend
 from wsbroadcast.metrics import BACKEND_METRICS, MANAGER_METRICS, ManagerCollector
 from wsbroadcast.testing import MemoryTransport
@@ -35,7 +34,7 @@ def expected(manager: ConnectionManager) -> dict[str, tuple[str, float]]:
     kinds = {key: kind for key, kind, _ in MANAGER_METRICS}
     result = {
         f"wsbroadcast_{key}" + ("_total" if kinds[key] == "counter" else ""): (kinds[key], value)
-        for key, value in dataclasses.asdict(manager.stats()).items()
+        for key, value in dataclasses.asdict(manager.statistics()).items()
     }
     result["wsbroadcast_backend_up"] = ("gauge", 1)
     return result
@@ -81,27 +80,37 @@ async def test_a_manager_that_is_not_running_reports_only_backend_down() -> None
     assert values(collector) == {"wsbroadcast_backend_up": ("gauge", 0)}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Health(BackendHealth):
+    connected: bool
+    reconnects: int
+    rooms: int
+    gaps: str
+    unknown: int
+
+
 class _Backend(MemoryBackend):
     """A memory backend whose health() says what the test sets."""
 
-    def __init__(self, report: dict[str, JsonValue]) -> None:
+    def __init__(self, report: BackendHealth) -> None:
         super().__init__()
         self.report = report
 
-    def health(self) -> dict[str, JsonValue]:
+    def health(self) -> BackendHealth:
         return self.report
 
 
 async def test_backend_health_counters_are_reported_when_present() -> None:
     backend = _Backend(
-        {
-            "status": "degraded",
-            "connected": False,  # a bool, never a metric
-            "reconnects": 3,
-            "rooms": 2,
-            "gaps": "many",  # not an integer: left out
-            "unknown": 7,  # not a known key: left out
-        }
+        _Health(
+            status="degraded",
+            backend="_Backend",
+            connected=False,  # a bool, never a metric
+            reconnects=3,
+            rooms=2,
+            gaps="many",  # not an integer: left out
+            unknown=7,  # not a known key: left out
+        )
     )
     async with ConnectionManager(backend) as manager:
         got = values(ManagerCollector(manager, prefix="chat"))

@@ -98,7 +98,7 @@ async def test_namespaced_names_round_trip_through_the_manager(manager: Connecti
     await manager.connect(alice, "alice@example.com", room="chat:lobby")
     await manager.connect(MemoryTransport(), "user#42", room="chat:lobby")
     sent = await manager.broadcast("chat:lobby", {"hi": 1}, "user#42", type="orders.eu-1")
-    await alice.wait_for_frames(3)
+    await alice.wait_for_messages(3)
     last = alice.envelopes()[-1]
     assert (last["room"], last["client_id"], last["type"]) == (
         "chat:lobby",

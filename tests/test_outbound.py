@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsbroadcast import CloseCode, ConnectionState, OutboundQueue, SlowConsumerPolicy
+from wsbroadcast import (
+    CloseCode,
+    ConnectionState,
+    ControlMessage,
+    OutboundMessage,
+    OutboundQueue,
+    SlowConsumerPolicy,
+)
 from wsbroadcast.envelope import Draft, Envelope
 
 
@@ -37,8 +44,8 @@ def make(calls: Calls, **options: object) -> OutboundQueue:
     )
 
 
-def seqs(items: list[Envelope | str]) -> list[int | str]:
-    return [item.seq if isinstance(item, Envelope) else json.loads(item)["type"] for item in items]
+def seqs(items: list[OutboundMessage]) -> list[int | str]:
+    return [item.seq if isinstance(item, Envelope) else item.type for item in items]
 
 
 def test_frames_are_held_while_recovering_and_go_live_drops_what_history_covered() -> None:
@@ -90,7 +97,7 @@ def test_disconnect_policy_aborts_with_4008_when_the_frame_count_is_reached() ->
         1,
     )
     assert queue.statistics().dropped == 2
-    assert not queue.push_text("late")
+    assert not queue.push_message(ControlMessage("late", "lobby"))
     queue.push(envelope(4))
     assert queue.statistics().queued == 0
 
@@ -135,7 +142,7 @@ def test_a_reset_while_recovering_is_told_in_order_and_restarts_the_seqs() -> No
     queue.go_live(after_seq=6)
     items = queue.take()
     assert seqs(items) == [7, "history_lost", 1]
-    lost = json.loads(items[1])  # type: ignore[arg-type]
+    lost = json.loads(items[1].text)
     assert lost["data"] == {"since": 7, "epoch": "e2", "first_seq": 1, "last_seq": 0}
 
 
@@ -192,7 +199,7 @@ def test_bounds_order_and_accounting_hold_for_any_sequence(
             queue.push(envelope(arg))
             accepted += arg > before and not queue.closing
         elif op == "text":
-            accepted += queue.push_text(json.dumps({"type": "t", "pad": "z" * arg}))
+            accepted += queue.push_message(ControlMessage("t", None, {"pad": "z" * arg}))
         else:
             batch = queue.take()
             queue.sent(len(batch))
@@ -251,15 +258,11 @@ def in_room(room: str, seq: int, epoch: str = "e1") -> Envelope:
     return Draft("message", room, "alice", None).envelope(seq, epoch)
 
 
-def rooms_and_seqs(items: list[Envelope | str]) -> list[tuple[str, int | str]]:
-    out: list[tuple[str, int | str]] = []
-    for item in items:
-        if isinstance(item, Envelope):
-            out.append((item.room, item.seq))
-        else:
-            frame = json.loads(item)
-            out.append((frame["room"], frame["type"]))
-    return out
+def rooms_and_seqs(items: list[OutboundMessage]) -> list[tuple[str | None, int | str]]:
+    return [
+        (item.room, item.seq) if isinstance(item, Envelope) else (item.room, item.type)
+        for item in items
+    ]
 
 
 def test_each_room_has_its_own_seqs_and_rooms_not_followed_are_ignored() -> None:
@@ -288,7 +291,7 @@ def test_a_joining_room_is_held_while_the_others_flow_then_acked_before_its_live
     # History up to 7 was replayed: 7 is a duplicate, 8 follows the ack.
     queue.push_replay(in_room("red", 6))
     queue.push_replay(in_room("red", 7))
-    queue.room_live("red", 7, '{"type":"joined","room":"red","data":null}')
+    queue.room_live("red", 7, ControlMessage("joined", "red"))
     assert not queue.recovering("red")
     assert rooms_and_seqs(queue.take()) == [("red", 6), ("red", 7), ("red", "joined"), ("red", 8)]
 
@@ -307,7 +310,7 @@ def test_a_reset_of_one_room_is_told_in_that_room_only() -> None:
     assert rooms_and_seqs(items) == [
         ("lobby", 3), ("red", 9), ("red", "history_lost"), ("red", 1), ("lobby", 4),
     ]  # fmt: skip
-    lost = json.loads(next(item for item in items if isinstance(item, str)))
+    lost = json.loads(next(item.text for item in items if isinstance(item, ControlMessage)))
     assert lost["data"] == {"since": 9, "epoch": "e2", "first_seq": 1, "last_seq": 0}
     queue.reset("e3", 0, "blue")  # not followed: nothing
     assert queue.take() == []
@@ -332,9 +335,9 @@ def test_removing_a_room_drops_its_queued_and_held_frames_and_nothing_follows_th
     queue.add_room("blue")
     queue.push(in_room("blue", 1))  # held: blue recovers
     queue.push(in_room("red", 1))
-    queue.push_text('{"type":"error","room":"red","data":null}')
+    queue.push_message(ControlMessage("error", "red"))
     queue.push(in_room("lobby", 1))
-    assert queue.remove_room("red", '{"type":"left","room":"red","data":null}')
+    assert queue.remove_room("red", ControlMessage.left("red"))
     assert queue.remove_room("blue")
     assert not queue.remove_room("red")
     queue.push(in_room("red", 2))

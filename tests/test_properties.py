@@ -115,7 +115,7 @@ async def execute(
                 await manager.disconnect(session.connection)
                 session.ended = True
                 if kind == "resume":
-                    seen = [json.loads(f) for f in session.transport.frames]
+                    seen = [json.loads(f) for f in session.transport.texts]
                     seqs = [f["seq"] for f in seen if "seq" in f]
                     since = seqs[-1] if seqs else session.seq_before
                     # The epoch of the last envelope seen: the stream is the same, so the
@@ -151,7 +151,7 @@ async def execute(
             )
             stalled.transport.resume()
     for session in run.sessions:
-        session.frames = [json.loads(f) for f in session.transport.frames]
+        session.frames = [json.loads(f) for f in session.transport.texts]
     return run, backend, manager
 
 
@@ -160,7 +160,7 @@ def caught_up(session: Session) -> bool:
     connection = session.connection
     if connection.state is not ConnectionState.OPEN:
         return True
-    seqs = [json.loads(f).get("seq", 0) for f in session.transport.frames]
+    seqs = [json.loads(f).get("seq", 0) for f in session.transport.texts]
     newest = max([*seqs, session.since or 0])
     return connection.statistics().queued == 0 and newest >= connection.last_seq
 
@@ -238,7 +238,7 @@ def test_small_queues_keep_order_under_either_policy(
     )
     check(run, backend, policy)
     if policy == "drop_oldest":
-        assert manager.stats().slow_consumer_disconnects == 0
+        assert manager.statistics().slow_consumer_disconnects == 0
 
 
 @settings(max_examples=200)

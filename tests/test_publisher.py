@@ -25,10 +25,10 @@ async def test_a_broadcast_without_a_client_comes_from_the_server() -> None:
         await manager.connect(alice, "alice", "news")
         envelope = await manager.broadcast("news", {"headline": "hi"})
         assert envelope.client_id is None
-        await alice.wait_for_frames(2)
-        wire = json.loads(alice.frames[-1])
+        await alice.wait_for_messages(2)
+        wire = json.loads(alice.texts[-1])
         assert wire["client_id"] is None
-        assert '"client_id":null' in alice.frames[-1]
+        assert '"client_id":null' in alice.texts[-1]
 
 
 @pytest.mark.parametrize("forged", ["", "null", "None"])
@@ -57,7 +57,7 @@ async def test_a_publisher_shares_a_backend_with_a_manager_in_one_process() -> N
             await transport.wait_until(
                 lambda t: bool(t.envelopes()) and t.envelopes()[-1]["seq"] >= by_worker.seq
             )
-            assert transport.frames[-2:] == [sent.text, by_worker.text]
+            assert transport.texts[-2:] == [sent.text, by_worker.text]
         assert await publisher.presence("orders") == ["fast", "plain"]
     assert sent.client_id is None
     assert (by_worker.client_id, by_worker.type) == ("worker-1", "audit")
@@ -91,7 +91,7 @@ async def test_rooms_can_go_without_join_and_leave_presence_still_answers() -> N
         await watcher.wait_until(lambda t: bool(t.envelopes()))
         assert [e["type"] for e in watcher.envelopes()] == ["message"]
         assert last.seq == 1  # no join or leave took a seq
-        await other.wait_for_frames(1)
+        await other.wait_for_messages(1)
         assert [e["type"] for e in other.envelopes()] == ["join"]
         assert manager.announces("loud")
         assert not manager.announces("lobby")

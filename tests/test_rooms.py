@@ -161,7 +161,7 @@ async def test_a_history_larger_than_the_queue_waits_for_the_client_not_disconne
         await until(alice, lambda t: bool(acks(t, "joined")))
         assert seqs(alice, "red") == list(range(1, 42))
         assert connection.state is ConnectionState.OPEN
-        assert manager.stats().slow_consumer_disconnects == 0
+        assert manager.statistics().slow_consumer_disconnects == 0
 
 
 async def test_leave_acks_drops_the_rest_of_the_room_and_announces_the_departure(
@@ -195,7 +195,7 @@ async def test_refused_joins_change_nothing_and_the_connection_goes_on(
 ) -> None:
     alice = MemoryTransport()
     connection = await manager.connect(alice, "alice", "lobby")
-    await until(alice, lambda t: len(t.frames) == 1)
+    await until(alice, lambda t: len(t.texts) == 1)
     refusals: list[tuple[str, dict[str, Any], type[Exception]]] = [
         ("lobby", {}, AlreadyJoined),
         ("bad room", {}, InvalidName),
@@ -209,10 +209,10 @@ async def test_refused_joins_change_nothing_and_the_connection_goes_on(
         with pytest.raises(error):
             await manager.join(connection, room, **options)
     assert connection.rooms == {"lobby"}
-    assert len(alice.frames) == 1
+    assert len(alice.texts) == 1
     assert await manager.presence("red") == []
     await manager.broadcast("lobby", "still here")
-    await until(alice, lambda t: len(t.frames) == 2)
+    await until(alice, lambda t: len(t.texts) == 2)
 
 
 async def test_a_failed_backend_leaves_the_room_unjoined_and_the_connection_open() -> None:
@@ -228,7 +228,7 @@ async def test_a_failed_backend_leaves_the_room_unjoined_and_the_connection_open
         with pytest.raises(BackendUnavailable):
             await manager.join(connection, "red")
         assert connection.rooms == {"lobby"}
-        assert manager.stats().rooms == 1
+        assert manager.statistics().rooms == 1
         await manager.broadcast("red", "not for alice")
         await manager.broadcast("lobby", "for alice")
         await until(alice, lambda t: last_data(t) == "for alice")
@@ -248,7 +248,7 @@ async def test_closing_a_connection_leaves_every_room_and_announces_each_departu
     for room in ("lobby", "red", "blue"):
         assert await manager.presence(room) == ["bob"]
     await until(bob, lambda t: sum(e["type"] == "leave" for e in t.envelopes()) == 3)
-    assert manager.stats().rooms == 3  # bob's
+    assert manager.statistics().rooms == 3  # bob's
 
 
 # -- cancellation and closing during a join
@@ -310,7 +310,7 @@ async def test_a_connection_closed_while_its_history_replay_waits_cleans_up_ever
         assert connection.state is ConnectionState.CLOSED
         assert await manager.presence("red") == []
         assert await manager.presence("lobby") == []
-        assert manager.stats().rooms == 0
+        assert manager.statistics().rooms == 0
 
 
 # -- direct messages
@@ -490,7 +490,7 @@ async def test_a_client_in_several_rooms_that_never_reads_is_closed_and_leaves_e
                 await anyio.wait_all_tasks_blocked()  # the reader's writer keeps up
             await stuck.wait_closed()
         assert stuck.close_code == CloseCode.SLOW_CONSUMER
-        assert manager.stats().slow_consumer_disconnects == 1
+        assert manager.statistics().slow_consumer_disconnects == 1
         for room in ("lobby", "red"):
             assert await manager.presence(room) == ["reader"]
         await manager.broadcast("red", "last")

@@ -21,8 +21,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from wsbroadcast import CloseCode, Connection, ConnectionManager, ConnectionState, Transport
 from wsbroadcast.testing import MemoryTransport
-from wsbroadcast.transport import BatchTransport, NowaitBatchTransport
 from wsbroadcast.transports import _once
+from wsbroadcast.transports.base import BatchTransport, NowaitBatchTransport
 from wsbroadcast.transports.starlette import (
     DEFAULT_CLOSE_TIMEOUT,
     StarletteFramesTransport,
@@ -168,7 +168,7 @@ async def test_a_client_that_stops_reading_is_shed_on_the_fast_path() -> None:
                 stalled_transport = closed[0].transport
                 assert isinstance(stalled_transport, WebsocketsTransport)
                 assert stalled_transport.connection.transport.is_closing()
-                assert manager.stats().slow_consumer_disconnects == 1
+                assert manager.statistics().slow_consumer_disconnects == 1
 
 
 Endpoint = Callable[[WebSocket], Awaitable[None]]
@@ -309,7 +309,7 @@ async def _shed_a_stalled_client_on_uvicorn(
             with anyio.fail_after(30):
                 await _Recording.lost.wait()
             assert closed[0].close_code == CloseCode.SLOW_CONSUMER
-            assert manager.stats().slow_consumer_disconnects == 1
+            assert manager.statistics().slow_consumer_disconnects == 1
     return transports
 
 

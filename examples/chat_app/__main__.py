@@ -89,7 +89,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def logging_config(level: str) -> dict[str, Any]:
     """The ``logging.config.dictConfig`` of both servers: one stderr handler on the root
     logger, so uvicorn's, the app's (``examples.chat_app``) and the library's
-    (``wsbroadcast...``) records all get :data:`LOG_FORMAT`."""
+    (``wsbroadcast...``) records all get `LOG_FORMAT`."""
     return {
         "version": 1,
         "disable_existing_loggers": False,

@@ -1,7 +1,7 @@
-"""The chat app on Starlette (served by uvicorn): a thin front end over :class:`ChatService`.
+"""The chat app on Starlette (served by uvicorn): a thin front end over `ChatService`.
 
-The routes and the WebSocket protocol live in :mod:`examples.chat_app.service` (their checks in
-:mod:`examples.chat_app.edge`); this module maps Starlette's requests and ``WebSocket`` onto them.
+The routes and the WebSocket protocol live in `examples.chat_app.service` (their checks in
+`examples.chat_app.edge`); this module maps Starlette's requests and ``WebSocket`` onto them.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ __all__ = [
 
 
 class _StarletteSocket:
-    """A Starlette ``WebSocket`` as a :class:`~examples.chat_app.service.ChatSocket`."""
+    """A Starlette ``WebSocket`` as a `ChatSocket`."""
 
     gone: tuple[type[Exception], ...] = (OSError, WebSocketDisconnect)
 
@@ -65,7 +65,7 @@ class _StarletteSocket:
     async def receive(self) -> str | bytes | None:
         """The next text or binary frame, or None once the client has left.
 
-        Raises :class:`FrameTooBig` for a disconnect with 1009: uvicorn refused a frame over
+        Raises `FrameTooBig` for a disconnect with 1009: uvicorn refused a frame over
         ``ws_max_size`` and closed the connection itself.
         """
         message: Any = await self.websocket.receive()
@@ -87,7 +87,7 @@ def _response(response: HttpResponse) -> Response:
 
 
 class _StarletteFrontEnd:
-    """Starlette's endpoints, each a call into the shared :class:`ChatService`."""
+    """Starlette's endpoints, each a call into the shared `ChatService`."""
 
     def __init__(self, service: ChatService) -> None:
         self.service = service

@@ -1,12 +1,12 @@
 """The chat app's checks at the edge: what a client sends, before it reaches the manager.
 
 The handshake's checks (names, ``since`` and ``epoch``, the ``Origin`` header, the JWT of
-:func:`check_token`) and every frame's (size, rate, JSON shape and text length), with what
-they answer: a :class:`ClientError` for a frame (an error frame with an :class:`ErrorCode`), a
-:class:`Refusal` for a handshake (one of :data:`REFUSALS`, an HTTP error). A WebSocket frame
-is parsed by :func:`parse_command` into one :data:`Command` (:class:`Say`, :class:`Join`,
-:class:`Leave`, :class:`Direct`). Pure functions and small classes;
-:class:`~examples.chat_app.service.ChatService` applies them.
+`check_token`) and every frame's (size, rate, JSON shape and text length), with what
+they answer: a `ClientError` for a frame (an error frame with an `ErrorCode`), a
+`Refusal` for a handshake (one of `REFUSALS`, an HTTP error). A WebSocket frame
+is parsed by `parse_command` into one `Command` (`Say`, `Join`,
+`Leave`, `Direct`). Pure functions and small classes;
+`ChatService` applies them.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ class Direct:
 
 
 Command: TypeAlias = Say | Join | Leave | Direct
-"""What one client frame asks for, as :func:`parse_command` reads it."""
+"""What one client frame asks for, as `parse_command` reads it."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ class Refusal:
     """Why a WebSocket handshake is refused: an HTTP error on every front end."""
 
     reason: str
-    """One of :data:`REFUSALS`, counted in ``/metrics``."""
+    """One of `REFUSALS`, counted in ``/metrics``."""
     detail: str
     """For the log."""
     status: int = HTTPStatus.FORBIDDEN
@@ -184,7 +184,7 @@ class Refusal:
 
 def valid_name(value: str) -> bool:
     """Whether ``value`` is a valid client id or room: the library's name grammar
-    (:mod:`wsbroadcast.names`, 1-64 of ``A-Z a-z 0-9 _ . - : # @``), not a copy of it."""
+    (`wsbroadcast.names`, 1-64 of ``A-Z a-z 0-9 _ . - : # @``), not a copy of it."""
     return is_valid_name(value)
 
 
@@ -227,7 +227,7 @@ def parse_client_frame(text: str, max_text: int) -> str | ClientError:
 
     Only ``message`` is read: any other field (``client_id``, ``seq``, ``timestamp``...) is
     ignored, because the server sets those itself. The body of ``POST
-    /api/rooms/{room}/messages``; a WebSocket frame is read by :func:`parse_command`.
+    /api/rooms/{room}/messages``; a WebSocket frame is read by `parse_command`.
     """
     value = _load_object(text)
     if isinstance(value, ClientError):
@@ -262,14 +262,14 @@ def _join(value: dict[str, Any]) -> Join | ClientError:
 
 
 def parse_command(text: str, max_text: int) -> Command | ClientError:
-    """Read one client frame (a JSON object) as a :data:`Command`, or say why it is refused.
+    """Read one client frame (a JSON object) as a `Command`, or say why it is refused.
 
     The first of these keys that the object has decides what it is, whatever else it holds:
 
-    - ``join``: :class:`Join` (``since`` and ``epoch`` optional, null meaning absent);
-    - ``leave``: :class:`Leave`;
-    - ``to``: :class:`Direct`, with ``message``;
-    - otherwise :class:`Say` with ``message``, to ``room`` if the object has one.
+    - ``join``: `Join` (``since`` and ``epoch`` optional, null meaning absent);
+    - ``leave``: `Leave`;
+    - ``to``: `Direct`, with ``message``;
+    - otherwise `Say` with ``message``, to ``room`` if the object has one.
 
     Other fields (``client_id``, ``seq``, ``timestamp``...) are ignored: the server sets
     those itself. Never raises, whatever ``text`` holds.
@@ -331,7 +331,7 @@ class RateLimiter:
 
 
 class _LocalBuckets:
-    """Rate-limit buckets kept in this process, by key: what :meth:`ChatService` falls back
+    """Rate-limit buckets kept in this process, by key: what `ChatService` falls back
     on while the backend cannot answer ``allow`` (fail open, but still limited per node).
 
     At most ``max_buckets``; past that the least recently used is forgotten.
@@ -388,7 +388,7 @@ def check_token(token: str | None, secret: str, client_id: str, room: str) -> st
 
 
 def token_rooms(token: str, secret: str, client_id: str) -> tuple[str, ...] | None:
-    """The ``rooms`` claim of a token :func:`check_token` accepted (None: any room), for the
+    """The ``rooms`` claim of a token `check_token` accepted (None: any room), for the
     rooms the connection joins later."""
     claims = _claims(token, secret, client_id)
     if isinstance(claims, str):

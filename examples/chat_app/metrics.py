@@ -1,7 +1,7 @@
 """The chat app's Prometheus metrics, for ``GET /metrics``: its own counters and their
 collector, the names it gives the manager's, and the exposition's integral values.
 
-The manager's metrics come from :class:`~wsbroadcast.metrics.ManagerCollector`; what is
+The manager's metrics come from `ManagerCollector`; what is
 here is the chat app's (messages, error frames by code, refusals by reason, ...).
 """
 
@@ -25,7 +25,7 @@ _METRIC_NAMES: Final = {
     "dropped": "chat_drops_total",
     "backend_up": "chat_backend_connected",
 }
-"""The :class:`~wsbroadcast.metrics.ManagerCollector`'s names that are not ``chat_`` + its
+"""The `ManagerCollector`'s names that are not ``chat_`` + its
 key (``chat_connections``, ``chat_backend_reconnects_total``, ...)."""
 _FLOAT_VALUE: Final = re.compile(rb"^([^#\n][^\n]* )([0-9.e+]+)$", re.MULTILINE)
 """A sample line's value as ``generate_latest`` writes it: always a float."""
@@ -51,7 +51,7 @@ class _Counters:
 
 
 class _Counted(Protocol):
-    """What :class:`_ChatCollector` reads of a :class:`~examples.chat_app.service.ChatService`
+    """What `_ChatCollector` reads of a `ChatService`
     (a protocol, so that this module need not import that one)."""
 
     counters: _Counters
@@ -61,7 +61,7 @@ class _Counted(Protocol):
 
 class _ChatCollector:
     """The chat app's own counters, for ``/metrics`` (the manager's come from
-    :class:`~wsbroadcast.metrics.ManagerCollector`, registered while it runs)."""
+    `ManagerCollector`, registered while it runs)."""
 
     def __init__(self, service: _Counted) -> None:
         self._service = service

@@ -1,4 +1,4 @@
-"""The chat app's HTTP responses, whatever server sends them: :class:`HttpResponse`, which
+"""The chat app's HTTP responses, whatever server sends them: `HttpResponse`, which
 each front end turns into its own response type, and the helpers that build its bodies."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ CLIENT_JS: Final = (
 )
 """The JavaScript client, served as is (the one source: no copy) for chat.html to import."""
 CLIENT_JS_PATH: Final = "/wsbroadcast-client.js"
-"""Where the front ends serve :data:`CLIENT_JS`."""
+"""Where the front ends serve `CLIENT_JS`."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ _HARDENING: Final = {
 
 def chat_page(html: str) -> HttpResponse:
     """``GET /``: the page, with a CSP that allows its own inline script and style (by hash),
-    scripts from its own origin (the client module, :data:`CLIENT_JS_PATH`), and connections
+    scripts from its own origin (the client module, `CLIENT_JS_PATH`), and connections
     to its own origin; nothing else."""
     csp = [
         "default-src 'none'",

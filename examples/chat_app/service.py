@@ -1,4 +1,4 @@
-"""The chat app's protocol, whatever server runs it: :class:`ChatService` and its socket types.
+"""The chat app's protocol, whatever server runs it: `ChatService` and its socket types.
 
 Routes (documented in ``docs/protocol.md``, "The chat app's WebSocket protocol")::
 
@@ -11,7 +11,7 @@ Routes (documented in ``docs/protocol.md``, "The chat app's WebSocket protocol")
 
 A connection starts in ``room`` and in the client's personal stream ``@client_id`` (where
 its direct messages arrive, on every tab; ``dm_since`` and ``dm_epoch`` resume it as
-``since`` and ``epoch`` resume the room). Its frames (:func:`parse_command`) say a message
+``since`` and ``epoch`` resume the room). Its frames (`parse_command`) say a message
 to its first room or to another room it is in, join or leave rooms (``--max-rooms`` at
 most), or send a direct message; they are handled one at a time, in the order sent.
 
@@ -23,21 +23,21 @@ shape and text length, and the rooms it may join (another client's personal stre
 JWT's ``rooms`` claim). A client's mistake gets an unsequenced error frame on its own
 connection, never a traceback in the log.
 
-Nothing here imports a web server. A front end (:mod:`examples.chat_app.app` on Starlette,
-:mod:`examples.chat_app.websockets_server` on the ``websockets`` library) matches the routes,
-turns :class:`HttpResponse` into its own response type and hands each WebSocket to
-:meth:`ChatService.serve` as a :class:`ChatSocket`; so the protocol is written once.
+Nothing here imports a web server. A front end (`examples.chat_app.app` on Starlette,
+`examples.chat_app.websockets_server` on the ``websockets`` library) matches the routes,
+turns `HttpResponse` into its own response type and hands each WebSocket to
+`ChatService.serve` as a `ChatSocket`; so the protocol is written once.
 
-This module holds :class:`ChatService`, the types a front end hands it (:class:`Handshake`,
-:class:`ChatSocket`, :class:`FrameTooBig`) and what it hands back (:class:`ChatRequest`); the
+This module holds `ChatService`, the types a front end hands it (`Handshake`,
+`ChatSocket`, `FrameTooBig`) and what it hands back (`ChatRequest`); the
 rest is split by concept, and the names below are re-exported from here as before:
 
-- :mod:`examples.chat_app.settings`: :class:`Settings`;
-- :mod:`examples.chat_app.edge`: the checks (:func:`parse_client_frame`,
-  :func:`origin_allowed`, :func:`check_token`, :class:`RateLimiter`, :func:`valid_name`) and
-  what they answer (:class:`ClientError`, :class:`ErrorCode`, :class:`Refusal`);
-- :mod:`examples.chat_app.responses`: :class:`HttpResponse`;
-- :mod:`examples.chat_app.metrics`: the ``/metrics`` collector of the chat app's counters.
+- `examples.chat_app.settings`: `Settings`;
+- `examples.chat_app.edge`: the checks (`parse_client_frame`,
+  `origin_allowed`, `check_token`, `RateLimiter`, `valid_name`) and
+  what they answer (`ClientError`, `ErrorCode`, `Refusal`);
+- `examples.chat_app.responses`: `HttpResponse`;
+- `examples.chat_app.metrics`: the ``/metrics`` collector of the chat app's counters.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class _OutageLog:
     The first failure is logged as a warning; the next ones, until an operation succeeds
     again, at DEBUG; the first success after an outage is logged at INFO. While an outage
     lasts, it also quiets the manager's per-connection warnings about departures it could
-    not announce (see :meth:`filter`).
+    not announce (see `filter`).
     """
 
     _QUIETED = ("could not announce the departure of", "announcing the departure of")
@@ -193,7 +193,7 @@ def _redact(url: str) -> str:
 
 @dataclass(frozen=True)
 class Handshake:
-    """What a front end read from a WebSocket handshake, for :meth:`ChatService.check_handshake`."""
+    """What a front end read from a WebSocket handshake, for `ChatService.check_handshake`."""
 
     path: str
     """The request's path, for the log."""
@@ -232,14 +232,14 @@ class ChatRequest:
 
 
 class FrameTooBig(Exception):
-    """Raised by :meth:`ChatSocket.receive` when the server closed the connection with 1009
+    """Raised by `ChatSocket.receive` when the server closed the connection with 1009
     itself, because the client sent a frame over ``max_message_bytes``."""
 
 
 class ChatSocket(Protocol):
-    """One client's WebSocket, as a front end hands it to :meth:`ChatService.serve`.
+    """One client's WebSocket, as a front end hands it to `ChatService.serve`.
 
-    Writing goes through :attr:`transport` (the manager's), reading through :meth:`receive`:
+    Writing goes through `transport` (the manager's), reading through `receive`:
     the service needs nothing else from a server.
     """
 
@@ -253,7 +253,7 @@ class ChatSocket(Protocol):
 
     async def receive(self) -> str | bytes | None:
         """The client's next frame (``str`` for text, ``bytes`` for binary), or None once the
-        client has left; :class:`FrameTooBig` if the server refused an oversized frame."""
+        client has left; `FrameTooBig` if the server refused an oversized frame."""
         ...
 
 
@@ -317,14 +317,14 @@ class ChatService:
         manager = self.manager
         if manager is None:
             return HttpResponse.json({"status": "unavailable"}, HTTPStatus.SERVICE_UNAVAILABLE)
-        backend = manager.backend.health()
-        stats = manager.stats()
-        ok = backend.get("status") == "ok"
+        health = manager.backend.health()
+        statistics = manager.statistics()
+        ok = health.ok
         body: dict[str, JsonValue] = {
             "status": "ok" if ok else "degraded",
-            "backend": backend,
-            "connections": stats.connections,
-            "rooms": stats.rooms,
+            "backend": health.as_dict(),
+            "connections": statistics.connections,
+            "rooms": statistics.rooms,
         }
         return HttpResponse.json(body, HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
 
@@ -367,7 +367,7 @@ class ChatService:
     ) -> HttpResponse:
         """``POST /api/rooms/{room}/messages``: publish ``{"message": text}`` as the server.
 
-        Off (404) unless :attr:`Settings.api_keys` is set; 401 without a valid
+        Off (404) unless `Settings.api_keys` is set; 401 without a valid
         ``Authorization: Bearer KEY``; 400 for a bad room or a personal stream. The body is
         checked as a WebSocket frame is, with the same error codes (400
         ``{"error": {"code", "detail"}}``, 413 over

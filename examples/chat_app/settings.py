@@ -1,4 +1,4 @@
-"""The chat app's settings: :class:`Settings`, everything the command line can set, checked
+"""The chat app's settings: `Settings`, everything the command line can set, checked
 when it is built."""
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ __all__ = ["Settings"]
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the command line can set; :func:`create_app` builds an app from it."""
+    """Everything the command line can set; `create_app` builds an app from it."""
 
     backend: str = "memory://"
-    """Backend URL for :func:`wsbroadcast.backend_from_url`."""
+    """Backend URL for `wsbroadcast.backend_from_url`."""
     rate_limit: float = 20
     """Frames per second per client id, across its tabs and (on Redis) nodes; bursts of
     ``2 * rate_limit``. 0 turns it off (and the per-IP limit, unless that is set)."""
     ip_rate_limit: float | None = None
     """Frames per second per IP address, across its client ids (bursts of twice that);
-    None: five times :attr:`rate_limit`; 0 turns it off."""
+    None: five times `rate_limit`; 0 turns it off."""
     max_connections_per_ip: int = 256
     """WebSocket connections one IP address may have open on this process; 0: no cap."""
     handshake_timeout: float = 10.0
@@ -94,11 +94,11 @@ class Settings:
 
     @property
     def effective_ip_rate_limit(self) -> float:
-        """:attr:`ip_rate_limit`, or five times :attr:`rate_limit` when it is None."""
+        """`ip_rate_limit`, or five times `rate_limit` when it is None."""
         return 5 * self.rate_limit if self.ip_rate_limit is None else self.ip_rate_limit
 
     def backend_url(self) -> str:
-        """The backend URL, with ``history=N`` added when :attr:`history` is set."""
+        """The backend URL, with ``history=N`` added when `history` is set."""
         if self.history is None:
             return self.backend
         base, _, query = self.backend.partition("?")

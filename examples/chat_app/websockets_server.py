@@ -1,19 +1,19 @@
 """The chat app on the ``websockets`` library's asyncio server: wsbroadcast's fast path.
 
 ``python -m examples.chat_app --server websockets`` runs it. The routes, their checks and the
-WebSocket protocol are :class:`~examples.chat_app.service.ChatService`'s, exactly as on
+WebSocket protocol are `ChatService`'s, exactly as on
 Starlette; this module only maps ``websockets``' requests and connections onto them. Plain
 HTTP routes are answered from ``process_request``, before any WebSocket handshake.
 
 The server runs with ``compression=None``: without permessage-deflate every connection takes
-the same bytes for an envelope, so :class:`~wsbroadcast.transports.websockets.WebsocketsTransport`
+the same bytes for an envelope, so `WebsocketsTransport`
 writes each envelope's frame, built once per publish, to all of them in one socket write per
 batch. Compression would redo the work per connection (and make ``max_size`` apply after
 decompression).
 
 The edge is bounded as on uvicorn: ``open_timeout`` is the handshake deadline
 (``--handshake-timeout``), ``websockets`` answers 414 and 431 to an oversized request line or
-header block itself, and :class:`BoundedServerConnection` closes a connection whose socket
+header block itself, and `BoundedServerConnection` closes a connection whose socket
 write buffer (pongs included) passes ``--max-write-buffer`` with 4008.
 """
 
@@ -53,8 +53,8 @@ class BoundedServerConnection(ServerConnection):
     ``websockets`` answers every ping with a pong written to the socket whether or not the
     client reads, so a client that sends pings and never reads grows the server's memory
     without limit. After each read, if the socket's write buffer holds more than
-    :attr:`max_write_buffer` bytes, the connection is closed as a slow consumer: a 4008 close
-    frame, no more reading, and the TCP connection is dropped after :attr:`close_wait`
+    `max_write_buffer` bytes, the connection is closed as a slow consumer: a 4008 close
+    frame, no more reading, and the TCP connection is dropped after `close_wait`
     seconds if it has not closed by then (the close frame waits behind what the client does
     not read).
     """
@@ -87,7 +87,7 @@ class BoundedServerConnection(ServerConnection):
 
 
 class _WebsocketsSocket:
-    """A ``websockets`` server connection as a :class:`~examples.chat_app.service.ChatSocket`."""
+    """A ``websockets`` server connection as a `ChatSocket`."""
 
     gone: tuple[type[Exception], ...] = (OSError, ConnectionClosed)
 
@@ -127,8 +127,8 @@ def _plain(status: HTTPStatus, text: str) -> Response:
 class WebsocketsFrontEnd:
     """The chat app's routes on ``websockets.asyncio.server.serve``, over one service.
 
-    :meth:`process_request` answers the HTTP routes and checks WebSocket handshakes (a refusal
-    is an HTTP 403, as on uvicorn); :meth:`handler` runs each accepted connection.
+    `process_request` answers the HTTP routes and checks WebSocket handshakes (a refusal
+    is an HTTP 403, as on uvicorn); `handler` runs each accepted connection.
     """
 
     def __init__(self, service: ChatService) -> None:

@@ -5,7 +5,7 @@ Run it with ``uvicorn examples.fastapi_app.app:app --ws
 wsbroadcast.transports.uvicorn:WebSocketProtocol --ws-per-message-deflate false`` (or plain
 ``uvicorn``: the same app, with ASGI sends). ``WSBROADCAST_BACKEND=redis://...`` serves one
 chat from many processes. Tokens here are a demo (``TOKENS``, ``token -> user``); a real app
-verifies its own (a JWT, a session) in :func:`user_from_token`, and nothing else changes.
+verifies its own (a JWT, a session) in `user_from_token`, and nothing else changes.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ The core imports no web framework and no broker client.
 
 from __future__ import annotations
 
-from .backend import (
+from ._deprecated import renamed_names
+from .backends.base import (
     Backend,
+    BackendHealth,
     History,
     Listener,
     ResetListener,
@@ -17,12 +19,16 @@ from .backend import (
     backend_from_url,
 )
 from .connection import Connection, ConnectionStatistics
+from .control import RESERVED_TYPES, CloseCode, ControlMessage
+from .control import control_frame as control_frame  # deprecated: warns when called
+from .control import error_frame as error_frame  # deprecated: warns when called
 from .envelope import Draft, Envelope
 from .exceptions import (
     AlreadyJoined,
     BackendError,
     BackendUnavailable,
     Forbidden,
+    InvalidBackendOptions,
     InvalidBackendURL,
     InvalidData,
     InvalidInput,
@@ -31,7 +37,7 @@ from .exceptions import (
     NotJoined,
     WSBroadcastError,
 )
-from .manager import RESERVED_TYPES, ConnectionManager, ManagerStats
+from .manager import ConnectionManager, ManagerStatistics
 from .names import (
     NAME_CHARACTERS,
     NAME_MAX_LENGTH,
@@ -46,13 +52,13 @@ from .outbound import (
     DEFAULT_QUEUE_BYTES,
     DEFAULT_QUEUE_SIZE,
     ConnectionState,
+    OutboundMessage,
     OutboundQueue,
     QueueStatistics,
     SlowConsumerPolicy,
 )
-from .protocol import CloseCode, control_frame, error_frame
 from .publisher import Publisher
-from .transport import Transport
+from .transports.base import Transport
 
 __version__ = "0.2.0.dev0"
 
@@ -67,24 +73,28 @@ __all__ = [
     "AlreadyJoined",
     "Backend",
     "BackendError",
+    "BackendHealth",
     "BackendUnavailable",
     "CloseCode",
     "Connection",
     "ConnectionManager",
     "ConnectionState",
     "ConnectionStatistics",
+    "ControlMessage",
     "Draft",
     "Envelope",
     "Forbidden",
     "History",
+    "InvalidBackendOptions",
     "InvalidBackendURL",
     "InvalidData",
     "InvalidInput",
     "InvalidName",
     "Listener",
     "ManagerNotRunning",
-    "ManagerStats",
+    "ManagerStatistics",
     "NotJoined",
+    "OutboundMessage",
     "OutboundQueue",
     "Publisher",
     "QueueStatistics",
@@ -96,9 +106,11 @@ __all__ = [
     "WSBroadcastError",
     "backend_from_url",
     "check_name",
-    "control_frame",
-    "error_frame",
     "is_user_room",
     "is_valid_name",
     "user_room",
 ]
+
+__getattr__ = renamed_names(
+    "wsbroadcast", {"ManagerStats": ("wsbroadcast.manager", "ManagerStatistics")}
+)

@@ -6,9 +6,9 @@ from collections.abc import Iterable
 
 from pydantic import ConfigDict, JsonValue, TypeAdapter, ValidationError
 
+from .control import RESERVED_TYPES
 from .exceptions import InvalidData, InvalidInput
 from .names import NAME_MAX_LENGTH, check_name, is_user_room
-from .protocol import RESERVED_TYPES
 
 __all__ = [
     "INT_MAX",
@@ -45,9 +45,9 @@ def check_publication(room: str, client_id: str | None, type: str) -> None:
 def check_data(value: object) -> JsonValue:
     """Return ``value`` if it is a JSON value every client can read back, else raise.
 
-    Finite numbers, integers within 64 bits, string keys, at most :data:`MAX_DEPTH` levels of
+    Finite numbers, integers within 64 bits, string keys, at most `MAX_DEPTH` levels of
     nesting. Strings that are not valid Unicode (a lone surrogate) are refused when the
-    envelope is encoded, before any seq is taken (see :class:`~wsbroadcast.envelope.Draft`).
+    envelope is encoded, before any seq is taken (see `Draft`).
     """
     if isinstance(value, (list, dict)):
         _check_tree(value)

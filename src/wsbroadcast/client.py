@@ -193,7 +193,7 @@ ClientEvent = (
     | Gap
     | ServerError
 )
-"""What :meth:`Client.events` yields besides envelopes."""
+"""What `Client.events` yields besides envelopes."""
 
 
 class NotConnected(WSBroadcastError, ConnectionError):
@@ -202,7 +202,7 @@ class NotConnected(WSBroadcastError, ConnectionError):
 
 
 class ClientClosed(WSBroadcastError, ConnectionError):
-    """The server ended the session for good (a code in :data:`NO_RETRY_CODES`, or a
+    """The server ended the session for good (a code in `NO_RETRY_CODES`, or a
     handshake refused with an HTTP status such as 403)."""
 
     def __init__(self, code: int, reason: str) -> None:
@@ -291,11 +291,11 @@ def _epoch(value: Any) -> str | None:
 class Client:
     """A wsbroadcast client: several rooms on one WebSocket, reconnected and resumed.
 
-    Made by :func:`connect`; use it as an async context manager. Iterate it for the
-    envelopes of every subscribed room and of the personal stream (:class:`Envelope`), each
-    once and in each room's order; iterate :meth:`events` for envelopes and
-    :data:`ClientEvent` s together. Iteration ends after :meth:`close`, and raises
-    :class:`ClientClosed` when the server ended the session for good.
+    Made by `connect`; use it as an async context manager. Iterate it for the
+    envelopes of every subscribed room and of the personal stream (`Envelope`), each
+    once and in each room's order; iterate `events` for envelopes and
+    `ClientEvent` objects together. Iteration ends after `close`, and raises
+    `ClientClosed` when the server ended the session for good.
     """
 
     def __init__(
@@ -363,8 +363,8 @@ class Client:
         """Subscribe to ``room``, resuming after ``since`` of stream ``epoch`` if given.
 
         Returns once the join is sent (or recorded, when not connected: it is sent at the
-        next connection); :class:`Subscribed` or :class:`Unsubscribed` (refused) follows in
-        :meth:`events`. For the personal stream (``@<client id>``, which the server joins
+        next connection); `Subscribed` or `Unsubscribed` (refused) follows in
+        `events`. For the personal stream (``@<client id>``, which the server joins
         itself) it only sets where to resume it from.
         """
         existing = self._subs.get(room)
@@ -382,7 +382,7 @@ class Client:
             await self._join(sub)
 
     async def unsubscribe(self, room: str) -> None:
-        """Leave ``room``: its envelopes in flight are dropped, :class:`Unsubscribed` follows."""
+        """Leave ``room``: its envelopes in flight are dropped, `Unsubscribed` follows."""
         sub = self._subs.get(room)
         if sub is None or sub.personal or sub.state == "unsubscribing":
             return
@@ -402,7 +402,7 @@ class Client:
         await self.send({"to": to, "message": message})
 
     async def send(self, frame: Mapping[str, Any]) -> None:
-        """Send one JSON frame as is; :class:`NotConnected` if there is no connection."""
+        """Send one JSON frame as is; `NotConnected` if there is no connection."""
         ws = self._ws
         if ws is None or self._state is not ClientState.CONNECTED:
             raise NotConnected("not connected: the frame was not sent")
@@ -768,10 +768,10 @@ def connect(
     no_retry_codes: Iterable[int] = NO_RETRY_CODES,
     random: Callable[[], float] = random_module.random,
 ) -> Client:
-    """A :class:`Client` of ``url`` (e.g. ``ws://host/ws/alice``), to use with ``async with``.
+    """A `Client` of ``url`` (e.g. ``ws://host/ws/alice``), to use with ``async with``.
 
     ``rooms`` are subscribed from the first connection on (a mapping gives each a
-    :class:`Position` to resume from); the first one is the connection's URL room. ``token``
+    `Position` to resume from); the first one is the connection's URL room. ``token``
     is sent as ``token=``. Reconnects back off with full jitter between
     ``min_reconnect_delay`` and ``max_reconnect_delay`` seconds; ``random`` is the jitter's
     source. ``max_queue`` bounds the envelopes and events waiting for the consumer.

@@ -1,9 +1,9 @@
-"""One WebSocket connection: a sans-I/O :class:`~wsbroadcast.outbound.OutboundQueue` and the
+"""One WebSocket connection: a sans-I/O `OutboundQueue` and the
 I/O that drains it into the transport.
 
 The queue decides (what to send, what to drop, when to give up); this module only writes:
-:meth:`Connection.write` is the writer, run by the manager in a task while the connection
-needs one, and :meth:`Connection.flush` the no-wait write its flusher makes. Closing is not
+`Connection.write` is the writer, run by the manager in a task while the connection
+needs one, and `Connection.flush` the no-wait write its flusher makes. Closing is not
 done here: the queue's abort hands the connection to the manager, which owns its cleanup.
 """
 
@@ -17,32 +17,32 @@ from collections.abc import Callable, Iterator, Sequence
 import anyio
 from pydantic import JsonValue
 
-from .envelope import Envelope
+from .control import ControlMessage
 from .outbound import (
     ConnectionState,
+    OutboundMessage,
     OutboundQueue,
     QueueStatistics,
     SlowConsumerPolicy,
 )
-from .protocol import error_frame
-from .transport import BatchTransport, NowaitBatchTransport, Transport
+from .transports.base import BatchTransport, NowaitBatchTransport, Transport
 
 __all__ = ["Connection", "ConnectionState", "ConnectionStatistics", "SlowConsumerPolicy"]
 
 ConnectionStatistics = QueueStatistics
-"""A snapshot of one connection's queue and counters (see :class:`QueueStatistics`)."""
+"""A snapshot of one connection's queue and counters (see `QueueStatistics`)."""
 
 _ids = itertools.count(1)
 
 
 class Connection:
-    """A client's connection, created by :meth:`ConnectionManager.connect` in one room and
-    joined to more with :meth:`ConnectionManager.join`.
+    """A client's connection, created by `ConnectionManager.connect` in one room and
+    joined to more with `ConnectionManager.join`.
 
     Applications read ``client_id``, ``room`` (the first room), ``rooms`` and ``state``, send
-    one-off frames to this client only with :meth:`send_error` or :meth:`send_control`, stop
-    their receive loop with :meth:`cancel_on_close` and wait for the end with
-    :meth:`wait_closed`.
+    control messages to this client only with `send_error` or `send_control`, stop
+    their receive loop with `cancel_on_close` and wait for the end with
+    `wait_closed`.
     """
 
     # An idle connection is the common case (most sockets of a chat server wait for their
@@ -110,7 +110,7 @@ class Connection:
     @property
     def rooms(self) -> frozenset[str]:
         """The rooms the connection is in (or joining): the first ``room`` until it is left,
-        and those :meth:`ConnectionManager.join` added."""
+        and those `ConnectionManager.join` added."""
         return self.queue.rooms
 
     def in_room(self, room: str) -> bool:
@@ -148,7 +148,7 @@ class Connection:
         return self.queue.statistics()
 
     def send_control(self, type: str, data: JsonValue = None, room: str | None = None) -> bool:
-        """Queue an unsequenced frame ``{"type", "room", "data"}`` for this client only
+        """Queue the control message ``{"type", "room", "data"}`` for this client only
         (``room`` defaults to the first room).
 
         Returns false if the connection is closing. It goes through the same bounded queue and
@@ -159,7 +159,8 @@ class Connection:
     def send_error(self, code: str, detail: str, room: str | None = None) -> bool:
         """Queue ``{"type": "error", "room", "data": {"code", "detail"}}`` for this client only
         (``room`` defaults to the first room)."""
-        return self.queue.push_text(error_frame(code, detail, self.room if room is None else room))
+        message = ControlMessage.error(code, detail, self.room if room is None else room)
+        return self.queue.push_message(message)
 
     async def wait_closed(self) -> None:
         """Wait until the connection is fully closed (presence updated, socket closed or
@@ -176,7 +177,7 @@ class Connection:
 
         Wrap the code that receives from the client in it, so that it stops as soon as the
         manager closes the connection by itself (slow consumer, a dead socket, shutdown)
-        without a task that watches :meth:`wait_closed`::
+        without a task that watches `wait_closed`::
 
             with connection.cancel_on_close():
                 async for frame in websocket.iter_text():
@@ -249,7 +250,7 @@ class Connection:
     async def write(self) -> None:
         """The writer: send queued frames in order until the queue closes.
 
-        A :class:`~wsbroadcast.transport.BatchTransport` gets everything waiting in one call;
+        A `BatchTransport` gets everything waiting in one call;
         any other transport one ``send_text`` per frame. For a transport that can write
         without waiting, the writer returns once the queue is empty: the flusher takes over.
         Returns when cancelled by the queue's abort; raises what the transport raises.
@@ -287,18 +288,18 @@ class Connection:
                 queue.sent(len(batch))
             else:
                 send = self.transport.send_text
-                for item in batch:
-                    await send(item if isinstance(item, str) else item.text)
+                for message in batch:
+                    await send(message.text)
                     queue.sent(1)
 
-    async def send_now(self, items: Sequence[Envelope | str]) -> None:
-        """Send ``items`` straight to the socket, bypassing the queue (history replay)."""
+    async def send_now(self, messages: Sequence[OutboundMessage]) -> None:
+        """Send `messages` straight to the socket, bypassing the queue (history replay)."""
         send = self.transport.send_text
-        for item in items:
-            await send(item if isinstance(item, str) else item.text)
+        for message in messages:
+            await send(message.text)
             self.queue.count_delivered(1)
 
-    async def replay(self, items: Sequence[Envelope | str]) -> bool:
+    async def replay(self, items: Sequence[OutboundMessage]) -> bool:
         """Queue a recovering room's history, waiting while the queue is full (the joining
         client's own frames wait for its socket; nothing else does). False if the
         connection closed first."""
@@ -315,7 +316,7 @@ class Connection:
 
     def set_closed(self) -> None:
         """Called by the manager once closing is done: ``state`` becomes ``CLOSED`` and
-        :meth:`wait_closed` returns."""
+        `wait_closed` returns."""
         self.queue.set_closed()
         if self._closed is not None:
             self._closed.set()

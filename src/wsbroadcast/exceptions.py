@@ -7,6 +7,8 @@ The hierarchy, so that callers can catch as broadly or as narrowly as they need:
     │   ├── InvalidName              a room, client id or envelope type is empty, too long or odd
     │   ├── InvalidData              the payload is not a JSON value
     │   ├── InvalidBackendURL        a backend URL names no known backend or has bad options
+    │   │   └── InvalidBackendOptions
+    │   │                            a backend's options are refused (given in a URL or not)
     │   ├── AlreadyJoined            join: the connection is in that room already
     │   ├── NotJoined                leave: the connection is not in that room
     │   └── Forbidden                join: another client's personal stream
@@ -20,7 +22,7 @@ The hierarchy, so that callers can catch as broadly or as narrowly as they need:
                                      the server ended the client's session for good
 
 Exceptions raised by a transport (a dead socket) never escape a broadcast: they close the one
-connection concerned, as documented in :mod:`wsbroadcast.manager`.
+connection concerned, as documented in `wsbroadcast.manager`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "Forbidden",
+    "InvalidBackendOptions",
     "InvalidBackendURL",
     "InvalidData",
     "InvalidInput",
@@ -51,7 +54,7 @@ class InvalidInput(WSBroadcastError, ValueError):
 class InvalidName(InvalidInput):
     """A room, client id or envelope type is not 1-64 characters of ``A-Z a-z 0-9 _ . - : # @``.
 
-    The grammar is :mod:`wsbroadcast.names`.
+    The grammar is `wsbroadcast.names`.
 
     ``field`` says which argument was refused, so that an application can turn it into a
     precise error for its own client.
@@ -72,12 +75,21 @@ class InvalidBackendURL(InvalidInput):
     """A backend URL has an unknown scheme or options the backend does not accept."""
 
 
+class InvalidBackendOptions(InvalidBackendURL):
+    """A backend refuses its options, whether they came in a URL's query or as arguments
+    (or, for a cluster, disagree with what the other nodes use).
+
+    A subclass of `InvalidBackendURL`, which was raised here before, so that code that
+    catches it goes on working.
+    """
+
+
 class AlreadyJoined(InvalidInput):
-    """:meth:`~wsbroadcast.ConnectionManager.join` of a room the connection is in (or joining)."""
+    """`join` of a room the connection is in (or joining)."""
 
 
 class NotJoined(InvalidInput):
-    """:meth:`~wsbroadcast.ConnectionManager.leave` of a room the connection is not in."""
+    """`leave` of a room the connection is not in."""
 
 
 class Forbidden(InvalidInput):
@@ -85,7 +97,7 @@ class Forbidden(InvalidInput):
 
 
 class ManagerNotRunning(WSBroadcastError, RuntimeError):
-    """The :class:`~wsbroadcast.ConnectionManager` was used before ``async with`` or after it."""
+    """The `ConnectionManager` was used before ``async with`` or after it."""
 
 
 class BackendError(WSBroadcastError):

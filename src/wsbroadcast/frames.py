@@ -2,27 +2,24 @@
 
 Frames a server sends are not masked, so a text frame's bytes are the same for every
 recipient whose connection negotiated no extension (such as permessage-deflate). A transport
-that can write raw frames (see :class:`~wsbroadcast.transport.BatchTransport`) then writes
-the one prepared frame of an envelope to every socket, and a connection's pending frames in
-one write. This module is sans-I/O: it only builds bytes.
+that can write raw frames (see `BatchTransport`) then writes the one prepared frame of a
+message to every socket, and a connection's pending frames in one write. This module is
+sans-I/O and knows only bytes: it builds frames and imports nothing of wsbroadcast
+(but for its deprecated `frames_bytes`, when that is used).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from .envelope import Envelope
-
-__all__ = ["frames_bytes", "text_frame"]
+__all__ = ["text_frame"]
 
 _FIN_TEXT = 0x81
 
 
 def text_frame(payload: bytes) -> bytes:
-    """Return one final, unmasked text frame carrying ``payload`` (UTF-8 JSON text)."""
+    """Return one final, unmasked text frame carrying `payload` (UTF-8 JSON text)."""
     length = len(payload)
     if length < 126:
         header = struct.pack("!BB", _FIN_TEXT, length)
@@ -33,15 +30,11 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-def frames_bytes(items: Sequence[Envelope | str]) -> bytes:
-    """Return the frames of ``items`` back to back, for one socket write.
+def __getattr__(name: str) -> Any:
+    if name == "frames_bytes":
+        from ._deprecated import warn_renamed
+        from .outbound import frames_of
 
-    An envelope contributes its prepared :attr:`~wsbroadcast.Envelope.frame`, shared by every
-    recipient; a ``str`` (a one-off frame such as an error) is framed here.
-    """
-    if len(items) == 1:  # the common case: one publish since the last write
-        item = items[0]
-        return text_frame(item.encode()) if isinstance(item, str) else item.frame
-    return b"".join(
-        [text_frame(item.encode()) if isinstance(item, str) else item.frame for item in items]
-    )
+        warn_renamed("wsbroadcast.frames.frames_bytes", "wsbroadcast.outbound.frames_of")
+        return frames_of
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,9 +13,9 @@ How a broadcast travels::
      the flusher (no-wait transports) or the connection's writer  ->  the socket
 
 A slow or dead client only ever fills its own queue; what happens then is the connection's
-:class:`~wsbroadcast.SlowConsumerPolicy`.
+`SlowConsumerPolicy`.
 
-Who cleans up: while :meth:`ConnectionManager.connect` runs, the connecting task owns its
+Who cleans up: while `ConnectionManager.connect` runs, the connecting task owns its
 connection; once connected, the manager does. Whatever ends a connection (the application,
 its queue's policy, a send that failed, shutdown) aborts its queue, which hands it to exactly
 one closer: it leaves the room, removes presence and announces ``leave``, stops the writer
@@ -41,9 +41,11 @@ from pydantic import JsonValue
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
+from ._deprecated import renamed_names, warn_renamed
 from ._validation import check_name, check_publication
-from .backend import Backend, StreamReset, Subscription, backend_from_url
+from .backends.base import Backend, StreamReset, Subscription, backend_from_url
 from .connection import Connection, ConnectionState
+from .control import RESERVED_TYPES, CloseCode, ControlMessage
 from .envelope import EPOCH_PATTERN, Draft, Envelope, direct_drafts
 from .exceptions import (
     AlreadyJoined,
@@ -55,16 +57,15 @@ from .exceptions import (
     NotJoined,
 )
 from .names import is_user_room
-from .outbound import DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_SIZE, SlowConsumerPolicy
-from .protocol import RESERVED_TYPES, CloseCode, control_frame
-from .transport import Transport
+from .outbound import DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_SIZE, OutboundMessage, SlowConsumerPolicy
+from .transports.base import Transport
 
 __all__ = [
     "DEFAULT_QUEUE_BYTES",
     "DEFAULT_QUEUE_SIZE",
     "RESERVED_TYPES",
     "ConnectionManager",
-    "ManagerStats",
+    "ManagerStatistics",
 ]
 
 logger = logging.getLogger("wsbroadcast")
@@ -74,8 +75,8 @@ _T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
-class ManagerStats:
-    """Counters of one :class:`ConnectionManager` since it started (gauges are current)."""
+class ManagerStatistics:
+    """Counters of one `ConnectionManager` since it started (gauges are current)."""
 
     connections: int
     """Open connections now, connecting ones included (gauge)."""
@@ -174,8 +175,8 @@ class ConnectionManager:
     (return, exception, cancellation), closes every connection with 1001 (Going Away),
     announces the departures and returns within a bound set by ``close_timeout``.
 
-    :param backend: a :class:`~wsbroadcast.backend.Backend` or a URL for
-        :func:`~wsbroadcast.backend_from_url` (default ``memory://``).
+    :param backend: a `Backend` or a URL for
+        `backend_from_url` (default ``memory://``).
     :param queue_size: frames each connection may have waiting (default 1,024) ...
     :param queue_bytes: ... and bytes (default 1 MiB). A full queue triggers
         ``slow_consumer``.
@@ -327,14 +328,14 @@ class ConnectionManager:
         no room and in no presence, and a ``leave`` is announced only after its ``join``.
         Adding presence and publishing the ``join`` are done together or not at all.
 
-        ``room`` may be the client's own personal stream (:func:`~wsbroadcast.user_room`): no
+        ``room`` may be the client's own personal stream (`user_room`): no
         presence, nothing announced.
 
-        Raises :class:`~wsbroadcast.exceptions.InvalidInput` (before accepting) for a bad room,
+        Raises `InvalidInput` (before accepting) for a bad room,
         client id, ``since`` or ``epoch``, and its subclass
-        :class:`~wsbroadcast.exceptions.Forbidden` for another client's personal stream;
-        :class:`~wsbroadcast.exceptions.ManagerNotRunning` outside ``async with``; and
-        :class:`~wsbroadcast.exceptions.BackendError` (after closing the socket with 1011) if
+        `Forbidden` for another client's personal stream;
+        `ManagerNotRunning` outside ``async with``; and
+        `BackendError` (after closing the socket with 1011) if
         the backend fails. If the socket dies or overflows, or the manager shuts down, during
         the connect, the returned connection is already closed.
         """
@@ -402,9 +403,9 @@ class ConnectionManager:
         # The client's first frame is its own join: nothing numbered before it follows.
         after = join.seq - 1 if join is not None else 0
         if since is not None:
-            frames, after, _ = await self._history(room, since, epoch, after)
+            messages, after, _ = await self._history(room, since, epoch, after)
             try:
-                await connection.send_now(frames)
+                await connection.send_now(messages)
             except Exception as exc:  # the socket died: the connect returns it closed
                 self._send_failed(connection, exc)
         return after
@@ -469,7 +470,7 @@ class ConnectionManager:
 
     async def _history(
         self, room: str, since: int, epoch: str | None, after: int | None
-    ) -> tuple[Sequence[Envelope | str], int, str]:
+    ) -> tuple[Sequence[OutboundMessage], int, str]:
         """What a client resuming ``room`` after ``since`` gets first (the envelopes, or one
         ``history_lost``), the seq that live frames then follow, and the stream's epoch.
 
@@ -478,20 +479,21 @@ class ConnectionManager:
         """
         history = await self.backend.history(room, since, epoch)
         if not history.complete:
-            lost: dict[str, JsonValue] = {
-                "since": since,
-                "epoch": history.epoch,
-                "first_seq": history.first_seq,
-                "last_seq": history.last_seq,
-            }
+            lost = ControlMessage.history_lost(
+                room,
+                since=since,
+                epoch=history.epoch,
+                first_seq=history.first_seq,
+                last_seq=history.last_seq,
+            )
             after = history.last_seq if after is None else after
-            return [control_frame("history_lost", room, lost)], after, history.epoch
-        frames = history.envelopes
-        if frames:
-            after = frames[-1].seq
+            return [lost], after, history.epoch
+        envelopes = history.envelopes
+        if envelopes:
+            after = envelopes[-1].seq
         elif after is None or since > after:
             after = since
-        return frames, after, history.epoch
+        return envelopes, after, history.epoch
 
     @contextlib.asynccontextmanager
     async def session(
@@ -502,9 +504,9 @@ class ConnectionManager:
         since: int | None = None,
         epoch: str | None = None,
     ) -> AsyncIterator[Connection]:
-        """:meth:`connect` for the length of an ``async with`` block, then :meth:`disconnect`.
+        """`connect` for the length of an ``async with`` block, then `disconnect`.
 
-        The block runs in :meth:`Connection.cancel_on_close`, so a receive loop in it stops
+        The block runs in `Connection.cancel_on_close`, so a receive loop in it stops
         when the manager closes the connection by itself (slow consumer, dead socket,
         shutdown)::
 
@@ -513,7 +515,7 @@ class ConnectionManager:
                     await manager.broadcast(room, {"message": text}, client_id)
 
         Leaving the block, however it is left, closes the connection (shielded from
-        cancellation) and announces the departure. Raises what :meth:`connect` raises.
+        cancellation) and announces the departure. Raises what `connect` raises.
         """
         connection = await self.connect(transport, client_id, room, since, epoch)
         try:
@@ -532,23 +534,23 @@ class ConnectionManager:
         since: int | None = None,
         epoch: str | None = None,
     ) -> None:
-        """Add ``room`` to an open connection, with the same guarantees as :meth:`connect`.
+        """Add ``room`` to an open connection, with the same guarantees as `connect`.
 
         The client gets, in its one queue and in order: the envelopes of ``room`` after
         ``since`` from history (or one ``history_lost`` frame), then one unsequenced
         ``{"type": "joined", "room", "data": {"seq", "epoch"}}`` frame saying which seq of
         which stream it is now up to date with, then the room's live stream, with no gap and
         no duplicate; frames of its other rooms go on meanwhile. Presence and ``join`` as in
-        :meth:`connect`. The history is queued under the connection's bounds: when they are
+        `connect`. The history is queued under the connection's bounds: when they are
         full, this waits for the client to read (only this caller waits).
 
-        A personal stream (:func:`~wsbroadcast.user_room`) may be joined by its own client
+        A personal stream (`user_room`) may be joined by its own client
         only; it has no presence and announces nothing.
 
-        Raises :class:`~wsbroadcast.exceptions.InvalidName`, :class:`InvalidInput` (bad
-        ``since`` or ``epoch``), :class:`~wsbroadcast.exceptions.AlreadyJoined`,
-        :class:`~wsbroadcast.exceptions.Forbidden` (another client's personal stream), with
-        nothing changed; :class:`~wsbroadcast.exceptions.BackendError` if the backend fails,
+        Raises `InvalidName`, `InvalidInput` (bad
+        ``since`` or ``epoch``), `AlreadyJoined`,
+        `Forbidden` (another client's personal stream), with
+        nothing changed; `BackendError` if the backend fails,
         the connection staying open and out of the room. Cancelled, it leaves the room again.
         If the connection closes meanwhile, returns (the closer cleans up).
         """
@@ -592,16 +594,16 @@ class ConnectionManager:
         await self._enter_room(connection, room)
         join = None if personal else await self._shielded(self._add_presence(connection, room))
         after = join.seq - 1 if join is not None else None
-        frames: Sequence[Envelope | str] = ()
+        messages: Sequence[OutboundMessage] = ()
         if since is not None:
-            frames, after, stream = await self._history(room, since, epoch, after)
+            messages, after, stream = await self._history(room, since, epoch, after)
         elif join is not None:
             stream = join.epoch
         else:
             stream, after = await self._shielded(self.backend.position(room))
         assert after is not None
-        if await connection.replay(frames):
-            ack = control_frame("joined", room, {"seq": after, "epoch": stream})
+        if await connection.replay(messages):
+            ack = ControlMessage.joined(room, seq=after, epoch=stream)
             connection.queue.room_live(room, after, ack)
 
     async def leave(self, connection: Connection, room: str) -> None:
@@ -609,7 +611,7 @@ class ConnectionManager:
 
         The client gets ``{"type": "left", "room", "data": null}`` and no envelope of the room
         after it (those still queued are dropped). Presence and ``leave`` as when a connection
-        closes. Raises :class:`~wsbroadcast.exceptions.NotJoined` if the connection is not in
+        closes. Raises `NotJoined` if the connection is not in
         ``room`` (or is still joining it). Returns at once on a closing connection.
         """
         queue = connection.queue
@@ -618,9 +620,9 @@ class ConnectionManager:
         if queue.closing or connection not in self._connections:
             return
         with anyio.CancelScope(shield=True):
-            await self._leave(connection, room, control_frame("left", room, None))
+            await self._leave(connection, room, ControlMessage.left(room))
 
-    async def _leave(self, connection: Connection, room: str, ack: str | None) -> None:
+    async def _leave(self, connection: Connection, room: str, ack: ControlMessage | None) -> None:
         connection.queue.remove_room(room, ack)
         await self._leave_room(connection, room)
         await self._depart_room(connection, room)
@@ -684,7 +686,7 @@ class ConnectionManager:
 
         Frames still queued for it are dropped. Safe to call more than once and on a socket
         that is already dead: it never raises because of the socket. Returns once the
-        connection is closed (see :meth:`Connection.wait_closed`).
+        connection is closed (see `Connection.wait_closed`).
         """
         connection.queue.abort(code, reason or "")
         await connection.wait_closed()
@@ -819,9 +821,9 @@ class ConnectionManager:
         Returns as soon as the backend has ordered the envelope and it is queued for every
         local member; it never waits for a recipient's socket. The envelope is encoded once,
         before the backend numbers it: what cannot be encoded raises
-        :class:`~wsbroadcast.exceptions.InvalidData` and takes no seq. Raises
-        :class:`~wsbroadcast.exceptions.InvalidInput` for a bad room, client id, type or data
-        (nothing is published), and :class:`~wsbroadcast.exceptions.BackendUnavailable` if
+        `InvalidData` and takes no seq. Raises
+        `InvalidInput` for a bad room, client id, type or data
+        (nothing is published), and `BackendUnavailable` if
         the backend cannot be reached.
         """
         self._check_running()
@@ -832,14 +834,14 @@ class ConnectionManager:
         """Send ``data`` to every connection of client ``to``, on any node; return its envelope.
 
         The envelope has type ``direct`` and data ``{"to": to, "data": data}``, and is published
-        in the personal stream :func:`~wsbroadcast.user_room` of ``to``: it reaches the
+        in the personal stream `user_room` of ``to``: it reaches the
         connections that joined that stream, in order and resumable like a room's. Sent by a
         client (``client_id``, not ``to``), the same envelope (same ``id``) is published in the
         sender's personal stream too, so that the sender's other tabs show it; that copy is
         published second, and if the backend fails in between only the recipient has it.
 
         Nobody connected: it is kept in the stream's history (bounded and expiring like any
-        room's) for the recipient's next resume, not refused. Raises what :meth:`broadcast`
+        room's) for the recipient's next resume, not refused. Raises what `broadcast`
         raises.
         """
         self._check_running()
@@ -860,7 +862,7 @@ class ConnectionManager:
         check_name("room", room)
         return await self.backend.presence(room)
 
-    def stats(self) -> ManagerStats:
+    def statistics(self) -> ManagerStatistics:
         """Current gauges and counters, for health checks and metrics."""
         delivered = self._delivered
         dropped = self._dropped
@@ -870,7 +872,7 @@ class ConnectionManager:
                 delivered += connection.queue.delivered
                 dropped += connection.queue.dropped
                 slow += connection.overflowed
-        return ManagerStats(
+        return ManagerStatistics(
             connections=len(self._connections) + len(self._connecting),
             rooms=len(self._rooms),
             published=self._published,
@@ -881,3 +883,13 @@ class ConnectionManager:
             departures_lost=self._departures_lost,
             close_timeouts=self._close_timeouts,
         )
+
+    def stats(self) -> ManagerStatistics:
+        """Deprecated: use `statistics` (anyio's name for it)."""
+        warn_renamed("ConnectionManager.stats()", "ConnectionManager.statistics()")
+        return self.statistics()
+
+
+__getattr__ = renamed_names(
+    "wsbroadcast.manager", {"ManagerStats": ("wsbroadcast.manager", "ManagerStatistics")}
+)

@@ -1,4 +1,4 @@
-"""A Prometheus collector over a :class:`~wsbroadcast.ConnectionManager`'s statistics.
+"""A Prometheus collector over a `ConnectionManager`'s statistics.
 
 Needs the ``prometheus`` extra (``pip install wsbroadcast[prometheus]``); the rest of
 wsbroadcast never imports this module or ``prometheus_client``::
@@ -8,18 +8,20 @@ wsbroadcast never imports this module or ``prometheus_client``::
 
     REGISTRY.register(ManagerCollector(manager))
 
-Each scrape reads :meth:`~wsbroadcast.ConnectionManager.stats` and the backend's
+Each scrape reads `statistics` and the backend's
 ``health()``: nothing is counted twice and nothing runs between scrapes.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Final, Literal
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
+    from .backends.base import BackendHealth
     from .manager import ConnectionManager
 
 __all__ = ["BACKEND_METRICS", "MANAGER_METRICS", "ManagerCollector"]
@@ -40,7 +42,7 @@ MANAGER_METRICS: Final[tuple[tuple[str, _Kind, str], ...]] = (
     ("close_timeouts", "counter",
      "Sockets whose close did not finish within the manager's close timeout."),
 )  # fmt: skip
-"""Every field of :class:`~wsbroadcast.ManagerStats`: (field, type, help)."""
+"""Every field of `ManagerStatistics`: (field, type, help)."""
 
 BACKEND_METRICS: Final[tuple[tuple[str, _Kind, str], ...]] = (
     ("reconnects", "counter", "Times the backend reached its broker again after an outage."),
@@ -52,8 +54,20 @@ BACKEND_METRICS: Final[tuple[tuple[str, _Kind, str], ...]] = (
     ("reaped_nodes", "counter", "Dead nodes whose presence this node removed."),
     ("rooms", "gauge", "Rooms this node reads from the broker."),
 )  # fmt: skip
-"""Integer keys of the backend's ``health()`` exported when present (the Redis backend has
+"""Integer fields of the backend's ``health()`` exported when present (the Redis backend has
 them all): (key, type, help). Their metric keys are ``backend_`` + key."""
+
+
+def _health_fields(health: BackendHealth | Mapping[str, object]) -> Mapping[str, object]:
+    """The fields of a backend's `health()`; a backend of an older release returns a dict."""
+    if isinstance(health, Mapping):
+        warnings.warn(
+            "a Backend.health() that returns a dict is deprecated: return a BackendHealth",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return health
+    return vars(health)
 
 
 def _metric_keys() -> tuple[str, ...]:
@@ -67,17 +81,17 @@ def _metric_keys() -> tuple[str, ...]:
 class ManagerCollector:
     """A ``prometheus_client`` custom collector for one manager and its backend.
 
-    Reports every field of :meth:`~wsbroadcast.ConnectionManager.stats`, ``backend_up``
-    (1 while ``manager.backend.health()["status"] == "ok"``, else 0) and the integer
-    counters and gauges of :data:`BACKEND_METRICS` that ``health()`` reports. A metric is
+    Reports every field of `statistics`, ``backend_up``
+    (1 while ``manager.backend.health().ok``, else 0) and the integer
+    counters and gauges of `BACKEND_METRICS` that ``health()`` reports. A metric is
     named ``{prefix}_{key}`` (counters get ``_total`` from ``prometheus_client``): e.g.
     ``wsbroadcast_connections``, ``wsbroadcast_delivered_total``, ``wsbroadcast_backend_up``,
     ``wsbroadcast_backend_reconnects_total``. While the manager is not running only
     ``backend_up`` is reported, as 0.
 
     :param prefix: the start of every metric name.
-    :param names: full metric names for some keys (a field of ``ManagerStats``,
-        ``backend_up`` or ``backend_`` + a key of :data:`BACKEND_METRICS`), instead of
+    :param names: full metric names for some keys (a field of ``ManagerStatistics``,
+        ``backend_up`` or ``backend_`` + a key of `BACKEND_METRICS`), instead of
         ``{prefix}_{key}``; for counters, ``_total`` may be given or left off.
     """
 
@@ -109,10 +123,10 @@ class ManagerCollector:
         if not manager.running:
             yield self._up(0)
             return
-        stats = manager.stats()
-        health = manager.backend.health()
+        statistics = manager.statistics()
+        health = _health_fields(manager.backend.health())
         for key, kind, help in MANAGER_METRICS:
-            yield self._family(key, kind, help, getattr(stats, key))
+            yield self._family(key, kind, help, getattr(statistics, key))
         yield self._up(int(health.get("status") == "ok"))
         for key, kind, help in BACKEND_METRICS:
             value = health.get(key)

@@ -1,6 +1,6 @@
 """The name grammar: what a room, a client id and an envelope type may be.
 
-A name is 1 to :data:`NAME_MAX_LENGTH` (64) characters, each one of::
+A name is 1 to `NAME_MAX_LENGTH` (64) characters, each one of::
 
     A-Z  a-z  0-9  _  .  -  :  #  @
 
@@ -25,11 +25,11 @@ normalisation or look-alike question). Nothing else is allowed, and on purpose:
 so room names and client ids are written there with ``:`` escaped as ``%3A`` (names without
 ``:`` give the same keys as before).
 
-Personal streams: the room ``@<client id>`` (:func:`user_room`) is the stream of direct
+Personal streams: the room ``@<client id>`` (`user_room`) is the stream of direct
 messages to that client. Only that client may connect to or join it, nothing is announced
 in it and
-``broadcast`` refuses it (:meth:`~wsbroadcast.ConnectionManager.send_direct` publishes there),
-so application rooms should not start with ``@`` (:data:`USER_ROOM_PREFIX`).
+``broadcast`` refuses it (`send_direct` publishes there),
+so application rooms should not start with ``@`` (`USER_ROOM_PREFIX`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ NAME_PATTERN: Final = re.compile(rf"[A-Za-z0-9_.\-:#@]{{1,{NAME_MAX_LENGTH}}}")
 """A valid name, to be used with ``fullmatch`` (``match`` would accept a valid prefix)."""
 _CHARACTER: Final = re.compile(r"[A-Za-z0-9_.\-:#@]")
 USER_ROOM_PREFIX: Final = "@"
-"""Rooms whose name starts with this are personal streams (see :func:`user_room`)."""
+"""Rooms whose name starts with this are personal streams (see `user_room`)."""
 
 
 def is_valid_name(value: object) -> bool:
@@ -89,7 +89,7 @@ def user_room(client_id: str) -> str:
     """The personal stream of ``client_id``: where its direct messages are published.
 
     ``"@" + client_id`` (so it may be one character longer than a name). Raises
-    :class:`~wsbroadcast.exceptions.InvalidName` for a bad client id.
+    `InvalidName` for a bad client id.
     """
     return USER_ROOM_PREFIX + check_name("client_id", client_id)
 

@@ -1,33 +1,36 @@
 """A connection's outbound queue, sans I/O: what to send next, bounded, with its policy.
 
 This module does no I/O and imports no event loop library: it decides, the way the
-``websockets`` library's ``Protocol`` does for bytes. :class:`OutboundQueue` holds the
-frames waiting for one client — shared :class:`~wsbroadcast.Envelope` objects of the rooms
-it is in and one-off control texts — bounded in frames *and* bytes, in one order of arrival,
-without duplicates (each room's seqs are tracked on their own). The
-I/O layer (:class:`~wsbroadcast.Connection` and the manager's writer and flusher) takes
-batches from it and reports what it wrote; the queue never waits and never blocks a
+``websockets`` library's ``Protocol`` does for bytes. `OutboundQueue` holds the
+messages waiting for one client — shared `Envelope` objects of the rooms
+it is in and its own `ControlMessage` objects — bounded in messages
+*and* bytes, in one order of arrival, without duplicates (each room's seqs are tracked on
+their own). The I/O layer (`Connection` and the manager's writer and
+flusher) takes batches from it and reports what it wrote; the queue never waits and never blocks a
 broadcast. Every state change is a plain method call, so it is unit-tested without a loop.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pydantic import JsonValue
 
+from .control import CloseCode, ControlMessage
 from .envelope import Envelope
-from .protocol import CloseCode, control_frame
 
 __all__ = [
     "DEFAULT_QUEUE_BYTES",
     "DEFAULT_QUEUE_SIZE",
     "ConnectionState",
+    "OutboundMessage",
     "OutboundQueue",
     "QueueStatistics",
     "SlowConsumerPolicy",
+    "frames_of",
 ]
 
 DEFAULT_QUEUE_SIZE = 1024
@@ -35,8 +38,20 @@ DEFAULT_QUEUE_SIZE = 1024
 DEFAULT_QUEUE_BYTES = 1024 * 1024
 """Bytes a connection may have waiting, by default (Centrifugo's slow-client limit)."""
 
-Item = Envelope | str
-"""What the queue holds: a room's envelope (shared by every recipient) or a control text."""
+OutboundMessage = Envelope | ControlMessage
+"""What a connection's queue holds and a transport sends: a room's envelope (shared by every
+recipient) or a control message for this connection only. Both have `text`, `size` and
+`frame`."""
+
+
+def frames_of(messages: Sequence[OutboundMessage]) -> bytes:
+    """The frames of `messages` back to back, for one socket write.
+
+    Each message contributes its prepared `frame`: an envelope's is shared by every recipient.
+    """
+    if len(messages) == 1:  # the common case: one publish since the last write
+        return messages[0].frame
+    return b"".join([message.frame for message in messages])
 
 
 class SlowConsumerPolicy(str, enum.Enum):
@@ -44,10 +59,10 @@ class SlowConsumerPolicy(str, enum.Enum):
 
     The queue is full when it holds ``queue_size`` frames or ``queue_bytes`` bytes.
     ``DISCONNECT`` (the default) closes the connection with close code ``4008``
-    (:attr:`~wsbroadcast.CloseCode.SLOW_CONSUMER`): the client knows it fell behind and can
+    (`SLOW_CONSUMER`): the client knows it fell behind and can
     reconnect with ``since`` and ``epoch`` to recover what it missed from history.
     ``DROP_OLDEST`` keeps the connection and discards the oldest queued envelopes until the
-    new frame fits (control frames such as errors and ``history_lost`` are kept while there
+    new frame fits (control messages such as errors and ``history_lost`` are kept while there
     is an envelope to drop, since history cannot give them back): the client sees a gap in
     ``seq`` and can resume from its last seq. Neither policy ever makes a broadcast wait.
     """
@@ -101,18 +116,18 @@ class OutboundQueue:
     """The frames waiting for one client, bounded in count and bytes, in send order.
 
     The queue follows the rooms it was told of: ``room`` (the connection's first) and those
-    :meth:`add_room` added until :meth:`remove_room`. Envelopes of those rooms are queued once
+    `add_room` added until `remove_room`. Envelopes of those rooms are queued once
     each (a seq not above the last one queued for its room is a duplicate and is skipped),
-    those of other rooms never; control texts always. While :attr:`state` is ``RECOVERING``
-    every frame is held aside, under the same bounds, until :meth:`go_live` says which seq
+    those of other rooms never; control messages always. While `state` is ``RECOVERING``
+    every frame is held aside, under the same bounds, until `go_live` says which seq
     the live stream follows; while a room added later recovers, its envelopes are held the
-    same way until :meth:`room_live`. When a frame does not fit, the
-    :class:`SlowConsumerPolicy` decides: drop the oldest, or :meth:`abort` with 4008.
+    same way until `room_live`. When a frame does not fit, the
+    `SlowConsumerPolicy` decides: drop the oldest, or `abort` with 4008.
 
     :param on_ready: called (synchronously) when frames become available to an idle writer:
-        the I/O layer schedules a write. Not called again until :meth:`take` empties it.
+        the I/O layer schedules a write. Not called again until `take` empties it.
     :param on_abort: called once, synchronously, when the queue aborts (by its policy or by
-        :meth:`abort`): the I/O layer starts closing the connection.
+        `abort`): the I/O layer starts closing the connection.
     """
 
     __slots__ = (
@@ -165,14 +180,14 @@ class OutboundQueue:
         self._last: dict[str, int] = {}
         """The seq of the newest envelope queued per other room the queue follows."""
         self._recovering: set[str] = set()
-        """Rooms added while open whose envelopes are held until :meth:`room_live`."""
+        """Rooms added while open whose envelopes are held until `room_live`."""
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.overflowed = False
         """True once the queue overflowed under the ``disconnect`` policy."""
-        self._items: list[Item] = []
+        self._items: list[OutboundMessage] = []
         self._bytes = 0
-        self._held: list[Item | _Reset] = []
+        self._held: list[OutboundMessage | _Reset] = []
         self._held_count = 0
         self._held_bytes = 0
         self._unsent = 0
@@ -279,18 +294,27 @@ class OutboundQueue:
         elif state is ConnectionState.RECOVERING:
             self._hold(envelope)
 
-    def push_text(self, text: str) -> bool:
-        """Queue a control text; false if the queue is closing (or the policy refused it)."""
+    def push_message(self, message: ControlMessage) -> bool:
+        """Queue a control message; false if the queue is closing (or the policy refused it)."""
         if self.state is ConnectionState.OPEN:
-            return self._append(text)
+            return self._append(message)
         if self.state is ConnectionState.RECOVERING:
-            return self._hold(text)
+            return self._hold(message)
         return False
 
+    def push_text(self, text: str) -> bool:
+        """Deprecated: use `push_message` with a `ControlMessage`."""
+        warnings.warn(
+            "OutboundQueue.push_text() is deprecated: use push_message(ControlMessage(...))",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.push_message(ControlMessage.from_text(text))
+
     def push_control(self, type: str, data: JsonValue = None, room: str | None = None) -> bool:
-        """Queue ``{"type", "room", "data"}`` (unsequenced; ``room`` defaults to the first
-        room); see :meth:`push_text`."""
-        return self.push_text(control_frame(type, self.room if room is None else room, data))
+        """Queue `ControlMessage(type, room, data)` (`room` defaults to the first room); see
+        `push_message`."""
+        return self.push_message(ControlMessage(type, self.room if room is None else room, data))
 
     def reset(self, epoch: str, after_seq: int, room: str | None = None) -> None:
         """A room's stream was reset (or has a gap): tell the client ``history_lost``.
@@ -311,14 +335,11 @@ class OutboundQueue:
         since = self.last_seq_of(room)
         if since is None:
             return
-        lost: dict[str, JsonValue] = {
-            "since": since,
-            "epoch": epoch,
-            "first_seq": after_seq + 1,
-            "last_seq": after_seq,
-        }
         self._set_seq(room, after_seq)
-        self._append(control_frame("history_lost", room, lost))
+        lost = ControlMessage.history_lost(
+            room, since=since, epoch=epoch, first_seq=after_seq + 1, last_seq=after_seq
+        )
+        self._append(lost)
 
     def go_live(self, after_seq: int) -> None:
         """End recovery: the client has everything up to ``after_seq``; queue what follows.
@@ -335,11 +356,11 @@ class OutboundQueue:
         self._held_count = self._held_bytes = 0
         self._release(held)
 
-    def _release(self, held: list[Item | _Reset]) -> None:
+    def _release(self, held: list[OutboundMessage | _Reset]) -> None:
         for item in held:
             if isinstance(item, _Reset):
                 self._reset_now(item.room, item.epoch, item.after_seq)
-            elif isinstance(item, str):
+            elif isinstance(item, ControlMessage):
                 self._append(item)
             else:
                 self.push(item)
@@ -349,7 +370,7 @@ class OutboundQueue:
     # -- rooms joined and left while open
 
     def add_room(self, room: str) -> bool:
-        """Follow ``room`` too; its envelopes are held until :meth:`room_live`.
+        """Follow ``room`` too; its envelopes are held until `room_live`.
 
         False (nothing changes) if the queue follows it already or is closing.
         """
@@ -360,39 +381,39 @@ class OutboundQueue:
             self._recovering.add(room)
         return True
 
-    def fits(self, item: Item) -> bool:
+    def fits(self, item: OutboundMessage) -> bool:
         """Whether ``item`` can be queued now without the slow-consumer policy (an empty
         queue takes anything): what a history replay waits for."""
         return not self._items or (
-            len(self._items) < self.queue_size and self._bytes + _size(item) <= self.queue_bytes
+            len(self._items) < self.queue_size and self._bytes + item.size <= self.queue_bytes
         )
 
-    def push_replay(self, item: Item) -> bool:
-        """Queue a frame of a recovering room's history (the caller checked :meth:`fits`)."""
+    def push_replay(self, item: OutboundMessage) -> bool:
+        """Queue a frame of a recovering room's history (the caller checked `fits`)."""
         return self._append(item)
 
-    def room_live(self, room: str, after_seq: int, ack: str | None = None) -> None:
+    def room_live(self, room: str, after_seq: int, ack: ControlMessage | str | None = None) -> None:
         """End ``room``'s recovery: the client has its envelopes up to ``after_seq``.
 
-        ``ack`` (a control text, say ``joined``) is queued first; then the envelopes held
+        ``ack`` (a control message, say ``joined``) is queued first; then the envelopes held
         for the room, less duplicates, in order.
         """
         if room not in self._recovering or self.state is not ConnectionState.OPEN:
             return
         self._recovering.discard(room)
         self._last[room] = max(self._last[room], after_seq)  # never the first: added ones
-        if ack is not None and not self._append(ack):
+        if ack is not None and not self._append(_control(ack)):
             return
         mine = [item for item in self._held if _room_of(item) == room]
         if mine:
             self._held = [item for item in self._held if _room_of(item) != room]
             self._held_count -= sum(1 for item in mine if not isinstance(item, _Reset))
-            self._held_bytes -= sum(_size(item) for item in mine if not isinstance(item, _Reset))
+            self._held_bytes -= sum(item.size for item in mine if not isinstance(item, _Reset))
             self._release(mine)
 
-    def remove_room(self, room: str, ack: str | None = None) -> bool:
+    def remove_room(self, room: str, ack: ControlMessage | str | None = None) -> bool:
         """Stop following ``room``: its envelopes still queued or held are dropped and none
-        is queued after ``ack`` (a control text, say ``left``). False if not following it."""
+        is queued after ``ack`` (a control message, say ``left``). False if not following it."""
         if not self.follows(room) or self.closing:
             return False
         if self._first and room == self.room:
@@ -405,23 +426,23 @@ class OutboundQueue:
             self._held = [item for item in self._held if _room_of(item) != room]
             envelopes = [item for item in held if not isinstance(item, _Reset)]
             self._held_count -= len(envelopes)
-            self._held_bytes -= sum(_size(item) for item in envelopes)
+            self._held_bytes -= sum(item.size for item in envelopes)
             self._dropped += len(envelopes)
         items = self._items
         kept = [item for item in items if not (isinstance(item, Envelope) and item.room == room)]
         if len(kept) != len(items):
             self._dropped += len(items) - len(kept)
-            self._bytes = sum(_size(item) for item in kept)
+            self._bytes = sum(item.size for item in kept)
             self._items = kept
         if ack is not None:
-            self._append(ack)
+            self._append(_control(ack))
         return True
 
-    def _hold(self, item: Item) -> bool:
+    def _hold(self, item: OutboundMessage) -> bool:
         """Hold a live frame while recovering, under the same bounds and policy as the queue
         (a held reset is never dropped: it is what tells the client)."""
         held = self._held
-        size = _size(item)
+        size = item.size
         while self._held_count and (
             self._held_count >= self.queue_size or self._held_bytes + size > self.queue_bytes
         ):
@@ -433,16 +454,16 @@ class OutboundQueue:
             dropped = held.pop(index)
             assert not isinstance(dropped, _Reset)
             self._held_count -= 1
-            self._held_bytes -= _size(dropped)
+            self._held_bytes -= dropped.size
             self._dropped += 1
         held.append(item)
         self._held_count += 1
         self._held_bytes += size
         return True
 
-    def _append(self, item: Item) -> bool:
+    def _append(self, item: OutboundMessage) -> bool:
         items = self._items
-        size = _size(item)
+        size = item.size
         # Frames being written sit outside the bounds: at most one more queue's worth.
         while items and (len(items) >= self.queue_size or self._bytes + size > self.queue_bytes):
             if not self._make_room(items, size):
@@ -457,13 +478,13 @@ class OutboundQueue:
                 self._on_ready()
         return True
 
-    def _make_room(self, items: list[Item], size: int) -> bool:
+    def _make_room(self, items: list[OutboundMessage], size: int) -> bool:
         """Apply the policy to a full queue; true if the oldest frame made way."""
         if self.policy is SlowConsumerPolicy.DROP_OLDEST:
-            # The oldest envelope: history holds it for a resume, while a control frame
+            # The oldest envelope: history holds it for a resume, while a control message
             # (an error, a history_lost) exists nowhere else. Only controls: the oldest.
             index = next((i for i, old in enumerate(items) if isinstance(old, Envelope)), 0)
-            self._bytes -= _size(items.pop(index))
+            self._bytes -= items.pop(index).size
             self._dropped += 1
             return True
         self.overflowed = True
@@ -474,17 +495,17 @@ class OutboundQueue:
 
     @property
     def has_frames(self) -> bool:
-        """Whether :meth:`take` would return anything."""
+        """Whether `take` would return anything."""
         return bool(self._items) and self.state is ConnectionState.OPEN
 
-    def peek(self) -> list[Item]:
+    def peek(self) -> list[OutboundMessage]:
         """The frames waiting now, in order, left in the queue (for a write that may refuse)."""
         return self._items if self.state is ConnectionState.OPEN else []
 
-    def take(self) -> list[Item]:
+    def take(self) -> list[OutboundMessage]:
         """Hand every waiting frame to the writer, in order; they count as queued until
-        :meth:`sent` (or as dropped if the queue aborts first). Empty: the writer is idle
-        and :attr:`on_ready` will be called for the next frame."""
+        `sent` (or as dropped if the queue aborts first). Empty: the writer is idle
+        and `on_ready` will be called for the next frame."""
         items = self._items
         if not items or self.state is not ConnectionState.OPEN:
             self._ready = False
@@ -505,7 +526,7 @@ class OutboundQueue:
         self._delivered += count
 
     def flushed(self) -> None:
-        """Everything :meth:`peek` returned was written at once (the no-wait path): the queue
+        """Everything `peek` returned was written at once (the no-wait path): the queue
         is empty and idle, and ``on_ready`` will be called for the next frame."""
         self._delivered += len(self._items)
         self._items = []
@@ -547,9 +568,19 @@ class OutboundQueue:
         self.state = ConnectionState.CLOSED
 
 
-def _size(item: Item) -> int:
-    return item.size if isinstance(item, Envelope) else len(item.encode())
+def _control(ack: ControlMessage | str) -> ControlMessage:
+    """`ack` as a control message; a text (what 0.1 took) is deprecated."""
+    if isinstance(ack, str):
+        warnings.warn(
+            "an ack given as text is deprecated: give a ControlMessage",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return ControlMessage.from_text(ack)
+    return ack
 
 
-def _room_of(item: Item | _Reset) -> str | None:
-    return item.room if not isinstance(item, str) else None
+def _room_of(item: OutboundMessage | _Reset) -> str | None:
+    """The room whose recovery holds `item` back: None for a control message, which is
+    released with whatever is live."""
+    return None if isinstance(item, ControlMessage) else item.room

@@ -1,6 +1,6 @@
 """Publishing without sockets: a worker, a cron job or a script that only sends.
 
-A :class:`Publisher` is the write half of a :class:`~wsbroadcast.ConnectionManager`: it opens a
+A `Publisher` is the write half of a `ConnectionManager`: it opens a
 backend, checks and publishes envelopes exactly as ``manager.broadcast`` does, and holds no
 connection, queue or room subscription. Through a backend that spans processes (Redis), every
 node's clients receive what it publishes, in the room's one order::
@@ -18,7 +18,7 @@ from types import TracebackType
 from pydantic import JsonValue
 
 from ._validation import check_name, check_publication
-from .backend import Backend, backend_from_url
+from .backends.base import Backend, backend_from_url
 from .envelope import Draft, Envelope, direct_drafts
 from .exceptions import ManagerNotRunning
 
@@ -28,8 +28,8 @@ __all__ = ["Publisher"]
 class Publisher:
     """Publishes to rooms through a backend, with no connections: use it as ``async with``.
 
-    :param backend: a URL for :func:`~wsbroadcast.backend_from_url` (the publisher enters and
-        exits that backend), or a :class:`~wsbroadcast.backend.Backend` that the caller has
+    :param backend: a URL for `backend_from_url` (the publisher enters and
+        exits that backend), or a `Backend` that the caller has
         entered (shared with a manager in the same process, say), which it leaves alone.
     """
 
@@ -65,7 +65,7 @@ class Publisher:
         """Publish ``data`` to ``room``, as the server unless ``client_id`` is given.
 
         Returns once the backend has ordered and stored the envelope. Raises what
-        :meth:`ConnectionManager.broadcast` raises: ``InvalidInput`` (nothing published, no
+        `ConnectionManager.broadcast` raises: ``InvalidInput`` (nothing published, no
         seq taken) or ``BackendUnavailable``.
         """
         if not self._running:
@@ -77,7 +77,7 @@ class Publisher:
         self, to: str, data: JsonValue, *, client_id: str | None = None
     ) -> Envelope:
         """Send a direct message to every connection of ``to`` on any node, as
-        :meth:`ConnectionManager.send_direct` does (as the server unless ``client_id``)."""
+        `ConnectionManager.send_direct` does (as the server unless ``client_id``)."""
         if not self._running:
             raise ManagerNotRunning("use the Publisher inside 'async with publisher:'")
         drafts = direct_drafts(to, data, client_id)

@@ -22,7 +22,7 @@ from cluster_helpers import (
 )
 
 from wsbroadcast import ConnectionManager, user_room
-from wsbroadcast.backend import backend_from_url
+from wsbroadcast.backends.base import backend_from_url
 from wsbroadcast.backends.redis import RedisClusterBackend
 from wsbroadcast.backends.redis.keys import KeyLayout
 from wsbroadcast.exceptions import BackendError, InvalidBackendURL
@@ -94,12 +94,12 @@ async def test_one_order_per_room_across_nodes_and_resume_through_the_other(
                 group.start_soon(publish, node_b, "bob")
             marker = await node_a.broadcast("lobby", "marker")
             for transport in (on_a, on_b):
-                await transport.wait_until(lambda t: marker.text in t.frames)
+                await transport.wait_until(lambda t: marker.text in t.texts)
             # One order: bob's frames are alice's from his own join on, frame for frame.
-            start = on_a.frames.index(on_b.frames[0])
-            assert on_a.frames[start:] == on_b.frames
-            assert audit(on_a.messages(), "lobby") == (len(on_a.frames), 0)
-            assert audit(on_b.messages(), "lobby") == (len(on_b.frames), 0)
+            start = on_a.texts.index(on_b.texts[0])
+            assert on_a.texts[start:] == on_b.texts
+            assert audit(on_a.messages(), "lobby") == (len(on_a.texts), 0)
+            assert audit(on_b.messages(), "lobby") == (len(on_b.texts), 0)
 
             # alice drops after her 10th frame and resumes through node b.
             seen = on_a.messages()[9]
@@ -107,8 +107,8 @@ async def test_one_order_per_room_across_nodes_and_resume_through_the_other(
             again = MemoryTransport()
             await node_b.connect(again, "alice", "lobby", since=seen["seq"], epoch=seen["epoch"])
             later = await node_a.broadcast("lobby", "later")
-            await again.wait_until(lambda t: later.text in t.frames)
-            assert again.frames[: len(on_a.frames) - 10] == on_a.frames[10:]
+            await again.wait_until(lambda t: later.text in t.texts)
+            assert again.texts[: len(on_a.texts) - 10] == on_a.texts[10:]
             assert audit(again.messages(), "lobby")[1] == 0
 
 
@@ -123,7 +123,7 @@ async def test_presence_across_nodes(make_node: Make) -> None:
                 await node_b.connect(MemoryTransport(), "bob", "room")
                 for node in (node_a, node_b):
                     assert await node.presence("room") == ["alice", "bob", "carol"]
-                await watcher.wait_until(lambda t: len(t.frames) >= 3)
+                await watcher.wait_until(lambda t: len(t.texts) >= 3)
                 joins = [m["client_id"] for m in watcher.messages() if m["type"] == "join"]
                 assert joins == ["carol", "alice", "bob"]  # alice's second tab: no join
             # node b is gone (its heartbeat removed on exit): a surviving node reaps bob's
@@ -151,11 +151,11 @@ async def test_rooms_on_every_primary_are_all_delivered(
                 name: [await node_b.broadcast(name, i, "bob") for i in range(5)] for name in names
             }
             for name, transport in transports.items():
-                await transport.wait_until(lambda t, name=name: sent[name][-1].text in t.frames)
-                assert transport.frames[1:] == [envelope.text for envelope in sent[name]]
+                await transport.wait_until(lambda t, name=name: sent[name][-1].text in t.texts)
+                assert transport.texts[1:] == [envelope.text for envelope in sent[name]]
             health = backend.health()
-            assert health["status"] == "ok"
-            assert health["readers"] == len({LAYOUT.partition(name) for name in names})
+            assert health.status == "ok"
+            assert health.readers == len({LAYOUT.partition(name) for name in names})
 
 
 async def test_direct_messages_across_shards(cluster: LocalCluster, make_node: Make) -> None:
@@ -172,7 +172,7 @@ async def test_direct_messages_across_shards(cluster: LocalCluster, make_node: M
                 [sys.executable, "-c", WORKER, f"{cluster.url}?prefix={prefix}", bob]
             )
             [printed] = worker.stdout.decode().splitlines()
-            await to_bob.wait_until(lambda t: printed in t.frames)
+            await to_bob.wait_until(lambda t: printed in t.texts)
             await to_alice.wait_until(lambda t: any(m["type"] == "direct" for m in t.messages()))
             directs = [m for m in to_bob.messages() if m["type"] == "direct"]
             assert [(m["id"], m["client_id"], m["seq"]) for m in directs] == [
@@ -230,7 +230,7 @@ async def test_a_primary_killed_mid_stream_never_leaves_a_silent_hole(
                 text = (await node_a.broadcast(room, f"marker {attempt}")).text
                 with anyio.move_on_after(3):
                     for _, transport in clients.values():
-                        await transport.wait_until(lambda t, text=text: text in t.frames)
+                        await transport.wait_until(lambda t, text=text: text in t.texts)
                     break
             else:
                 pytest.fail("no marker reached every client")
@@ -242,7 +242,7 @@ async def test_a_primary_killed_mid_stream_never_leaves_a_silent_hole(
             again = MemoryTransport()
             await node_b.connect(again, "carol", room, since=seen["seq"], epoch=seen["epoch"])
             after = await node_a.broadcast(room, "after resume")
-            await again.wait_until(lambda t: after.text in t.frames)
+            await again.wait_until(lambda t: after.text in t.texts)
             audit([seen, *again.messages()], room)
 
 
@@ -275,7 +275,7 @@ async def test_writes_a_promoted_replica_never_got_are_told_as_history_lost(
                     await node_a.broadcast(room, f"lost {i}", "alice") for i in range(3)
                 ]
                 for _, transport in clients.values():
-                    await transport.wait_until(lambda t: unreplicated[-1].text in t.frames)
+                    await transport.wait_until(lambda t: unreplicated[-1].text in t.texts)
                 own_cluster.kill(primary)
             finally:
                 own_cluster.thaw(replica)
@@ -297,13 +297,13 @@ async def test_writes_a_promoted_replica_never_got_are_told_as_history_lost(
                     await anyio.sleep(0.05)
             marker = await node_a.broadcast(room, "marker")
             for _, transport in clients.values():
-                await transport.wait_until(lambda t: marker.text in t.frames)
+                await transport.wait_until(lambda t: marker.text in t.texts)
             final = await node_a.backend.history(room, 0)
             assert final.complete
             held = {envelope.seq: envelope.text for envelope in final.envelopes}
             for client_id, (_, transport) in clients.items():
                 _, resets = audit(transport.messages(), room)
-                for frame, message in zip(transport.frames, transport.messages(), strict=True):
+                for frame, message in zip(transport.texts, transport.messages(), strict=True):
                     if message.get("epoch") == final.epoch and message["seq"] in held:
                         assert held[message["seq"]] == frame, (client_id, message)
                 assert resets >= 1, client_id  # every client saw envelopes that are gone
@@ -325,4 +325,4 @@ async def test_a_burst_past_the_connection_limit_waits_instead_of_failing(make_n
         for room in range(5):
             history = await node.history(f"burst-{room}", 0)
             assert [e.seq for e in history.envelopes] == list(range(1, 9))
-        assert node.health()["status"] == "ok"
+        assert node.health().status == "ok"

@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from wsbroadcast import Envelope
-from wsbroadcast.backend import StreamReset
+from wsbroadcast.backends.base import StreamReset
 
 ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 """redis-py's asyncio client does not run on trio: every Redis test runs on asyncio only."""

@@ -86,10 +86,10 @@ async def test_closed_subscription_stops_and_costs_nothing(make_backend: Make) -
     async with make_backend() as a:
         recorder = Recorder()
         subscription = await a.subscribe("r", recorder)
-        assert a.health()["rooms"] == 1
+        assert a.health().rooms == 1
         await subscription.aclose()
         await subscription.aclose()
-        assert a.health()["rooms"] == 0
+        assert a.health().rooms == 0
         other = Recorder()
         await a.subscribe("s", other)
         await a.publish("r", "message", "x")
@@ -164,7 +164,7 @@ async def test_dead_node_leaves_presence_and_its_leaves_are_announced(
             monkeypatch.setattr(b, "_leave_cluster", crash)
         with anyio.fail_after(5):
             # presence_ttl is 0.5 s: bob disappears with b's heartbeat ...
-            await eventually(lambda: a.health()["reaped_nodes"] == 1)
+            await eventually(lambda: a.health().reaped_nodes == 1)
             # ... and a announces his leave; alice is still connected on a.
             await recorder.wait_for(1)
         assert [(e.type, e.client_id) for e in recorder.envelopes] == [("leave", "bob")]
@@ -215,11 +215,11 @@ async def test_from_url_options(redis_server: RedisServer) -> None:
 async def test_health_reports_ok_with_details(make_backend: Make) -> None:
     async with make_backend() as a:
         health = a.health()
-        json.dumps(health)
-        assert health["status"] == "ok"
-        assert health["connected"] is True
-        assert health["reconnects"] == 0
-        assert health["last_error"] is None
+        json.dumps(health.as_dict())
+        assert health.status == "ok"
+        assert health.connected is True
+        assert health.reconnects == 0
+        assert health.last_error is None
 
 
 async def test_a_burst_larger_than_the_pool_waits_for_connections(make_backend: Make) -> None:
@@ -233,7 +233,7 @@ async def test_a_burst_larger_than_the_pool_waits_for_connections(make_backend: 
         assert len(await node.presence("burst")) == 30
         history = await node.history("burst", 0)
         assert [e.seq for e in history.envelopes] == list(range(1, 31))
-        assert node.health()["status"] == "ok"
+        assert node.health().status == "ok"
 
 
 async def test_namespaced_names_round_trip(make_backend: Make, redis_server: RedisServer) -> None:

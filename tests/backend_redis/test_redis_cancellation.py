@@ -147,7 +147,7 @@ async def test_cancelled_connect_leaves_no_ghost_and_a_later_connect_joins(
         watcher = MemoryTransport()
         await manager.connect(watcher, "bob", "room")
         with anyio.fail_after(10):
-            await watcher.wait_for_frames(1)
+            await watcher.wait_for_messages(1)
             await cancel_during(
                 backend,
                 redis_server,
@@ -158,7 +158,7 @@ async def test_cancelled_connect_leaves_no_ghost_and_a_later_connect_joins(
             )
             assert await manager.presence("room") == ["bob"]
             assert await counts(backend, "room", "alice") == (0, 0)
-            seen = len(watcher.frames)
+            seen = len(watcher.texts)
             await manager.connect(MemoryTransport(), "alice", "room")
             await watcher.wait_until(
                 lambda t: any(

@@ -11,7 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 
 from wsbroadcast import Envelope
-from wsbroadcast.backend import StreamReset
+from wsbroadcast.backends.base import StreamReset
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.exceptions import BackendError, BackendUnavailable
 
@@ -37,10 +37,10 @@ async def test_reader_resumes_where_it_stopped_after_connections_drop(
                 for i in range(1, 20):
                     await b.publish("r", "message", "bob", i)
                 await recorder.wait_for(20)
-                await eventually(lambda: a.health()["status"] == "ok")
+                await eventually(lambda: a.health().status == "ok")
         assert recorder.seqs == list(range(1, 21))
         assert [e.data for e in recorder.envelopes] == list(range(20))
-        assert b.health()["publish_failures"] == 0
+        assert b.health().publish_failures == 0
     finally:
         await admin.aclose()
 
@@ -61,18 +61,18 @@ async def test_redis_restarted_empty(make_backend: Make, redis_server: RedisServ
                 await b.publish("r", "message", "bob", "lost?")
             with pytest.raises(BackendUnavailable):
                 await b.history("r", 0)
-            await eventually(lambda: a.health()["status"] == "degraded")
-            await eventually(lambda: b.health()["status"] == "degraded")
-            assert a.health()["connected"] is False
-            assert "Error" in str(a.health()["last_error"])
+            await eventually(lambda: a.health().status == "degraded")
+            await eventually(lambda: b.health().status == "degraded")
+            assert a.health().connected is False
+            assert "Error" in str(a.health().last_error)
 
             await anyio.to_thread.run_sync(redis_server.start)
-            await eventually(lambda: a.health()["status"] == "ok")
-            await eventually(lambda: b.health()["status"] == "ok")
-            assert a.health()["reconnects"] == 1
+            await eventually(lambda: a.health().status == "ok")
+            await eventually(lambda: b.health().status == "ok")
+            assert a.health().reconnects == 1
 
             # a notices the loss, resets its listeners, and restores alice's presence (join).
-            await eventually(lambda: a.health()["data_losses"] == 1)
+            await eventually(lambda: a.health().data_losses == 1)
             await recorder.wait_for(4)
             assert await b.presence("r") == ["alice"]
             after = await b.publish("r", "message", "bob", "after")
@@ -101,8 +101,8 @@ async def test_redis_restarted_empty(make_backend: Make, redis_server: RedisServ
         resumed = await a.history("r", join.seq, new_epoch)
         assert resumed.complete
         assert [e.id for e in resumed.envelopes] == [after.id]
-        assert b.health()["data_losses"] == 1
-        assert b.health()["publish_failures"] == 1
+        assert b.health().data_losses == 1
+        assert b.health().publish_failures == 1
 
 
 async def test_departure_that_failed_during_an_outage_is_resynced(
@@ -125,7 +125,7 @@ async def test_departure_that_failed_during_an_outage_is_resynced(
         with anyio.fail_after(5):
             # Redis still counts alice on a; a's next heartbeat finds the stale entry.
             await recorder.wait_for(1)
-            await eventually(lambda: a.health()["status"] == "ok")
+            await eventually(lambda: a.health().status == "ok")
         assert [(e.type, e.client_id) for e in recorder.envelopes] == [("leave", "alice")]
         assert await b.presence("r") == ["bob"]
         assert not await a.remove_presence("r", "alice")
@@ -172,7 +172,7 @@ async def test_reader_cut_off_past_history_tells_a_gap(
                 raise RedisConnectionError("Connection reset by peer")
 
             monkeypatch.setattr(a._reader, "pipeline", cut)
-            await eventually(lambda: a.health()["status"] == "degraded")
+            await eventually(lambda: a.health().status == "degraded")
             for i in range(2, 11):
                 await b.publish("r", "message", "bob", i)
             monkeypatch.setattr(a._reader, "pipeline", real)
@@ -183,7 +183,7 @@ async def test_reader_cut_off_past_history_tells_a_gap(
         epoch = recorder.envelopes[0].epoch
         assert recorder.events[1] == StreamReset("r", epoch, 7)
         assert recorder.events[2] == recorder.envelopes[1]
-        assert a.health()["gaps"] == 1
+        assert a.health().gaps == 1
         assert "envelopes 2 to 7 were trimmed" in caplog.text
 
 
@@ -210,6 +210,6 @@ async def test_redis_refusing_writes_raises_backend_errors(
                 assert await a.remove_presence("r", "alice")  # deleting is allowed
                 assert await a.presence("r") == []
             await admin.config_set("maxmemory", 0)
-            assert a.health()["publish_failures"] == 1
+            assert a.health().publish_failures == 1
     finally:
         await admin.aclose()

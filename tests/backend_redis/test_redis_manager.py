@@ -27,30 +27,30 @@ async def test_connect_on_a_broadcast_on_b_resume_on_b(
         with anyio.fail_after(10):
             on_a = MemoryTransport()
             first = await node_a.connect(on_a, "alice", "room")
-            await on_a.wait_for_frames(1)
+            await on_a.wait_for_messages(1)
             message = await node_b.broadcast("room", {"text": "hi"}, "bob")
-            await on_a.wait_for_frames(2)
+            await on_a.wait_for_messages(2)
             assert [(m["type"], m["seq"]) for m in on_a.envelopes()] == [
                 ("join", 1),
                 ("message", 2),
             ]
-            assert on_a.frames[1] == message.text
+            assert on_a.texts[1] == message.text
 
             # alice's second tab comes in through node b, having seen only her join.
             on_b = MemoryTransport()
             second = await node_b.connect(on_b, "alice", "room", since=1)
-            await on_b.wait_for_frames(1)
-            assert on_b.frames == [message.text]  # history, and no second join
+            await on_b.wait_for_messages(1)
+            assert on_b.texts == [message.text]  # history, and no second join
             assert await node_a.presence("room") == ["alice"]
 
             later = await node_a.broadcast("room", "both", "carol")
-            await on_a.wait_for_frames(3)
-            await on_b.wait_for_frames(2)
-            assert on_a.frames[2] == on_b.frames[1] == later.text
+            await on_a.wait_for_messages(3)
+            await on_b.wait_for_messages(2)
+            assert on_a.texts[2] == on_b.texts[1] == later.text
 
             await node_a.disconnect(first)
             await node_b.broadcast("room", "still here?", "bob")
-            await on_b.wait_for_frames(3)
+            await on_b.wait_for_messages(3)
             assert [m["type"] for m in on_b.envelopes()] == ["message", "message", "message"]
             await node_b.disconnect(second)
             assert await node_a.presence("room") == []
@@ -85,7 +85,7 @@ async def test_flushall_gives_every_live_connection_history_lost_first(
                     await transport.wait_until(
                         lambda t: any(m.get("id") == old.id for m in t.messages())
                     )
-                marks = [len(transport.frames) for transport in transports]
+                marks = [len(transport.texts) for transport in transports]
 
                 await admin.flushall()
                 new = await node_b.broadcast("room", "after", "bob")

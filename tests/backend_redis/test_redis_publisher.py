@@ -55,7 +55,7 @@ async def test_a_publisher_in_another_process_reaches_both_nodes(
                     lambda t: any(e["type"] == "audit" for e in t.envelopes())
                 )
         for transport in (on_a, on_b):
-            published = [f for f in transport.frames if '"job"' in f]
+            published = [f for f in transport.texts if '"job"' in f]
             assert published == printed  # the very text the worker's publish returned
             for frame in published:
                 assert json.loads(frame)["client_id"] is None

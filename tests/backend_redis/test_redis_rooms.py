@@ -67,9 +67,9 @@ async def test_a_direct_message_reaches_every_tab_on_either_node_and_no_one_else
             for transport, count in ((bob_a, 2), (bob_b, 2), (alice_a, 1), (alice_b, 1)):
                 await transport.wait_until(lambda t, count=count: len(directs(t)) >= count)
             marker = await node_b.broadcast("lobby", "marker")
-            await carol.wait_until(lambda t: t.frames[-1:] == [marker.text])
+            await carol.wait_until(lambda t: t.texts[-1:] == [marker.text])
         assert [d["id"] for d in directs(bob_a)] == [sent.id, directs(bob_a)[1]["id"]]
-        assert [f for f in bob_a.frames if '"direct"' in f][1] == printed
+        assert [f for f in bob_a.texts if '"direct"' in f][1] == printed
         for transport in (bob_a, bob_b):
             assert [(d["room"], d["seq"], d["client_id"]) for d in directs(transport)] == [
                 ("@bob", 1, "alice"), ("@bob", 2, None),

@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 
 from wsbroadcast import Envelope
-from wsbroadcast.backend import StreamReset
+from wsbroadcast.backends.base import StreamReset
 from wsbroadcast.backends.redis import DEFAULT_HISTORY_BYTES, RedisBackend
 from wsbroadcast.envelope import Draft
 
@@ -88,7 +88,7 @@ async def test_flushall_resets_listeners_before_the_new_stream(
             new = [await b.publish("r", "message", "bob", i) for i in range(3, 5)]
             for recorder in recorders:
                 await recorder.wait_for(5)
-            await eventually(lambda: a.health()["data_losses"] == 1)
+            await eventually(lambda: a.health().data_losses == 1)
         for recorder in recorders:
             assert recorder.events[:3] == old
             reset, envelopes = new_stream_after_reset(recorder, 3)
@@ -99,7 +99,7 @@ async def test_flushall_resets_listeners_before_the_new_stream(
         history = await a.history("r", 3, old[0].epoch)
         assert not history.complete
         assert history.epoch == reset.epoch
-        assert a.health()["data_losses"] == b.health()["data_losses"] == 1
+        assert a.health().data_losses == b.health().data_losses == 1
 
 
 async def test_lost_room_is_reset_even_if_nothing_is_published(
@@ -195,7 +195,7 @@ async def test_unreadable_entry_is_told_as_a_gap(make_backend: Make, admin: Redi
             await recorder.wait_for(2)
         assert third.seq == 3
         assert recorder.events == [first, StreamReset("r", first.epoch, 2), third]
-        assert a.health()["gaps"] == 1
+        assert a.health().gaps == 1
 
 
 @pytest.mark.parametrize("since", [2**63 - 1, 2**63, 2**64, 2**64 + 1, 10**30, -1])
@@ -335,15 +335,15 @@ async def test_frozen_redis_shows_as_degraded_then_recovers(
         await b.publish("r", "message", "bob", 1)
         with anyio.fail_after(10):
             await recorder.wait_for(1)
-            assert a.health()["status"] == "ok"
+            assert a.health().status == "ok"
             redis_server.stop()
             try:
                 # Bounded by fail_after, not measured: within about 2 x command_timeout.
-                await eventually(lambda: a.health()["status"] == "degraded")
-                assert a.health()["responsive"] is False
+                await eventually(lambda: a.health().status == "degraded")
+                assert a.health().responsive is False
             finally:
                 redis_server.resume()
-            await eventually(lambda: a.health()["status"] == "ok")
+            await eventually(lambda: a.health().status == "ok")
             await b.publish("r", "message", "bob", 2)
             await recorder.wait_for(2)
         # Nothing was lost: no reset, the stream continues.
@@ -358,14 +358,14 @@ async def test_refused_writes_degrade_health_until_a_write_succeeds(
 
     async with make_backend() as a:
         await a.publish("r", "message", "x", 0)
-        assert a.health()["status"] == "ok"
+        assert a.health().status == "ok"
         await admin.config_set("maxmemory", 1)
         try:
             for i in range(3):
                 with pytest.raises(BackendError):
                     await a.publish("r", "message", "x", i)
             health = a.health()
-            assert (health["status"], health["writable"], health["connected"]) == (
+            assert (health.status, health.writable, health.connected) == (
                 "degraded",
                 False,
                 True,
@@ -373,5 +373,5 @@ async def test_refused_writes_degrade_health_until_a_write_succeeds(
         finally:
             await admin.config_set("maxmemory", 0)
         await a.publish("r", "message", "x", "ok again")
-        assert a.health()["status"] == "ok"
+        assert a.health().status == "ok"
         assert caplog.text.count("Redis refuses writes") == 1

@@ -19,4 +19,4 @@ async def test_refuses_trio_with_a_clear_error(redis_server: RedisServer) -> Non
 def test_builds_outside_an_event_loop() -> None:
     """Applications build backends from configuration before any loop runs."""
     backend = RedisBackend("redis://127.0.0.1:1/0")
-    assert backend.health()["status"] == "degraded"
+    assert backend.health().status == "degraded"

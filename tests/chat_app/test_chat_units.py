@@ -52,7 +52,7 @@ from wsbroadcast import NAME_PATTERN, BackendUnavailable, ConnectionManager, His
 from wsbroadcast.backends.memory import MemoryBackend
 from wsbroadcast.envelope import EPOCH_PATTERN
 from wsbroadcast.testing import MemoryTransport
-from wsbroadcast.transport import FRAMES_EXTENSION
+from wsbroadcast.transports.base import FRAMES_EXTENSION
 from wsbroadcast.transports.starlette import StarletteFramesTransport, StarletteTransport
 
 

@@ -8,9 +8,9 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
-from ..backend import Backend, History, Listener, ResetListener, Subscription
 from ..envelope import Draft, Envelope, new_epoch
-from ..exceptions import InvalidBackendURL
+from ..exceptions import InvalidBackendOptions, InvalidBackendURL
+from .base import Backend, History, Listener, ResetListener, Subscription
 
 __all__ = ["DEFAULT_HISTORY", "DEFAULT_HISTORY_BYTES", "DEFAULT_HISTORY_TTL", "MemoryBackend"]
 
@@ -80,11 +80,11 @@ class MemoryBackend(Backend):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if history_size < 0:
-            raise InvalidBackendURL(f"history size must be >= 0, not {history_size}")
+            raise InvalidBackendOptions(f"history size must be >= 0, not {history_size}")
         if history_bytes < 0:
-            raise InvalidBackendURL(f"history_bytes must be >= 0, not {history_bytes}")
+            raise InvalidBackendOptions(f"history_bytes must be >= 0, not {history_bytes}")
         if history_ttl is not None and not history_ttl > 0:
-            raise InvalidBackendURL(f"history_ttl must be positive, not {history_ttl}")
+            raise InvalidBackendOptions(f"history_ttl must be positive, not {history_ttl}")
         self.history_size = history_size
         self.history_bytes = history_bytes
         self.history_ttl = history_ttl

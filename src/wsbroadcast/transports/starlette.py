@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.websockets import WebSocket, WebSocketState
 
-from ..frames import frames_bytes
-from ..transport import FRAMES_EXTENSION, FramesExtension
+from ..outbound import frames_of
 from ._once import log_once
+from .base import FRAMES_EXTENSION, FramesExtension
 
 if TYPE_CHECKING:
-    from ..envelope import Envelope
+    from ..outbound import OutboundMessage
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
@@ -36,10 +36,10 @@ def starlette_transport(
 ) -> StarletteTransport:
     """The best transport for ``websocket``: use this rather than a class.
 
-    It is a :class:`StarletteFramesTransport` (the fast path) when the server offers the
-    :class:`~wsbroadcast.transport.FramesExtension` for this connection, as
-    :class:`wsbroadcast.transports.uvicorn.WebSocketProtocol` does; otherwise a
-    :class:`StarletteTransport`, which sends through plain ASGI messages (said once in the
+    It is a `StarletteFramesTransport` (the fast path) when the server offers the
+    `FramesExtension` for this connection, as
+    `wsbroadcast.transports.uvicorn.WebSocketProtocol` does; otherwise a
+    `StarletteTransport`, which sends through plain ASGI messages (said once in the
     log of ``wsbroadcast.transports.starlette``, at INFO, not once per connection).
     """
     extensions: Any = websocket.scope.get("extensions") or {}
@@ -66,9 +66,9 @@ class StarletteTransport:
     :param close_timeout: seconds ``close`` may take (default 2); None waits as long as the
         server does. The close frame queues behind everything buffered for the socket, so for
         a client that stopped reading (the one a slow-consumer close is for) it may never get
-        out. When it times out, :attr:`close_timed_out` is set; plain ASGI has no way to drop
+        out. When it times out, `close_timed_out` is set; plain ASGI has no way to drop
         the TCP connection, so the server keeps it until its own timeouts end it (the fast
-        path, :class:`StarletteFramesTransport`, drops it and sets :attr:`aborted`).
+        path, `StarletteFramesTransport`, drops it and sets `aborted`).
     """
 
     def __init__(
@@ -114,13 +114,13 @@ class StarletteTransport:
 class StarletteFramesTransport(StarletteTransport):
     """The fast path on an ASGI server that offers the ``wsbroadcast.frames`` extension.
 
-    A :class:`~wsbroadcast.transport.NowaitBatchTransport`: the manager's flusher hands it
-    every frame waiting for the connection and it writes their prepared bytes (each
+    A `NowaitBatchTransport`: the manager's flusher hands it
+    every message waiting for the connection and it writes their prepared bytes (each
     envelope's frame is built once per publish and shared by every recipient) in one socket
     write, without a task switch or an ASGI message per frame. When the socket is full, the
     connection's writer waits for it to drain. A ``close`` that times out drops the TCP
     connection, since its close frame would never get through. Build it with
-    :func:`starlette_transport`, which checks that the server offers the extension.
+    `starlette_transport`, which checks that the server offers the extension.
     """
 
     def __init__(
@@ -135,15 +135,17 @@ class StarletteFramesTransport(StarletteTransport):
         self._drain = extension["drain"]
         self._abort = extension["abort"]
 
-    async def send_batch(self, frames: Sequence[Envelope | str], /) -> None:
-        """Write ``frames`` in one socket write, first waiting for room if the socket is full."""
-        data = frames_bytes(frames)
+    async def send_batch(self, messages: Sequence[OutboundMessage], /) -> None:
+        """Write the frames of `messages` in one socket write, first waiting for room if the
+        socket is full."""
+        data = frames_of(messages)
         while not self._write(data):
             await self._drain()
 
-    def send_batch_nowait(self, frames: Sequence[Envelope | str], /) -> bool:
-        """Write ``frames`` in one socket write if the socket has room; else write nothing."""
-        return self._write(frames_bytes(frames))
+    def send_batch_nowait(self, messages: Sequence[OutboundMessage], /) -> bool:
+        """Write the frames of `messages` in one socket write if the socket has room; else
+        write nothing."""
+        return self._write(frames_of(messages))
 
     def _close_timed_out(self) -> None:
         self._abort()

@@ -3,9 +3,9 @@
 An ASGI application sends one frame per ``websocket.send`` message, and on uvicorn each one
 is framed, joined and written to the socket on its own: for a broadcast to N clients that is
 N times the server's per-frame work, whatever the application does. Serve with this protocol
-and :func:`~wsbroadcast.transports.starlette.starlette_transport` writes each envelope's
+and `starlette_transport` writes each envelope's
 prepared frame (built once per publish) straight to every socket, a connection's waiting
-frames in one write, through the :class:`~wsbroadcast.transport.FramesExtension`::
+frames in one write, through the `FramesExtension`::
 
     uvicorn app:app --ws wsbroadcast.transports.uvicorn:WebSocketProtocol \\
         --ws-per-message-deflate false
@@ -25,9 +25,9 @@ What it adds to uvicorn's protocol besides the extension:
 - Bounded outbound bytes. A client that sends pings and never reads gets a pong per ping,
   written to a socket it does not drain: without a bound the server's memory grows with
   every ping. Whenever the socket's write buffer (``transport.get_write_buffer_size()``,
-  pongs and every other frame included) passes :attr:`WebSocketProtocol.max_write_buffer`,
+  pongs and every other frame included) passes `WebSocketProtocol.max_write_buffer`,
   the connection is closed as a slow consumer: a 4008 close frame, then the TCP connection
-  is dropped if it has not closed within :attr:`WebSocketProtocol.close_wait` seconds.
+  is dropped if it has not closed within `WebSocketProtocol.close_wait` seconds.
   Reading stops at once, so no more pings are answered.
 - Refusals that reach the client. A handshake that ``websockets`` refuses while parsing it
   (request line over 8 KiB: 414; a header line over 8 KiB or over 128 headers: 431) has its
@@ -42,9 +42,9 @@ What it adds to uvicorn's protocol besides the extension:
 - A bounded shutdown. A connection whose 1012 close cannot get out (a stalled client) is
   dropped after ``close_wait``, so it does not hold up the server's exit.
 
-:meth:`WebSocketProtocol.configure` makes a subclass with other limits. For the HTTP side of
+`WebSocketProtocol.configure` makes a subclass with other limits. For the HTTP side of
 the handshake (a deadline for the request head, limits on its size), serve with
-:class:`wsbroadcast.transports.uvicorn_http.HttpToolsProtocol`.
+`wsbroadcast.transports.uvicorn_http.HttpToolsProtocol`.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ from typing import Any, ClassVar, cast
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
-from ..protocol import CloseCode
-from ..transport import FRAMES_EXTENSION, FramesExtension
+from ..control import CloseCode
 from ._once import log_once
+from .base import FRAMES_EXTENSION, FramesExtension
 
 __all__ = ["WebSocketProtocol"]
 
@@ -139,7 +139,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     """Whether to offer the extension; false keeps the protections only, with plain ASGI
     sends (to compare the two, say)."""
     slow_consumers: ClassVar[int] = 0
-    """Connections closed because their write buffer passed :attr:`max_write_buffer`, in this
+    """Connections closed because their write buffer passed `max_write_buffer`, in this
     process (on this class and its subclasses), for metrics."""
 
     _compatible: ClassVar[bool | None] = None
@@ -238,7 +238,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self._abort_later()
 
     def _check_write_buffer(self) -> None:
-        """Close as a slow consumer once the write buffer passes :attr:`max_write_buffer`."""
+        """Close as a slow consumer once the write buffer passes `max_write_buffer`."""
         transport = self.transport
         if transport.get_write_buffer_size() <= self.max_write_buffer or transport.is_closing():
             return
@@ -261,7 +261,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         self._abort_later()
 
     def _abort_later(self) -> None:
-        """Drop the TCP connection after :attr:`close_wait` unless it closed by then."""
+        """Drop the TCP connection after `close_wait` unless it closed by then."""
         if self.close_timer is not None:
             self.close_timer.cancel()
         self.close_timer = self.loop.call_later(self.close_wait, self.transport.abort)

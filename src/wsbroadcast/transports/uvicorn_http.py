@@ -7,18 +7,18 @@ WebSocket handshake reaches the server too, so it is the edge of every WebSocket
 uvicorn. This subclass of uvicorn's ``httptools`` protocol (it needs ``httptools``, which
 ``uvicorn[standard]`` installs) adds, for each request head:
 
-- a deadline (:attr:`HttpToolsProtocol.head_timeout`, 10 s): from the connection (or the
+- a deadline (`HttpToolsProtocol.head_timeout`, 10 s): from the connection (or the
   first byte of a next request) to the end of the headers; past it the server answers 408
   and closes;
-- a limit on the request line (:attr:`HttpToolsProtocol.max_request_line`, 8 KiB): 414 and
+- a limit on the request line (`HttpToolsProtocol.max_request_line`, 8 KiB): 414 and
   close;
-- limits on the head (:attr:`HttpToolsProtocol.max_head`, 16 KiB, and
-  :attr:`HttpToolsProtocol.max_headers`, 128 headers): 431 and close.
+- limits on the head (`HttpToolsProtocol.max_head`, 16 KiB, and
+  `HttpToolsProtocol.max_headers`, 128 headers): 431 and close.
 
 These are the ``websockets`` server's own limits, so a handshake passes or fails the same on
 both. Serve with it as ``uvicorn.run(app, http=HttpToolsProtocol, ...)`` (or
 ``--http wsbroadcast.transports.uvicorn_http:HttpToolsProtocol``); use
-:meth:`HttpToolsProtocol.configure` for other limits. Everything else is uvicorn's.
+`HttpToolsProtocol.configure` for other limits. Everything else is uvicorn's.
 """
 
 from __future__ import annotations
@@ -133,12 +133,12 @@ class HttpToolsProtocol(_UvicornHttpTools):
     # Parser callbacks
 
     def on_message_begin(self) -> None:
-        """A request begins: its head has :attr:`head_timeout` to arrive."""
+        """A request begins: its head has `head_timeout` to arrive."""
         super().on_message_begin()
         self._start_head()
 
     def on_url(self, url: bytes) -> None:
-        """Collect the target; refuse it with 414 once it is over :attr:`max_request_line`."""
+        """Collect the target; refuse it with 414 once it is over `max_request_line`."""
         super().on_url(url)
         self._head_size += len(url)
         if len(self.url) > self.max_request_line:
@@ -146,7 +146,7 @@ class HttpToolsProtocol(_UvicornHttpTools):
             raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """Collect a header; refuse with 431 past :attr:`max_headers` or :attr:`max_head`."""
+        """Collect a header; refuse with 431 past `max_headers` or `max_head`."""
         super().on_header(name, value)
         self._head_size += len(name) + len(value) + 4  # ": " and CRLF
         if len(self.headers) > self.max_headers or self._head_size > self.max_head:

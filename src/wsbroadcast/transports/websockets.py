@@ -11,8 +11,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from ..envelope import Envelope
-from ..frames import frames_bytes
+from ..outbound import OutboundMessage, frames_of
 from ._once import log_once
 
 __all__ = ["WebsocketsTransport"]
@@ -23,8 +22,8 @@ logger = logging.getLogger("wsbroadcast.transports.websockets")
 class WebsocketsTransport:
     """Wraps a ``websockets.asyncio.server.ServerConnection``; the library's fast path.
 
-    It is a :class:`~wsbroadcast.transport.NowaitBatchTransport`: while the socket has room,
-    the manager's flusher hands it every waiting frame at once, with no task switch per
+    It is a `NowaitBatchTransport`: while the socket has room,
+    the manager's flusher hands it every waiting message at once, with no task switch per
     connection; when the connection negotiated no extension it writes each envelope's
     prepared frame (built once per publish, shared by every recipient) in a single write to
     the socket. When the socket is full, the connection's writer waits for it to drain.
@@ -37,7 +36,7 @@ class WebsocketsTransport:
     :param close_timeout: seconds ``close`` may take before the TCP connection is dropped.
         A client that stopped reading (the one a slow-consumer close is for) never drains its
         buffer, so the close frame could wait behind it until keepalive gave up. Such a close
-        sets :attr:`close_timed_out` and :attr:`aborted`, for the application's metrics.
+        sets `close_timed_out` and `aborted`, for the application's metrics.
     """
 
     def __init__(self, connection: ServerConnection, *, close_timeout: float = 2.0) -> None:
@@ -63,30 +62,30 @@ class WebsocketsTransport:
         """Send one text frame; raises ``ConnectionClosed`` if the client is gone."""
         await self.connection.send(data, text=True)
 
-    async def send_batch(self, frames: Sequence[Envelope | str], /) -> None:
-        """Send ``frames`` in order, in one socket write when no extension is in use."""
+    async def send_batch(self, messages: Sequence[OutboundMessage], /) -> None:
+        """Send `messages` in order, in one socket write when no extension is in use."""
         connection = self.connection
         if connection.protocol.extensions:
-            for item in frames:
-                await connection.send(item if isinstance(item, str) else item.text, text=True)
+            for message in messages:
+                await connection.send(message.text, text=True)
             return
-        self._write(frames)
+        self._write(messages)
         await connection.drain()
 
-    def send_batch_nowait(self, frames: Sequence[Envelope | str], /) -> bool:
-        """Write ``frames`` in one socket write if the socket has room; else write nothing."""
+    def send_batch_nowait(self, messages: Sequence[OutboundMessage], /) -> bool:
+        """Write `messages` in one socket write if the socket has room; else write nothing."""
         connection = self.connection
         if connection.protocol.extensions or connection.paused:
             return False
-        self._write(frames)
+        self._write(messages)
         return True
 
-    def _write(self, frames: Sequence[Envelope | str]) -> None:
+    def _write(self, messages: Sequence[OutboundMessage]) -> None:
         connection = self.connection
         transport = connection.transport
         if connection.protocol.state is not State.OPEN or transport.is_closing():
             raise ConnectionError("the WebSocket connection is not open")
-        transport.write(frames_bytes(frames))
+        transport.write(frames_of(messages))
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         """Run the closing handshake; drop the connection if it takes over ``close_timeout``."""

@@ -23,13 +23,13 @@ a key always splits on ``:`` into the parts above, so room ``x`` with client ``y
 room ``x:client:y`` never share a key. Nothing parses a name out of a key; the presence
 index's ``"<room> <client>"`` entries hold the names themselves (no name has a space).
 
-On a Redis Cluster (:class:`RedisClusterBackend`, ``redis+cluster://``) every key is
+On a Redis Cluster (`RedisClusterBackend`, ``redis+cluster://``) every key is
 ``P{<tag>}:`` followed by the same parts, the tag naming the room's *partition* (see
-:class:`~wsbroadcast.backends.redis.keys.KeyLayout`), so that each script touches one slot.
+`KeyLayout`), so that each script touches one slot.
 
 One reader task per backend (per partition on a cluster) does a single blocking ``XREAD``
 over the logs of the rooms with local listeners (and its wake stream), and calls the
-listeners in seq order, or tells them a :class:`~wsbroadcast.backend.StreamReset` first when
+listeners in seq order, or tells them a `StreamReset` first when
 it cannot. See ``docs/backends.md`` for
 the guarantees, their costs and the behaviour on each fault.
 
@@ -42,8 +42,9 @@ class, publish, history, rate limits) and ``cluster`` (the Redis Cluster backend
 from __future__ import annotations
 
 from .backend import RedisBackend
-from .cluster import DEFAULT_PARTITIONS, RedisClusterBackend
+from .cluster import DEFAULT_PARTITIONS, RedisClusterBackend, RedisClusterHealth
 from .keys import DEFAULT_HISTORY, DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_TTL, DEFAULT_PREFIX
+from .link import RedisHealth
 
 __all__ = [
     "DEFAULT_HISTORY",
@@ -53,4 +54,6 @@ __all__ = [
     "DEFAULT_PREFIX",
     "RedisBackend",
     "RedisClusterBackend",
+    "RedisClusterHealth",
+    "RedisHealth",
 ]

@@ -19,9 +19,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ...backend import History
 from ...envelope import Draft, Envelope, new_epoch
-from ...exceptions import BackendError, InvalidBackendURL, InvalidInput
+from ...exceptions import BackendError, InvalidBackendOptions, InvalidBackendURL, InvalidInput
+from ..base import History
 from . import scripts
 from .keys import (
     DEFAULT_HISTORY,
@@ -34,7 +34,7 @@ from .keys import (
 )
 from .link import UNREACHABLE
 from .presence import RedisPresence
-from .reader import _Room
+from .reader import _RoomCursor
 
 logger = logging.getLogger("wsbroadcast.backends.redis")
 
@@ -63,8 +63,8 @@ class RedisBackend(RedisPresence):
 
     asyncio only (redis-py's client is). Use it as ``async with`` (a ``ConnectionManager``
     does that): it runs a reader and a heartbeat task until it exits. If Redis is
-    unreachable, it keeps retrying with exponential backoff, :meth:`health` says
-    ``degraded``, and publishing raises :class:`~wsbroadcast.exceptions.BackendUnavailable`.
+    unreachable, it keeps retrying with exponential backoff, `health` says
+    ``degraded``, and publishing raises `BackendUnavailable`.
 
     :param url: ``redis://host:port/db`` or ``rediss://...``, passed to redis-py.
     :param prefix: prepended to every key, so several applications can share a database.
@@ -109,16 +109,16 @@ class RedisBackend(RedisPresence):
         max_connections: int = 50,
     ) -> None:
         if history_size < 1:
-            raise InvalidBackendURL(f"history size must be >= 1, not {history_size}")
+            raise InvalidBackendOptions(f"history size must be >= 1, not {history_size}")
         if history_bytes < 1:
-            raise InvalidBackendURL(f"history_bytes must be >= 1, not {history_bytes}")
+            raise InvalidBackendOptions(f"history_bytes must be >= 1, not {history_bytes}")
         if not 0 < heartbeat_interval < presence_ttl:
-            raise InvalidBackendURL(
+            raise InvalidBackendOptions(
                 f"need 0 < heartbeat_interval ({heartbeat_interval}) "
                 f"< presence_ttl ({presence_ttl})"
             )
         if history_ttl is not None and not history_ttl > 2 * heartbeat_interval:
-            raise InvalidBackendURL(
+            raise InvalidBackendOptions(
                 f"history_ttl ({history_ttl}) must exceed 2 * heartbeat_interval "
                 f"({heartbeat_interval}): heartbeats keep used rooms alive"
             )
@@ -129,11 +129,11 @@ class RedisBackend(RedisPresence):
             ("backoff_max", backoff_max),
         ):
             if not value > 0:
-                raise InvalidBackendURL(f"{name} must be positive, not {value}")
+                raise InvalidBackendOptions(f"{name} must be positive, not {value}")
         if read_count < 1:
-            raise InvalidBackendURL(f"read_count must be >= 1, not {read_count}")
+            raise InvalidBackendOptions(f"read_count must be >= 1, not {read_count}")
         if max_connections < 1:
-            raise InvalidBackendURL(f"max_connections must be >= 1, not {max_connections}")
+            raise InvalidBackendOptions(f"max_connections must be >= 1, not {max_connections}")
         self.url = url
         self.prefix = prefix
         self.history_size = history_size
@@ -154,7 +154,7 @@ class RedisBackend(RedisPresence):
         self._redis: Redis | None = None
         self._reader: Redis | None = None
         self._task_group: TaskGroup | None = None
-        self._rooms: dict[str, _Room] = {}
+        self._rooms: dict[str, _RoomCursor] = {}
         self._presence: Counter[tuple[str, str]] = Counter()
         self._keys = KeyLayout(prefix, self.node_id)
         self._partitions = [Partition(index) for index in range(self._keys.count)]
@@ -177,7 +177,7 @@ class RedisBackend(RedisPresence):
         self._reaped_nodes = 0
 
     _url_options: ClassVar[dict[str, tuple[str, Callable[[str], Any]]]] = {}
-    """Query options a subclass adds to :meth:`from_url`'s: name -> (argument, converter)."""
+    """Query options a subclass adds to `from_url`'s: name -> (argument, converter)."""
 
     @classmethod
     def from_url(cls, url: str) -> RedisBackend:
@@ -323,7 +323,7 @@ class RedisBackend(RedisPresence):
         retried once on a fresh connection; a receipt keyed by the envelope id (kept
         ``2 * command_timeout`` seconds) makes the retry a no-op if the first attempt did
         reach Redis, so nothing is published twice. Raises
-        :class:`~wsbroadcast.exceptions.BackendUnavailable` if both attempts fail. In the
+        `BackendUnavailable` if both attempts fail. In the
         rare case that both replies were lost after Redis ran the script, the envelope was
         published although this raised: never silently lost, at worst reported lost.
         """
@@ -409,9 +409,9 @@ class RedisBackend(RedisPresence):
         """Take one token from the bucket ``key``, shared by every node through Redis.
 
         The bucket lives in ``P rate:<key>`` (on Redis's clock) and expires once it would be
-        full again. Raises :class:`~wsbroadcast.exceptions.BackendUnavailable` if Redis
+        full again. Raises `BackendUnavailable` if Redis
         cannot be reached: the caller decides whether to fail open (let the message through,
-        perhaps under a local :meth:`Backend.allow` bucket) or closed (refuse it).
+        perhaps under a local `Backend.allow` bucket) or closed (refuse it).
         """
         if not (rate > 0 and burst >= 1 and math.isfinite(rate) and math.isfinite(burst)):
             raise InvalidInput(f"need rate > 0 and burst >= 1, not {rate} and {burst}")

@@ -1,10 +1,10 @@
 """The Redis Cluster backend: rooms spread over the primaries of a Redis Cluster.
 
 Everything works as on one Redis (same Lua scripts, same reader, presence and checks; see
-:mod:`wsbroadcast.backends.redis`), with three differences:
+`wsbroadcast.backends.redis`), with three differences:
 
 - Keys carry a hash tag: a room's keys, and the node keys that scripts touch with them, are
-  in one of ``partitions`` hash slots (:class:`~wsbroadcast.backends.redis.keys.KeyLayout`),
+  in one of ``partitions`` hash slots (`KeyLayout`),
   so every script and multi-key command stays in one slot, and the partitions' slots are
   spread evenly over the 16,384, hence over the primaries.
 - A node runs one reader (one blocking ``XREAD``) per partition that holds its rooms,
@@ -19,8 +19,10 @@ Everything works as on one Redis (same Lua scripts, same reader, presence and ch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,10 +39,10 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from ...exceptions import InvalidBackendURL
+from ...exceptions import InvalidBackendOptions, InvalidBackendURL
 from .backend import RedisBackend
 from .keys import KeyLayout, Partition
-from .link import UNREACHABLE
+from .link import UNREACHABLE, RedisHealth
 
 __all__ = ["DEFAULT_PARTITIONS", "RedisClusterBackend"]
 
@@ -108,10 +110,20 @@ class _WaitingCluster(RedisCluster):
         return pipe
 
 
+@dataclass(frozen=True)
+class RedisClusterHealth(RedisHealth):
+    """What `RedisClusterBackend.health` reports: `RedisHealth` and the partitions."""
+
+    partitions: int
+    """Partitions the rooms are spread over."""
+    readers: int
+    """Partitions whose reader runs: each holds one blocking connection to its primary."""
+
+
 class RedisClusterBackend(RedisBackend):
     """Orders, stores and fans out rooms through a Redis Cluster, for any number of processes.
 
-    The same guarantees as :class:`~wsbroadcast.backends.redis.RedisBackend` (one order per
+    The same guarantees as `RedisBackend` (one order per
     room, resume, presence, rate limits across nodes), with rooms spread over the cluster's
     primaries through ``partitions`` hash tags. A room's keys share one slot, so its publish
     script stays atomic. See ``docs/backends.md`` ("Redis Cluster") for what a failover does.
@@ -122,7 +134,7 @@ class RedisClusterBackend(RedisBackend):
         application must use the same number (checked when entering, through the key
         ``<prefix>layout``): it decides where each room's keys are. Each node may hold one
         blocking connection per partition that holds its rooms.
-    :param options: as for :class:`~wsbroadcast.backends.redis.RedisBackend`.
+    :param options: as for `RedisBackend`.
     """
 
     _url_options: ClassVar[dict[str, tuple[str, Callable[[str], Any]]]] = {
@@ -201,7 +213,7 @@ class RedisClusterBackend(RedisBackend):
             logger.warning("could not check the cluster's partitions (%r); not checked", exc)
             return
         if stored is not None and stored != str(self.partitions):
-            raise InvalidBackendURL(
+            raise InvalidBackendOptions(
                 f"this cluster's rooms are spread over partitions={stored} (key {key!r}), "
                 f"not {self.partitions}: every node must use the same number"
             )
@@ -215,13 +227,13 @@ class RedisClusterBackend(RedisBackend):
             return ""  # not known yet (before the first command), or the slot is not served
         return str(node.name)
 
-    def health(self) -> dict[str, Any]:
-        """As :meth:`RedisBackend.health`, plus ``partitions`` and ``readers`` (partitions
-        whose reader runs: each holds one blocking connection to its primary)."""
-        health = super().health()
-        health["partitions"] = self.partitions
-        health["readers"] = sum(partition.reading for partition in self._partitions)
-        return health
+    def health(self) -> RedisClusterHealth:
+        """As `RedisBackend.health`, plus `partitions` and `readers`."""
+        return RedisClusterHealth(
+            **dataclasses.asdict(super().health()),
+            partitions=self.partitions,
+            readers=sum(partition.reading for partition in self._partitions),
+        )
 
 
 def _parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str]:

@@ -1,6 +1,6 @@
 """The Redis backend's key layout, defaults, and the state every part of the backend shares.
 
-:class:`RedisKeys` declares the attributes that :class:`~wsbroadcast.backends.redis.RedisBackend`
+`RedisKeys` declares the attributes that `RedisBackend`
 sets up, so that each concern (link, reader, presence) can be written as its own class in
 its own module, and names every key (see the package docstring for the layout).
 """
@@ -17,13 +17,13 @@ from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from ...backend import Backend
-from ...exceptions import InvalidBackendURL
+from ...exceptions import InvalidBackendOptions
+from ..base import Backend
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
-    from .reader import _Room
+    from .reader import _RoomCursor
 
 DEFAULT_HISTORY = 1000
 """Envelopes kept per room, at least (see ``exact_trim``)."""
@@ -59,11 +59,13 @@ class KeyLayout:
             self.tagged = False
         else:
             if not 1 <= partitions <= MAX_PARTITIONS:
-                raise InvalidBackendURL(
+                raise InvalidBackendOptions(
                     f"partitions must be between 1 and {MAX_PARTITIONS}, not {partitions}"
                 )
             if "{" in prefix or "}" in prefix:
-                raise InvalidBackendURL(f"a cluster's key prefix cannot hold braces: {prefix!r}")
+                raise InvalidBackendOptions(
+                    f"a cluster's key prefix cannot hold braces: {prefix!r}"
+                )
             self.tags = [f"{{{tag}}}:" for tag in _spread_tags(partitions)]
             self.tagged = True
 
@@ -181,7 +183,7 @@ class Partition:
         """A reader task runs for this partition."""
         self.route: str | None = None
         """The server the reader last read this partition from (None: not yet)."""
-        self.rooms: dict[str, _Room] = {}
+        self.rooms: dict[str, _RoomCursor] = {}
         """The rooms of this partition that have local listeners."""
         self.wake_id = "0-0"
         """The last entry the reader read from its wake stream."""
@@ -209,7 +211,7 @@ class RedisKeys(Backend):
     _redis: Redis | None
     _reader: Redis | None
     _task_group: TaskGroup | None
-    _rooms: dict[str, _Room]
+    _rooms: dict[str, _RoomCursor]
     _presence: Counter[tuple[str, str]]
     _keys: KeyLayout
     _partitions: list[Partition]

@@ -13,16 +13,17 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio
-from pydantic import JsonValue
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...exceptions import BackendError, BackendUnavailable
+from ..base import BackendHealth
 from .keys import Partition, RedisKeys
 
 logger = logging.getLogger("wsbroadcast.backends.redis")
@@ -31,6 +32,36 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 """redis-py's errors that mean Redis could not be reached (or did not answer in time)."""
 
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class RedisHealth(BackendHealth):
+    """What `RedisBackend.health` reports: `BackendHealth` and the link to Redis."""
+
+    node_id: str
+    """This node's id (its presence and heartbeat keys)."""
+    connected: bool
+    """Whether Redis answered the last command."""
+    responsive: bool
+    """Connected, and answered within `heartbeat_interval + command_timeout`."""
+    writable: bool
+    """False while Redis refuses writes (`OOM`, `READONLY`) and none succeeded since."""
+    reconnects: int
+    """Recoveries after an outage."""
+    last_error: str | None
+    """The last error talking to Redis, as `"Type: message"`."""
+    rooms: int
+    """Rooms this node reads from Redis."""
+    data_losses: int
+    """Times Redis came back without its data."""
+    resets: int
+    """Stream resets (`history_lost`) told to listeners."""
+    gaps: int
+    """Resets caused by envelopes trimmed (or unreadable) before this node read them."""
+    publish_failures: int
+    """Publishes Redis could not take."""
+    reaped_nodes: int
+    """Dead nodes whose presence this node removed."""
 
 
 class RedisLink(RedisKeys):
@@ -43,7 +74,7 @@ class RedisLink(RedisKeys):
 
     # -- health
 
-    def health(self) -> dict[str, JsonValue]:
+    def health(self) -> RedisHealth:
         """Status for ``/healthz`` and metrics.
 
         ``status`` is ``"degraded"`` while Redis cannot be reached, or has answered no
@@ -56,22 +87,22 @@ class RedisLink(RedisKeys):
         """
         stale = self._stale()
         degraded = not self._connected or stale or self._write_refused is not None
-        return {
-            "status": "degraded" if degraded else "ok",
-            "backend": type(self).__name__,
-            "node_id": self.node_id,
-            "connected": self._connected,
-            "responsive": self._connected and not stale,
-            "writable": self._write_refused is None,
-            "reconnects": self._reconnects,
-            "last_error": self._last_error,
-            "rooms": len(self._rooms),
-            "data_losses": self._data_losses,
-            "resets": self._resets,
-            "gaps": self._gaps,
-            "publish_failures": self._publish_failures,
-            "reaped_nodes": self._reaped_nodes,
-        }
+        return RedisHealth(
+            status="degraded" if degraded else "ok",
+            backend=type(self).__name__,
+            node_id=self.node_id,
+            connected=self._connected,
+            responsive=self._connected and not stale,
+            writable=self._write_refused is None,
+            reconnects=self._reconnects,
+            last_error=self._last_error,
+            rooms=len(self._rooms),
+            data_losses=self._data_losses,
+            resets=self._resets,
+            gaps=self._gaps,
+            publish_failures=self._publish_failures,
+            reaped_nodes=self._reaped_nodes,
+        )
 
     def _stale(self) -> bool:
         """True if Redis answered nothing for longer than a healthy node ever waits."""
@@ -180,7 +211,7 @@ class RedisLink(RedisKeys):
         in a cluster, the primary that serves the partition) lost its data.
 
         The partition's rooms are then checked (before its reader's next read): each room
-        whose stream is gone or restarted gets a :class:`StreamReset` and is read from its
+        whose stream is gone or restarted gets a `StreamReset` and is read from its
         new start.
         """
         if partition.generation is None:

@@ -81,7 +81,7 @@ class RedisPresence(RedisReader):
 
         The local count drops even if Redis cannot be reached (the connection is gone); the
         resync after the outage removes what Redis still holds and announces the leave. Like
-        :meth:`add_presence`, the script is awaited to its answer even if the caller is
+        `add_presence`, the script is awaited to its answer even if the caller is
         cancelled, so the counts stay equal.
         """
         client = self._client()

@@ -2,7 +2,7 @@
 
 One reader task per backend does a single blocking ``XREAD`` over the logs of the rooms with
 local listeners (and its wake stream), and calls the listeners in seq order, or tells them a
-:class:`~wsbroadcast.backend.StreamReset` first when it cannot. It also checks the streams
+`StreamReset` first when it cannot. It also checks the streams
 of the rooms it reads after an outage or a data loss, and every heartbeat.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import anyio
 from redis.exceptions import RedisError
 
-from ...backend import Listener, ResetListener, StreamReset, Subscription
 from ...envelope import Envelope, new_epoch
 from ...exceptions import BackendError
+from ..base import Listener, ResetListener, StreamReset, Subscription
 from .keys import Partition, entry_seq, key_part
 from .link import RedisLink
 
@@ -37,7 +37,7 @@ class _Subscriber:
         """Envelopes with ``seq <= start`` were published before ``subscribe`` returned."""
 
 
-class _Room:
+class _RoomCursor:
     """What this node's reader knows of one room's stream."""
 
     __slots__ = ("epoch", "last_id", "last_seq", "position", "subscribers", "version")
@@ -79,7 +79,7 @@ class RedisReader(RedisLink):
         """Register ``listener``; it gets the envelopes numbered after the room's current seq.
 
         ``on_reset`` is called before any envelope that follows a reset of the room's stream
-        or a gap in it (see :class:`~wsbroadcast.backend.StreamReset`).
+        or a gap in it (see `StreamReset`).
         """
         client = self._client()
         with self._commands(f"subscribe to {room!r}"):
@@ -90,7 +90,7 @@ class RedisReader(RedisLink):
         created = state is None
         partition = self._partitions[self._keys.partition(room)]
         if state is None:
-            state = self._rooms[room] = partition.rooms[room] = _Room(epoch, current)
+            state = self._rooms[room] = partition.rooms[room] = _RoomCursor(epoch, current)
         start = max(current, state.last_seq) if epoch == state.epoch else state.last_seq
         subscriber = _Subscriber(listener, on_reset, start)
         state.subscribers.append(subscriber)
@@ -202,7 +202,7 @@ class RedisReader(RedisLink):
                     self._deliver(name, state, entries)
 
     def _deliver(
-        self, room: str, state: _Room, entries: list[tuple[str, Mapping[str, str]]]
+        self, room: str, state: _RoomCursor, entries: list[tuple[str, Mapping[str, str]]]
     ) -> None:
         """Hand a room's entries to its listeners in seq order; never skip one silently.
 
@@ -254,7 +254,7 @@ class RedisReader(RedisLink):
                     except Exception:
                         logger.exception("listener for room %r failed; it is skipped", room)
 
-    def _restart(self, room: str, state: _Room, epoch: str) -> None:
+    def _restart(self, room: str, state: _RoomCursor, epoch: str) -> None:
         """The room's stream is now ``epoch`` (restarted): reset listeners, read it from 1.
 
         Logged at INFO per room: the data loss that usually causes it is one WARNING.
@@ -274,7 +274,7 @@ class RedisReader(RedisLink):
             subscriber.start = 0
         self._tell_reset(room, state, StreamReset(room, epoch, 0))
 
-    def _tell_reset(self, room: str, state: _Room, reset: StreamReset) -> None:
+    def _tell_reset(self, room: str, state: _RoomCursor, reset: StreamReset) -> None:
         self._resets += 1
         for subscriber in tuple(state.subscribers):
             if subscriber.on_reset is not None:
