@@ -60,6 +60,7 @@ async def test_a_full_socket_gets_a_writer_until_it_drains_then_the_flusher_agai
     for i in range(5):
         await manager.broadcast("lobby", {"message": i}, "fast")
     await fast.wait_until(lambda t: len(t.envelopes()) == 6)
+    await anyio.wait_all_tasks_blocked()
     # The paused socket refused the no-wait write: one writer task now waits on it.
     assert len(anyio.get_running_tasks()) == before + 1
     slow.resume()

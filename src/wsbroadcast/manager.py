@@ -25,6 +25,7 @@ so that ``wait_closed()`` always returns.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sys
@@ -221,6 +222,12 @@ class ConnectionManager:
         self._running = False
         self._flush_ready: list[Connection] = []
         self._flush_wakeup: anyio.Event | None = None
+        self._call_soon: Callable[[Callable[[], object]], object] | None = None
+        """asyncio's ``loop.call_soon`` when on asyncio: the flusher is then a callback."""
+        self._flush_scheduled = False
+        self._handoff: list[tuple[Connection, Exception | None]] = []
+        """Connections the callback could not write now (or whose write failed), for the
+        flusher task: starting a writer or closing a connection needs a task's context."""
         self._rooms: dict[str, _LocalRoom] = {}
         self._connections: set[Connection] = set()
         """Connected: the manager owns their cleanup."""
@@ -255,6 +262,10 @@ class ConnectionManager:
             raise
         self._task_group = task_group
         self._running = True
+        try:
+            self._call_soon = asyncio.get_running_loop().call_soon
+        except RuntimeError:  # not asyncio (trio): the flusher task does every write
+            pass
         task_group.start_soon(self._run_flusher)
         return self
 
@@ -631,34 +642,83 @@ class ConnectionManager:
 
     def _ready_to_flush(self, connection: Connection) -> None:
         self._flush_ready.append(connection)
+        call_soon = self._call_soon
+        if call_soon is not None:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                call_soon(self._flush_soon)
+            return
         wakeup = self._flush_wakeup
         if wakeup is not None:
             self._flush_wakeup = None
             wakeup.set()
 
-    async def _run_flusher(self) -> None:
-        """Write the frames of every connection made ready since the last turn, in one pass.
+    def _flush_soon(self) -> None:
+        # One more turn of the loop first, as the flusher task's checkpoint gives: what is
+        # already runnable (frames read, publishes) adds to this pass's writes.
+        assert self._call_soon is not None
+        self._call_soon(self._flush_now)
 
-        Used for transports with ``send_batch_nowait``: one task wakes per burst of publishes,
-        however many connections received them, and writes each connection's waiting frames
-        in one call. A connection whose socket cannot take them now is handed to a writer.
-        """
+    def _flush_now(self) -> None:
+        """The asyncio callback's pass: write what can be written now, hand the rest (a full
+        socket, a failed write) to the flusher task."""
+        self._flush_scheduled = False
+        if not self._running:
+            return
+        ready, self._flush_ready = self._flush_ready, []
+        handoff = self._handoff
+        for connection in ready:
+            try:
+                if connection.flush():
+                    continue
+            except Exception as exc:
+                handoff.append((connection, exc))
+            else:
+                handoff.append((connection, None))
+        if handoff:
+            wakeup = self._flush_wakeup
+            if wakeup is not None:
+                self._flush_wakeup = None
+                wakeup.set()
+
+    async def _run_flusher(self) -> None:
+        """The flusher task: on asyncio it takes what the callback handed off; elsewhere
+        (trio) it does every write, waking once per burst of publishes."""
         new_event = type(anyio.Event())  # looked up once: see Connection.write
+        on_asyncio = self._call_soon is not None
         while self._running:
-            if not self._flush_ready:
+            if not self._handoff and (on_asyncio or not self._flush_ready):
                 wakeup = self._flush_wakeup = new_event()
                 await wakeup.wait()
                 # Let what is already runnable (more frames read from the network, more
                 # publishes) run first, so that each write carries more frames.
                 await anyio.lowlevel.checkpoint()
                 continue
-            ready, self._flush_ready = self._flush_ready, []
-            for connection in ready:
-                try:
-                    if not connection.flush() and not connection.writing:
-                        self._start_writer(connection)
-                except Exception as exc:
+            handoff, self._handoff = self._handoff, []
+            for connection, exc in handoff:
+                if exc is not None:
                     self._send_failed(connection, exc)
+                elif not connection.writing:
+                    self._start_writer(connection)
+            if not on_asyncio:
+                self._flush_pass()
+
+    def _flush_pass(self) -> None:
+        """Write the frames of every connection made ready since the last pass.
+
+        Used for transports with ``send_batch_nowait``: one pass per burst of publishes,
+        however many connections received them, writes each connection's waiting frames in
+        one call. A connection whose socket cannot take them now is handed to a writer. On
+        asyncio the pass is `_flush_now`, a callback (cheaper than waking a task for every
+        publish of a quiet room), which leaves writers and failures to the task.
+        """
+        ready, self._flush_ready = self._flush_ready, []
+        for connection in ready:
+            try:
+                if not connection.flush() and not connection.writing:
+                    self._start_writer(connection)
+            except Exception as exc:
+                self._send_failed(connection, exc)
 
     def _start_writer(self, connection: Connection) -> None:
         assert self._task_group is not None
