@@ -262,10 +262,9 @@ class ConnectionManager:
             raise
         self._task_group = task_group
         self._running = True
-        try:
+        # Not on asyncio (trio): no loop to call back, the flusher task does every write.
+        with contextlib.suppress(RuntimeError):
             self._call_soon = asyncio.get_running_loop().call_soon
-        except RuntimeError:  # not asyncio (trio): the flusher task does every write
-            pass
         task_group.start_soon(self._run_flusher)
         return self
 
