@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import anyio
 import pytest
-from cluster_helpers import (
+
+from tests.backend_cluster.cluster_helpers import (
     ASYNCIO_ONLY,
     LocalCluster,
     audit,
@@ -20,7 +21,6 @@ from cluster_helpers import (
     node_factory,
     rooms_per_primary,
 )
-
 from wsbroadcast import ConnectionManager, user_room
 from wsbroadcast.backend import backend_from_url
 from wsbroadcast.backends.redis import RedisClusterBackend

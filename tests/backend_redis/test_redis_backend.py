@@ -9,8 +9,8 @@ from contextlib import AsyncExitStack
 import anyio
 import pytest
 from redis.asyncio import Redis
-from redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 
+from tests.backend_redis.redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 from wsbroadcast import Envelope, backend_from_url
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.exceptions import InvalidBackendURL

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import JsonValue
-from redis_helpers import ASYNCIO_ONLY, Recorder
 
+from tests.backend_redis.redis_helpers import ASYNCIO_ONLY, Recorder
 from wsbroadcast import Envelope
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.exceptions import InvalidData

@@ -1,18 +1,18 @@
-"""Fixtures for the chat app's tests: the app started as a user starts it, in a subprocess."""
+"""The chat app started as a user starts it, in a subprocess, for the chat app's tests."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
+
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE = 30.0
@@ -29,13 +29,6 @@ READY_LINES = {
     "hypercorn": "Running on http://",
 }
 """What each server logs once it serves: proof that its log is really captured."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ChatServer:
@@ -128,25 +121,3 @@ class ChatServer:
 
 
 StartServer = Callable[..., ChatServer]
-
-
-@pytest.fixture(scope="module")
-def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
-    """Start chat app subprocesses with the given flags; all are killed at teardown."""
-    servers: list[ChatServer] = []
-
-    def start(*args: str, kind: str = "uvicorn") -> ChatServer:
-        server = ChatServer(tmp_path_factory.mktemp("chat-server"), list(args), kind)
-        servers.append(server)
-        server.start()
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture(scope="module", params=SERVER_KINDS)
-def server_kind(request: pytest.FixtureRequest) -> str:
-    """Each test that uses it runs on uvicorn (fast path and plain ASGI) and on websockets."""
-    return str(request.param)

@@ -18,7 +18,7 @@ import pytest
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page, WebSocket, WebSocketRoute
 
-    from conftest import ChatServer, StartServer
+    from tests.chat_app.servers import ChatServer, StartServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [

@@ -20,7 +20,7 @@ from examples.chat_app.responses import CLIENT_JS
 from tests.chat_app.frames import next_frame
 
 if TYPE_CHECKING:
-    from conftest import ChatServer, StartServer
+    from tests.chat_app.servers import ChatServer, StartServer
 
 MAX_TEXT = 100
 MAX_BYTES = 4096

@@ -15,7 +15,7 @@ from examples.chat_app.service import check_token
 from tests.chat_app.frames import next_frame
 
 if TYPE_CHECKING:
-    from conftest import ChatServer, StartServer
+    from tests.chat_app.servers import ChatServer, StartServer
 
 asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 

@@ -28,7 +28,7 @@ from tests.backend_redis.redis_helpers import RedisServer, eventually
 from tests.chat_app.frames import next_frame, until_personal_ack
 
 if TYPE_CHECKING:
-    from conftest import ChatServer, StartServer
+    from tests.chat_app.servers import ChatServer, StartServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 

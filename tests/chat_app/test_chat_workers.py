@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from tests.backend_redis.redis_helpers import RedisServer
 
 if TYPE_CHECKING:
-    from conftest import ChatServer, StartServer
+    from tests.chat_app.servers import ChatServer, StartServer
 
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,18 +18,13 @@ import anyio
 import httpx
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 
+from tests.support import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE = 30.0
 SERVER_KINDS = ("uvicorn", "websockets")
 ROOMS_PROTOCOL = "dm_since" in (ROOT / "examples" / "chat_app" / "service.py").read_text()
 """Whether this checkout's chat app speaks several rooms and direct messages."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ChatApp:
