@@ -363,7 +363,7 @@ def unread(page: Page, room: str) -> int:
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     """A redis-server for the page's server: its streams outlive a restart of the server."""
-    from tests.backend_redis.redis_helpers import RedisServer
+    from tests.backends.redis.redis_helpers import RedisServer
 
     executable = shutil.which("redis-server")
     if executable is None:

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.backend_redis.redis_helpers import RedisServer, eventually
+from tests.backends.redis.redis_helpers import RedisServer, eventually
 from tests.chat_app.frames import next_frame, until_personal_ack
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ import anyio
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.backend_redis.redis_helpers import RedisServer
+from tests.backends.redis.redis_helpers import RedisServer
 
 if TYPE_CHECKING:
     from tests.chat_app.servers import ChatServer, StartServer

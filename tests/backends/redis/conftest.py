@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.backend_redis.redis_helpers import RedisServer
+from tests.backends.redis.redis_helpers import RedisServer
 from wsbroadcast.backends.redis import RedisBackend
 
 

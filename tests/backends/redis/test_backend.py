@@ -10,7 +10,7 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from tests.backend_redis.redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
+from tests.backends.redis.redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 from wsbroadcast import Envelope, backend_from_url
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.exceptions import InvalidBackendURL

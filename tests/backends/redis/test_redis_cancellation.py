@@ -14,7 +14,7 @@ import anyio.lowlevel
 import pytest
 from redis.asyncio import Redis
 
-from tests.backend_redis.redis_helpers import ASYNCIO_ONLY, RedisServer
+from tests.backends.redis.redis_helpers import ASYNCIO_ONLY, RedisServer
 from wsbroadcast import Connection, ConnectionManager
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.testing import MemoryTransport

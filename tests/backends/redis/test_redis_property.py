@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import JsonValue
 
-from tests.backend_redis.redis_helpers import ASYNCIO_ONLY, Recorder
+from tests.backends.redis.redis_helpers import ASYNCIO_ONLY, Recorder
 from wsbroadcast import Envelope
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.exceptions import InvalidData

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.backend_redis.redis_helpers import ASYNCIO_ONLY, RedisServer
+from tests.backends.redis.redis_helpers import ASYNCIO_ONLY, RedisServer
 from wsbroadcast import Connection, ConnectionManager, user_room
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.testing import MemoryBatchTransport, MemoryTransport

@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from tests.backend_redis.redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
+from tests.backends.redis.redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 from wsbroadcast import Envelope
 from wsbroadcast.backend import StreamReset
 from wsbroadcast.backends.redis import DEFAULT_HISTORY_BYTES, RedisBackend

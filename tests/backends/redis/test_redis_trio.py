@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.backend_redis.redis_helpers import RedisServer
+from tests.backends.redis.redis_helpers import RedisServer
 from wsbroadcast.backends.redis import RedisBackend
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.backend_cluster.cluster_helpers import LocalCluster, local_cluster, node_factory
+from tests.backends.redis.cluster.cluster_helpers import LocalCluster, local_cluster, node_factory
 from wsbroadcast.backends.redis import RedisClusterBackend
 
 

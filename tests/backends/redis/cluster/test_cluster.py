@@ -13,7 +13,7 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from tests.backend_cluster.cluster_helpers import (
+from tests.backends.redis.cluster.cluster_helpers import (
     ASYNCIO_ONLY,
     LocalCluster,
     audit,
