@@ -167,7 +167,7 @@ def caught_up(session: Session) -> bool:
 
 def check(run: Run, backend: MemoryBackend, policy: str) -> None:
     canonical = {
-        room: {e.seq: e.text for e in state.history} for room, state in backend._rooms.items()
+        room: {e.seq: e.text for e in state.history or ()} for room, state in backend._rooms.items()
     }
     for sent in run.sent.values():
         # Per-sender FIFO: a sender's broadcasts take increasing seqs in the order issued.

@@ -122,10 +122,11 @@ def wait_for_line(page: Page, kind: str, text: str) -> None:
 
 
 def lines(page: Page) -> list[str]:
-    return page.eval_on_selector_all(
+    texts: list[str] = page.eval_on_selector_all(
         "#messages > li",
         "items => items.map((li) => li.className + ': ' + li.querySelector('.text').textContent)",
     )
+    return texts
 
 
 def sockets_made(page: Page) -> list[dict[str, str]]:

@@ -74,6 +74,7 @@ async def test_join_message_leave_and_envelope_shape(server: ChatServer) -> None
     room = "shape"
     async with client(server, "alice", room) as alice:
         # No permessage-deflate: one frame's bytes serve every recipient (the fast path).
+        assert alice.response is not None
         assert "Sec-WebSocket-Extensions" not in alice.response.headers
         own = await recv(alice)
         assert list(own) == ENVELOPE_KEYS

@@ -36,6 +36,7 @@ from examples.chat_app.edge import (
     Join,
     Leave,
     Say,
+    _LocalBuckets,
     parse_command,
 )
 from examples.chat_app.responses import CLIENT_JS, _inline_hashes
@@ -44,7 +45,6 @@ from examples.chat_app.service import (
     CLOSE_WAIT,
     ChatRequest,
     ChatService,
-    _LocalBuckets,
     _OutageLog,
 )
 from tests.chat_app.frames import is_personal_ack
@@ -285,9 +285,9 @@ def test_settings_and_command_line() -> None:
         "https://a",
         "https://b",
     ]
-    for bad in (["--max-text", "0"], ["--server", "hypercorn"], ["--ws", "wsproto"]):
+    for bad_args in (["--max-text", "0"], ["--server", "hypercorn"], ["--ws", "wsproto"]):
         with pytest.raises(SystemExit):
-            parse_args(bad)
+            parse_args(bad_args)
 
 
 def test_the_module_level_app_is_importable() -> None:

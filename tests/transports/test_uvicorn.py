@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -66,7 +67,7 @@ class _WithoutWritable(WebSocketProtocol):
         del self.writable
 
     async def send(self, message: Any) -> None:
-        self.writable = anyio.Event()
+        self.writable = asyncio.Event()
         self.writable.set()
         await super().send(message)
 

@@ -31,6 +31,7 @@ async def test_websockets_adapter_broadcasts_and_survives_a_vanished_client() ->
             connection = await manager.connect(WebsocketsTransport(websocket), client_id)
             try:
                 async for text in websocket:
+                    assert isinstance(text, str)
                     await manager.broadcast("lobby", {"message": text}, client_id)
             finally:
                 await manager.disconnect(connection)
