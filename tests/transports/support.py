@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -10,7 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import anyio
 import anyio.lowlevel
 from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 
@@ -37,11 +40,23 @@ async def flood_until_closed(manager: ConnectionManager, closed: list[Connection
 Endpoint = Callable[[WebSocket], Awaitable[None]]
 
 
+async def _ok(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
 @contextlib.asynccontextmanager
 async def uvicorn_server(
-    endpoint: Endpoint, protocol: type[WebSocketProtocol], *, deflate: bool
+    endpoint: Endpoint,
+    protocol: type[WebSocketProtocol],
+    *,
+    deflate: bool,
+    http: type[asyncio.Protocol] | None = None,
 ) -> AsyncIterator[str]:
-    """Serve ``endpoint`` at ``/`` with a real uvicorn on 127.0.0.1; yield its ws:// URL."""
+    """Serve ``endpoint`` at ``/`` with a real uvicorn on 127.0.0.1; yield its ws:// URL.
+
+    ``/http`` answers a plain GET with ``ok``. ``http`` is uvicorn's HTTP protocol (its own
+    httptools one if None).
+    """
     import uvicorn
 
     listener = socket.socket()
@@ -49,7 +64,8 @@ async def uvicorn_server(
     listener.listen(64)  # clients may connect before uvicorn starts accepting
     port = listener.getsockname()[1]
     config = uvicorn.Config(
-        Starlette(routes=[WebSocketRoute("/", endpoint)]),
+        Starlette(routes=[WebSocketRoute("/", endpoint), Route("/http", _ok)]),
+        http=http or "auto",
         ws=protocol,
         ws_per_message_deflate=deflate,
         lifespan="off",
@@ -108,3 +124,23 @@ async def shed_a_stalled_client_on_uvicorn(
             assert closed[0].close_code == CloseCode.SLOW_CONSUMER
             assert manager.stats().slow_consumer_disconnects == 1
     return transports
+
+
+def raw_exchange(url: str, request: bytes) -> bytes:
+    """Send ``request`` on a raw socket; return everything until the server closes."""
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):  # a timeout fails the test: the socket stayed open
+            received += chunk
+    return received
+
+
+def upgrade_request(target: str, headers: str = "") -> bytes:
+    """A WebSocket handshake request for ``target`` with extra ``headers`` (CRLF-ended)."""
+    return (
+        f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{headers}\r\n"
+    ).encode()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 from typing import Any
 
 import anyio
@@ -15,7 +14,9 @@ from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 
 from tests.transports.support import (
+    raw_exchange,
     shed_a_stalled_client_on_uvicorn,
+    upgrade_request,
     uvicorn_server,
 )
 from wsbroadcast import ConnectionManager
@@ -121,32 +122,13 @@ async def test_no_fast_path_is_said_once_not_per_connection(
     assert "permessage-deflate" in caplog.text
 
 
-def _raw_exchange(url: str, request: bytes) -> bytes:
-    """Send ``request`` on a raw socket; return everything until the server closes."""
-    port = int(url.rsplit(":", 1)[1].strip("/"))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        received = b""
-        while chunk := sock.recv(65536):  # a timeout fails the test: the socket stayed open
-            received += chunk
-    return received
-
-
-def _upgrade(target: str, headers: str = "") -> bytes:
-    return (
-        f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        f"Sec-WebSocket-Version: 13\r\n{headers}\r\n"
-    ).encode()
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [
-        (_upgrade("/?pad=" + "p" * 9000), b"414"),
-        (_upgrade("/", "".join(f"X-{n}: {n}\r\n" for n in range(200))), b"431"),
+        (upgrade_request("/?pad=" + "p" * 9000), b"414"),
+        (upgrade_request("/", "".join(f"X-{n}: {n}\r\n" for n in range(200))), b"431"),
     ],
     ids=["request-line", "headers"],
 )
@@ -161,5 +143,5 @@ async def test_uvicorn_protocol_sends_the_refusal_of_a_handshake_it_cannot_parse
         raise AssertionError("not reached")
 
     async with uvicorn_server(endpoint, WebSocketProtocol, deflate=False) as url:
-        response = await anyio.to_thread.run_sync(_raw_exchange, url, request_bytes)
+        response = await anyio.to_thread.run_sync(raw_exchange, url, request_bytes)
     assert response.startswith(b"HTTP/1.1 " + status + b" "), response[:200]
