@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -47,7 +48,7 @@ def last_data(transport: MemoryTransport) -> Any:
     return envelopes[-1]["data"] if envelopes else None
 
 
-async def until(transport: MemoryTransport, predicate: Any) -> None:
+async def until(transport: MemoryTransport, predicate: Callable[[MemoryTransport], bool]) -> None:
     with anyio.fail_after(GUARD):
         await transport.wait_until(predicate)
 

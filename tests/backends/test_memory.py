@@ -146,7 +146,9 @@ def test_url_options() -> None:
     backend = backend_from_url("memory://?history=5&history_bytes=1000&history_ttl=none")
     assert isinstance(backend, MemoryBackend)
     assert (backend.history_size, backend.history_bytes, backend.history_ttl) == (5, 1000, None)
-    assert backend_from_url("memory://?history_ttl=2.5").history_ttl == 2.5  # type: ignore[attr-defined]
+    backend = backend_from_url("memory://?history_ttl=2.5")
+    assert isinstance(backend, MemoryBackend)
+    assert backend.history_ttl == 2.5
     for bad in ("memory://?history_ttl=0", "memory://?history_bytes=x", "memory://?nope=1"):
         with pytest.raises(InvalidBackendURL):
             backend_from_url(bad)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +47,7 @@ def gone(pid: int) -> bool:
     return not status.exists() or "zombie" in status.read_text()
 
 
-def wait_for(predicate: Any, what: str) -> None:
+def wait_for(predicate: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + DEADLINE
     while not predicate():
         assert time.monotonic() < deadline, what

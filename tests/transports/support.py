@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -35,6 +36,14 @@ async def flood_until_closed(manager: ConnectionManager, closed: list[Connection
             if closed and closed[0].state is not ConnectionState.OPEN:
                 break
         await closed[0].wait_closed()
+
+
+def assert_join_then_300_broadcasts(received: list[Any]) -> None:
+    """What a client of a 300-broadcast round got: its join, then every broadcast, whole."""
+    assert received[0]["type"] == "join"
+    assert [m["seq"] for m in received] == list(range(1, 302))
+    assert [m["data"]["n"] for m in received[1:]] == list(range(300))
+    assert received[-1]["data"]["pad"] == "é" * (299 * 7)
 
 
 Endpoint = Callable[[WebSocket], Awaitable[None]]

@@ -14,6 +14,7 @@ from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 
 from tests.transports.support import (
+    assert_join_then_300_broadcasts,
     raw_exchange,
     shed_a_stalled_client_on_uvicorn,
     upgrade_request,
@@ -89,10 +90,7 @@ async def test_uvicorn_protocol_offers_raw_frames_only_where_they_are_right(
 ) -> None:
     received, transports = await _uvicorn_round(protocol, deflate=deflate)
     assert transports == [StarletteFramesTransport if fast else StarletteTransport]
-    assert received[0]["type"] == "join"
-    assert [m["seq"] for m in received] == list(range(1, 302))
-    assert [m["data"]["n"] for m in received[1:]] == list(range(300))
-    assert received[-1]["data"]["pad"] == "é" * (299 * 7)
+    assert_join_then_300_broadcasts(received)
 
 
 @pytest.mark.anyio

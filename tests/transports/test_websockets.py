@@ -10,6 +10,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from tests.transports.support import (
+    assert_join_then_300_broadcasts,
     flood_until_closed,
 )
 from wsbroadcast import CloseCode, Connection, ConnectionManager
@@ -85,10 +86,7 @@ async def test_websockets_batches_prepared_frames_or_falls_back_per_connection(
 ) -> None:
     received, raw = await _fast_path_round(compression)
     assert raw == [compression is None]
-    assert received[0]["type"] == "join"
-    assert [m["seq"] for m in received] == list(range(1, 302))
-    assert [m["data"]["n"] for m in received[1:]] == list(range(300))
-    assert received[-1]["data"]["pad"] == "é" * (299 * 7)
+    assert_join_then_300_broadcasts(received)
 
 
 @pytest.mark.anyio

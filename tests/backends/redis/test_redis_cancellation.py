@@ -6,7 +6,7 @@ script ran in Redis, the caller was cancelled before the reply, and the node dis
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -39,7 +39,7 @@ async def cancel_during(
     monkeypatch: pytest.MonkeyPatch,
     script: str,
     stage: str,
-    call: Callable[[], Any],
+    call: Callable[[], Awaitable[object]],
 ) -> list[object]:
     """Run ``call`` and cancel it at ``stage`` of its ``script``; return what it returned.
 

@@ -172,7 +172,8 @@ async def test_direct_messages_across_shards(cluster: LocalCluster, make_node: M
             await node_b.connect(to_bob, bob, user_room(bob))
             await node_a.connect(to_alice, alice, user_room(alice))
             sent = await node_a.send_direct(bob, {"text": "hi"}, alice)
-            prefix = node_a.backend.prefix  # type: ignore[attr-defined]
+            assert isinstance(node_a.backend, RedisClusterBackend)
+            prefix = node_a.backend.prefix
             worker = await anyio.run_process(
                 [sys.executable, "-c", WORKER, f"{cluster.url}?prefix={prefix}", bob]
             )
