@@ -9,6 +9,7 @@ import pytest
 
 from tests.faults import stall_one_of_two
 from wsbroadcast import (
+    AlreadyJoined,
     BackendUnavailable,
     CloseCode,
     Connection,
@@ -18,6 +19,7 @@ from wsbroadcast import (
     InvalidInput,
     InvalidName,
     ManagerNotRunning,
+    NotJoined,
     SlowConsumerPolicy,
 )
 from wsbroadcast.backends.memory import MemoryBackend
@@ -344,9 +346,37 @@ def test_constructor_refuses_bad_settings() -> None:
         ConnectionManager(slow_consumer="ignore")
     with pytest.raises(InvalidInput):
         ConnectionManager(close_timeout=0)
+    with pytest.raises(InvalidInput, match="queue_bytes"):
+        ConnectionManager(queue_bytes=0)
     assert ConnectionManager(slow_consumer="drop_oldest").slow_consumer is (
         SlowConsumerPolicy.DROP_OLDEST
     )
+
+
+async def test_a_manager_is_entered_once(manager: ConnectionManager) -> None:
+    with pytest.raises(RuntimeError, match="entered once"):
+        await manager.__aenter__()
+    await manager.connect(MemoryTransport(), "alice")  # the running manager is unharmed
+    assert await manager.presence("lobby") == ["alice"]
+
+
+async def test_joining_and_leaving_rooms_are_checked_against_the_connection(
+    manager: ConnectionManager,
+) -> None:
+    transport = MemoryTransport()
+    connection = await manager.connect(transport, "alice")
+    with pytest.raises(AlreadyJoined):
+        await manager.join(connection, "lobby")
+    with pytest.raises(NotJoined):
+        await manager.leave(connection, "red")
+    await manager.join(connection, "red")
+    connection.queue.abort(CloseCode.GOING_AWAY, "closing")  # as a shutdown or overflow does
+    await manager.join(connection, "blue")  # closing: nothing to join, no error
+    await manager.leave(connection, "red")  # closing: nothing to leave, no error
+    await connection.wait_closed()
+    assert connection.rooms == frozenset({"lobby", "red"})
+    assert not any(m["type"] == "left" for m in transport.messages())
+    assert await manager.presence("blue") == []
 
 
 def test_the_core_imports_no_web_framework_or_broker_client() -> None:

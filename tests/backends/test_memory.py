@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import gc
+import math
 import tracemalloc
 
 import pytest
 
-from wsbroadcast import Envelope, InvalidBackendURL, InvalidData, backend_from_url
+from wsbroadcast import Envelope, InvalidBackendURL, InvalidData, InvalidInput, backend_from_url
 from wsbroadcast.backends.memory import MemoryBackend
 
 pytestmark = pytest.mark.anyio
@@ -152,3 +153,48 @@ def test_url_options() -> None:
     for bad in ("memory://?history_ttl=0", "memory://?history_bytes=x", "memory://?nope=1"):
         with pytest.raises(InvalidBackendURL):
             backend_from_url(bad)
+
+
+def test_negative_bounds_are_refused() -> None:
+    with pytest.raises(InvalidInput, match="history size"):
+        MemoryBackend(history_size=-1)
+    with pytest.raises(InvalidInput, match="history_bytes"):
+        MemoryBackend(history_bytes=-1)
+
+
+async def test_a_failing_listener_is_logged_and_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    backend = MemoryBackend()
+    received: list[Envelope] = []
+
+    def broken(envelope: Envelope) -> None:
+        raise LookupError("a listener's bug")
+
+    await backend.subscribe("r", broken)
+    await backend.subscribe("r", received.append)
+    envelope = await backend.publish("r", "message", "x", "hi")
+    assert received == [envelope]  # the next listener still got it
+    assert "listener for room 'r' failed" in caplog.text
+    [record] = caplog.records
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], LookupError)
+
+
+async def test_removing_presence_that_is_not_there_says_so() -> None:
+    backend = MemoryBackend()
+    assert not await backend.remove_presence("nowhere", "alice")
+    assert await backend.add_presence("r", "alice")
+    assert await backend.remove_presence("r", "alice")
+    assert not await backend.remove_presence("r", "alice")
+    assert await backend.presence("r") == []
+
+
+async def test_rate_limit_buckets_refill_refuse_bad_rates_and_stay_bounded() -> None:
+    backend = MemoryBackend()
+    backend.max_buckets = 2
+    assert [await backend.allow("a", 0.001, 2) for _ in range(3)] == [True, True, False]
+    assert await backend.allow("b", 0.001, 1)
+    assert await backend.allow("c", 0.001, 1)  # three keys: "a", the least recent, is forgotten
+    assert await backend.allow("a", 0.001, 1)  # a full bucket again
+    for rate, burst in ((0.0, 1.0), (1.0, 0.5), (math.inf, 1.0), (1.0, math.nan)):
+        with pytest.raises(InvalidInput, match="need rate > 0"):
+            await backend.allow("a", rate, burst)

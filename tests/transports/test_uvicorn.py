@@ -143,3 +143,29 @@ async def test_uvicorn_protocol_sends_the_refusal_of_a_handshake_it_cannot_parse
     async with uvicorn_server(endpoint, WebSocketProtocol, deflate=False) as url:
         response = await anyio.to_thread.run_sync(raw_exchange, url, request_bytes)
     assert response.startswith(b"HTTP/1.1 " + status + b" "), response[:200]
+
+
+def test_configure_makes_a_subclass_with_other_limits() -> None:
+    quiet = WebSocketProtocol.configure(max_write_buffer=1024, close_wait=0.5, offer_frames=False)
+    assert issubclass(quiet, WebSocketProtocol)
+    assert (quiet.max_write_buffer, quiet.close_wait, quiet.offer_frames) == (1024, 0.5, False)
+    same = WebSocketProtocol.configure()  # None keeps every limit
+    assert (same.max_write_buffer, same.close_wait, same.offer_frames) == (
+        WebSocketProtocol.max_write_buffer,
+        WebSocketProtocol.close_wait,
+        True,
+    )
+    with pytest.raises(ValueError, match="max_write_buffer must be positive"):
+        WebSocketProtocol.configure(max_write_buffer=0)
+    with pytest.raises(ValueError, match="close_wait must be positive"):
+        WebSocketProtocol.configure(close_wait=0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_protocol_that_does_not_offer_frames_serves_plain_asgi() -> None:
+    received, transports = await _uvicorn_round(
+        WebSocketProtocol.configure(offer_frames=False), deflate=False
+    )
+    assert transports == [StarletteTransport]
+    assert_join_then_300_broadcasts(received)
