@@ -379,6 +379,21 @@ async def test_joining_and_leaving_rooms_are_checked_against_the_connection(
     assert await manager.presence("blue") == []
 
 
+async def test_a_socket_that_dies_during_the_history_replay_is_returned_closed(
+    manager: ConnectionManager,
+) -> None:
+    for n in range(3):
+        await manager.broadcast("lobby", n, "alice")
+    dead = MemoryTransport(fail_after=1)
+    connection = await manager.connect(dead, "bob", since=0)
+    await connection.wait_closed()
+    assert connection.close_code == CloseCode.GOING_AWAY
+    assert connection.close_reason == "send failed: TransportClosed"
+    assert len(dead.frames) == 1
+    assert manager.stats().send_failures == 1
+    assert await manager.presence("lobby") == []
+
+
 def test_the_core_imports_no_web_framework_or_broker_client() -> None:
     code = (
         "import sys, wsbroadcast, wsbroadcast.testing, wsbroadcast.backends.memory\n"
