@@ -7,6 +7,7 @@ import pydantic
 import pytest
 
 from wsbroadcast import Envelope
+from wsbroadcast.envelope import Draft
 
 
 def make(**overrides: object) -> Envelope:
@@ -54,3 +55,12 @@ def test_envelopes_are_immutable() -> None:
 def test_invalid_envelopes_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(pydantic.ValidationError):
         make(**bad)
+
+
+def test_names_that_need_escaping_are_escaped_in_the_text() -> None:
+    """Names are written without json.dumps when they are plain; others are escaped."""
+    draft = Draft("message", "salle-é", 'zoë "z"', {"n": 1})
+    envelope = draft.envelope(1, "e")
+    parsed = json.loads(envelope.text)
+    assert (parsed["room"], parsed["client_id"]) == ("salle-é", 'zoë "z"')
+    assert Envelope.from_text(envelope.text) == envelope
