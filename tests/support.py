@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
+from collections.abc import Callable
+
+import httpx
 
 
 def free_ports(count: int, *, below: int = 65536) -> list[int]:
@@ -31,3 +36,22 @@ def free_ports(count: int, *, below: int = 65536) -> list[int]:
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     return free_ports(1)[0]
+
+
+def wait_until_healthy(
+    process: subprocess.Popen[bytes], url: str, log: Callable[[], str], deadline: float = 30.0
+) -> None:
+    """Wait until the server ``process`` answers 200 at ``url``/healthz, for at most
+    ``deadline`` seconds; raise with its ``log()`` if it exits or the deadline passes first."""
+    give_up = time.monotonic() + deadline
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited at startup:\n{log()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > give_up:
+            raise RuntimeError(f"the server did not start:\n{log()}")
+        time.sleep(0.05)  # polling for readiness, bounded by the deadline

@@ -6,13 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
-from tests.support import free_port
+from tests.support import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE = 30.0
@@ -77,18 +74,7 @@ class ChatServer:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=self.kind == "hypercorn",
             )
-        deadline = time.monotonic() + STARTUP_DEADLINE
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the chat app exited at startup:\n{self.stderr()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the chat app did not start:\n{self.stderr()}")
-            time.sleep(0.05)  # polling for readiness, bounded by the deadline
+        wait_until_healthy(self.process, self.url, self.stderr, STARTUP_DEADLINE)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL if it lingers)."""
