@@ -1,6 +1,6 @@
 """A local Redis Cluster for the ``cluster`` scenario, from the cluster tests' own helper.
 
-The cluster tests already start a real local cluster (``tests/backend_cluster/
+The cluster tests already start a real local cluster (``tests/backends/redis/cluster/
 cluster_helpers.py``: six ``redis-server --cluster-enabled yes`` in one process group, three
 primaries with a replica each, created with ``redis-cli --cluster create``, a watchdog that
 kills the group if its parent dies). The bench imports that module by its path rather than
@@ -20,7 +20,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-HELPERS = Path(__file__).resolve().parents[1] / "tests" / "backend_cluster" / "cluster_helpers.py"
+HELPERS = (
+    Path(__file__).resolve().parents[1]
+    / "tests"
+    / "backends"
+    / "redis"
+    / "cluster"
+    / "cluster_helpers.py"
+)
 MODULE_NAME = "bench_cluster_helpers"
 
 

@@ -507,7 +507,7 @@ METHOD = """\
 - The Redis Cluster scenario (issue 13) runs the same two nodes and 500 subscribers with
   `--backend redis+cluster://` on a fresh local cluster of six `redis-server`s, three
   primaries with a replica each (started and stopped by the cluster tests' own helper,
-  `tests/backend_cluster/cluster_helpers.py`, through `bench/cluster.py`), persistence off.
+  `tests/backends/redis/cluster/cluster_helpers.py`, through `bench/cluster.py`), persistence off.
   redis-server CPU is the six servers' together, shown beside the nodes', not included.
   Subscribers connect 50 at a time per client process, as in the Redis scenario.
 - The workers scenario (issue 13) runs the chat app on one fresh `redis-server` as one node

@@ -288,6 +288,10 @@ async def stall_one_of_two(
     for n in range(broadcasts):
         # Every broadcast returns while the stalled socket has not accepted a byte.
         await manager.broadcast("lobby", n, "healthy")
-        await healthy.wait_until(lambda t, n=n: any(e["data"] == n for e in t.envelopes()))
+
+        def delivered(transport: MemoryTransport, n: int = n) -> bool:
+            return any(e["data"] == n for e in transport.envelopes())
+
+        await healthy.wait_until(delivered)
     await connection.wait_closed()
     return stalled, healthy, connection

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from bench.clients import message_text, open_client, parse
-from bench.procfs import ServerProcess, free_port
+from bench.procfs import ServerProcess
 from bench.protocols import PROTOCOLS
 from bench.servers import SERVERS, spec_command
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE = 20.0

@@ -26,9 +26,10 @@ from bench.clients import (
     parse,
     sent_to_room,
 )
-from bench.procfs import ServerProcess, free_port
+from bench.procfs import ServerProcess
 from bench.protocols import PROTOCOLS
 from bench.servers import SERVERS, spec_command
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE = 20.0

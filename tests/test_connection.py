@@ -1,205 +1,257 @@
-"""A connection's life: who writes to its socket, when, and how its closing reaches the app."""
+"""Connection on its own, built directly (no manager): its state, its one-off frames, its
+writer and no-wait flush, replay, and how its closing reaches cancel scopes and waiters.
+
+Connections as the manager runs them (the flusher, writer tasks, sessions) are tested in
+test_manager.py."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Sequence
 
 import anyio
+import anyio.lowlevel
 import pytest
 
-from wsbroadcast import CloseCode, Connection, ConnectionManager, ConnectionState
+from wsbroadcast import (
+    CloseCode,
+    Connection,
+    ConnectionState,
+    ControlMessage,
+    OutboundMessage,
+    SlowConsumerPolicy,
+)
+from wsbroadcast.envelope import Draft, Envelope
 from wsbroadcast.testing import MemoryBatchTransport, MemoryTransport
 
 pytestmark = pytest.mark.anyio
 
-IDLE = 40
+
+class Calls:
+    """What a connection told its manager: ready to flush, aborted."""
+
+    def __init__(self) -> None:
+        self.ready: list[Connection] = []
+        self.aborted: list[Connection] = []
 
 
-def saw_leave(transport: MemoryTransport) -> bool:
-    """Whether a ``leave`` has arrived (checked before the first frame too)."""
-    return any(envelope["type"] == "leave" for envelope in transport.envelopes())
+def make(
+    transport: MemoryTransport, *, queue_size: int = 4, queue_bytes: int = 1 << 20
+) -> tuple[Connection, Calls]:
+    calls = Calls()
+    connection = Connection(
+        transport,
+        "alice",
+        "lobby",
+        queue_size=queue_size,
+        queue_bytes=queue_bytes,
+        policy=SlowConsumerPolicy.DISCONNECT,
+        on_ready=calls.ready.append,
+        on_abort=calls.aborted.append,
+    )
+    return connection, calls
 
 
-@pytest.fixture
-async def manager() -> AsyncIterator[ConnectionManager]:
-    async with ConnectionManager(queue_size=8) as manager:
-        yield manager
+def envelope(seq: int, room: str = "lobby") -> Envelope:
+    return Draft("message", room, "bob", {"n": seq}).envelope(seq, "epoch")
 
 
-async def test_idle_connections_on_a_nowait_transport_hold_no_task(
-    manager: ConnectionManager,
-) -> None:
-    before = len(anyio.get_running_tasks())
-    transports = [MemoryBatchTransport() for _ in range(IDLE)]
-    for i, transport in enumerate(transports):
-        await manager.connect(transport, f"c{i}")
-    await manager.broadcast("lobby", {"message": "hi"}, "c0")
-    for transport in transports:
-        await transport.wait_until(lambda t: any(m["type"] == "message" for m in t.messages()))
-    # Everything was written by the manager's one flusher: no task per connection.
-    assert len(anyio.get_running_tasks()) - before < IDLE // 4
+class BatchOnlyTransport(MemoryTransport):
+    """Writes batches but never without waiting (like the websockets adapter); records the
+    size of each batch it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    async def send_batch(self, messages: Sequence[OutboundMessage], /) -> None:
+        self.batches.append(len(messages))
+        for message in messages:
+            await self.send_text(message.text)
 
 
-async def test_idle_connections_on_other_transports_have_a_writer_each(
-    manager: ConnectionManager,
-) -> None:
-    before = len(anyio.get_running_tasks())
-    for i in range(IDLE):
-        await manager.connect(MemoryTransport(), f"c{i}")
-    assert len(anyio.get_running_tasks()) - before >= IDLE
+def test_a_new_connection_recovers_in_its_first_room() -> None:
+    first, _ = make(MemoryTransport())
+    second, _ = make(MemoryTransport())
+    assert second.id > first.id
+    assert first.state is ConnectionState.RECOVERING
+    assert (first.client_id, first.room, first.rooms) == ("alice", "lobby", frozenset({"lobby"}))
+    assert first.in_room("lobby")
+    assert not first.in_room("red")
+    assert (first.last_seq, first.close_code, first.close_reason) == (0, None, None)
+    assert not first.overflowed
+    assert not first.writing
+    assert repr(first) == f"<Connection #{first.id} client_id='alice' room='lobby' recovering>"
 
 
-async def test_a_full_socket_gets_a_writer_until_it_drains_then_the_flusher_again(
-    manager: ConnectionManager,
-) -> None:
-    slow, fast = MemoryBatchTransport(), MemoryBatchTransport()
-    connection = await manager.connect(slow, "slow")
-    await manager.connect(fast, "fast")
-    slow.pause()
-    before = len(anyio.get_running_tasks())
-    for i in range(5):
-        await manager.broadcast("lobby", {"message": i}, "fast")
-    await fast.wait_until(lambda t: len(t.envelopes()) == 6)
-    await anyio.wait_all_tasks_blocked()
-    # The paused socket refused the no-wait write: one writer task now waits on it.
-    assert len(anyio.get_running_tasks()) == before + 1
-    slow.resume()
-    await slow.wait_until(lambda t: len(t.envelopes()) == 7)
-    await manager.broadcast("lobby", {"message": "after"}, "fast")
-    await slow.wait_until(lambda t: len(t.envelopes()) == 8)
-    assert [e["seq"] for e in slow.envelopes()] == list(range(1, 9))
-    assert connection.state is ConnectionState.OPEN
-    assert connection.statistics().queued == 0
-    assert connection.statistics().delivered == 8
-
-
-@pytest.mark.parametrize("kind", [MemoryTransport, MemoryBatchTransport])
-async def test_disconnecting_an_idle_connection_closes_it_and_announces_leave(
-    manager: ConnectionManager, kind: type[MemoryTransport]
-) -> None:
-    alice, bob = kind(), kind()
-    connection = await manager.connect(alice, "alice")
-    await manager.connect(bob, "bob")
-    await manager.disconnect(connection, CloseCode.POLICY_VIOLATION, "bye")
-    assert connection.state is ConnectionState.CLOSED
-    assert (alice.close_code, alice.close_reason) == (CloseCode.POLICY_VIOLATION, "bye")
-    await bob.wait_until(saw_leave)
-    assert await manager.presence("lobby") == ["bob"]
-
-
-async def test_shutdown_closes_idle_nowait_connections_with_going_away() -> None:
-    transports = [MemoryBatchTransport() for _ in range(3)]
-    async with ConnectionManager() as manager:
-        connections = [await manager.connect(t, f"c{i}") for i, t in enumerate(transports)]
-    assert all(c.state is ConnectionState.CLOSED for c in connections)
-    assert {t.close_code for t in transports} == {CloseCode.GOING_AWAY}
-
-
-async def test_a_dead_socket_found_by_the_flusher_is_closed(manager: ConnectionManager) -> None:
-    dead, alive = MemoryBatchTransport(fail_after=1), MemoryBatchTransport()
-    connection = await manager.connect(dead, "dead")
-    await manager.connect(alive, "alive")
-    await manager.broadcast("lobby", {"message": "hi"}, "alive")
-    await connection.wait_closed()
-    assert manager.statistics().send_failures == 1
-    await alive.wait_until(saw_leave)
-
-
-@pytest.mark.parametrize("kind", [MemoryTransport, MemoryBatchTransport])
-async def test_cancel_on_close_stops_the_receiver_when_the_queue_overflows(
-    manager: ConnectionManager, kind: type[MemoryTransport]
-) -> None:
-    stalled = kind()
-    connection = await manager.connect(stalled, "stalled")
-    stalled.pause()
-    receiving = anyio.Event()
-    stopped: list[ConnectionState] = []
-
-    async def receiver() -> None:
-        with connection.cancel_on_close() as scope:
-            receiving.set()
-            await anyio.sleep_forever()
-        assert scope.cancelled_caught
-        stopped.append(connection.state)
-
-    async with anyio.create_task_group() as task_group:
-        task_group.start_soon(receiver)
-        await receiving.wait()
-        for i in range(20):
-            await manager.broadcast("lobby", {"message": i}, "other")
-    assert stopped == [ConnectionState.CLOSING] or stopped == [ConnectionState.CLOSED]
-    assert connection.close_code == CloseCode.SLOW_CONSUMER
-    stalled.resume()
-    await connection.wait_closed()
-
-
-async def test_cancel_on_close_of_a_closed_connection_cancels_at_once(
-    manager: ConnectionManager,
-) -> None:
-    connection = await manager.connect(MemoryBatchTransport(), "alice")
-    await manager.disconnect(connection)
-    with connection.cancel_on_close() as scope:
-        await anyio.sleep_forever()
-    assert scope.cancelled_caught
-
-
-async def test_cancel_on_close_leaves_a_normal_exit_alone(manager: ConnectionManager) -> None:
-    connection = await manager.connect(MemoryBatchTransport(), "alice")
-    with connection.cancel_on_close() as scope:
-        await anyio.lowlevel.checkpoint()
-    assert not scope.cancel_called
-    await manager.disconnect(connection)
-    assert not scope.cancel_called  # it was exited: closing later does not touch it
-
-
-async def test_session_disconnects_and_announces_leave_on_exit(
-    manager: ConnectionManager,
-) -> None:
-    alice, bob = MemoryBatchTransport(), MemoryBatchTransport()
-    await manager.connect(bob, "bob")
-    seen: list[Connection] = []
-
-    async def client() -> None:
-        async with manager.session(alice, "alice") as connection:
-            seen.append(connection)
-            raise LookupError("the application's own error passes through")
-
-    with pytest.raises(LookupError):
-        await client()
-    [connection] = seen
-    assert connection.state is ConnectionState.CLOSED
-    assert alice.close_code == CloseCode.NORMAL
-    await bob.wait_until(saw_leave)
-
-
-async def test_session_body_is_cancelled_by_shutdown() -> None:
-    transport = MemoryTransport()
-    reached_end = False
-
-    async def client(manager: ConnectionManager) -> None:
-        nonlocal reached_end
-        async with manager.session(transport, "alice"):
-            await anyio.sleep_forever()
-        reached_end = True
-
-    async with anyio.create_task_group() as task_group, ConnectionManager() as manager:
-        task_group.start_soon(client, manager)
-        await transport.wait_for_messages(1)
-    assert reached_end
-    assert transport.close_code == CloseCode.GOING_AWAY
-
-
-async def test_frames_being_written_when_the_socket_dies_count_as_dropped(
-    manager: ConnectionManager,
-) -> None:
-    slow = MemoryTransport()
-    connection = await manager.connect(slow, "slow")
-    await slow.wait_for_messages(1)
-    slow.pause()
-    for i in range(3):
-        await manager.broadcast("lobby", {"message": i}, "other")
-    await manager.disconnect(connection)
+def test_one_off_frames_wait_for_the_end_of_recovery_then_flush_in_order() -> None:
+    transport = MemoryBatchTransport()
+    connection, calls = make(transport)
+    assert connection.send_control("welcome", {"n": 1})
+    assert connection.send_error("bad_input", "no", room="red")
+    assert transport.texts == []
+    assert calls.ready == []
+    connection.queue.go_live(0)
+    assert calls.ready == [connection]  # the manager's flusher is asked to write
+    assert connection.statistics().queued == 2
+    assert connection.flush()
+    assert transport.messages() == [
+        {"type": "welcome", "room": "lobby", "data": {"n": 1}},
+        {"type": "error", "room": "red", "data": {"code": "bad_input", "detail": "no"}},
+    ]
     stats = connection.statistics()
-    assert stats.delivered == 1
-    assert stats.dropped == 3
-    assert stats.queued == 0
+    assert (stats.queued, stats.delivered) == (0, 2)
+
+
+def test_a_flush_the_socket_refuses_keeps_the_frames_for_a_writer() -> None:
+    transport = MemoryBatchTransport()
+    connection, _ = make(transport)
+    connection.queue.go_live(0)
+    connection.queue.push(envelope(1))
+    transport.pause()
+    assert not connection.flush()
+    assert connection.statistics().queued == 1
+    transport.resume()
+    assert connection.flush()
+    assert [e["seq"] for e in transport.envelopes()] == [1]
+    assert connection.last_seq == 1
+    assert connection.flush()  # nothing waiting: nothing to refuse
+
+
+async def test_the_writer_sends_one_frame_at_a_time_and_waits_for_more() -> None:
+    transport = MemoryTransport()
+    connection, calls = make(transport)
+    connection.queue.go_live(0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(connection.write)
+        await anyio.wait_all_tasks_blocked()
+        assert connection.writing
+        for seq in (1, 2):
+            connection.queue.push(envelope(seq))
+        await transport.wait_for_messages(2)
+        connection.send_control("ping")
+        await transport.wait_for_messages(3)
+        assert calls.ready == []  # a writer's own wake-up, not the flusher's
+        assert connection.queue.abort(CloseCode.GOING_AWAY, "bye")
+    assert not connection.writing
+    await connection.wait_writer()
+    assert [m["type"] for m in transport.messages()] == ["message", "message", "ping"]
+    assert calls.aborted == [connection]
+    assert connection.statistics().delivered == 3
+
+
+async def test_a_batch_writer_sends_everything_waiting_in_one_call() -> None:
+    transport = BatchOnlyTransport()
+    connection, _ = make(transport)
+    connection.queue.go_live(0)
+    for seq in (1, 2, 3):
+        connection.queue.push(envelope(seq))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(connection.write)
+        await transport.wait_for_messages(3)
+        connection.queue.abort(CloseCode.NORMAL, "")
+    assert transport.batches == [3]
+
+
+async def test_a_nowait_writer_returns_once_the_queue_is_empty() -> None:
+    transport = MemoryBatchTransport(turns_per_send=1)  # slow: no-wait writes are refused
+    connection, _ = make(transport)
+    connection.queue.go_live(0)
+    connection.queue.push(envelope(1))
+    assert not connection.flush()
+    with anyio.fail_after(5):
+        await connection.write()  # the flusher takes over from here
+    assert [e["seq"] for e in transport.envelopes()] == [1]
+    assert connection.state is ConnectionState.OPEN
+
+
+async def test_a_writer_of_a_closing_connection_returns_at_once() -> None:
+    transport = MemoryTransport()
+    connection, _ = make(transport)
+    connection.queue.go_live(0)
+    connection.queue.push(envelope(1))
+    connection.queue.abort(CloseCode.SLOW_CONSUMER, "slow")
+    await connection.write()
+    assert transport.texts == []
+    assert connection.statistics().dropped == 1
+
+
+async def test_send_now_bypasses_the_queue_and_counts_as_delivered() -> None:
+    transport = MemoryTransport()
+    connection, _ = make(transport)
+    first = envelope(1)
+    joined = ControlMessage("joined", None)
+    await connection.send_now([first, joined])
+    assert transport.texts == [first.text, joined.text]
+    stats = connection.statistics()
+    assert (stats.delivered, stats.queued) == (2, 0)
+
+
+async def test_replay_waits_for_space_in_a_full_queue() -> None:
+    transport = MemoryBatchTransport()
+    connection, _ = make(transport, queue_size=2)
+    connection.queue.go_live(0)
+    replayed: list[bool] = []
+
+    async def replay() -> None:
+        replayed.append(await connection.replay([envelope(n) for n in (1, 2, 3, 4, 5)]))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(replay)
+        while not replayed:
+            await anyio.wait_all_tasks_blocked()
+            assert connection.statistics().queued <= 2
+            connection.flush()  # makes space: the replay goes on
+    assert replayed == [True]
+    connection.flush()
+    assert [e["seq"] for e in transport.envelopes()] == [1, 2, 3, 4, 5]
+
+
+async def test_replay_stops_when_the_connection_closes_while_it_waits() -> None:
+    connection, _ = make(MemoryBatchTransport(), queue_size=1)
+    connection.queue.go_live(0)
+    replayed: list[bool] = []
+
+    async def replay() -> None:
+        replayed.append(await connection.replay([envelope(1), envelope(2)]))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(replay)
+        await anyio.wait_all_tasks_blocked()
+        assert replayed == []
+        connection.queue.abort(CloseCode.GOING_AWAY, "shutdown")
+    assert replayed == [False]
+    assert not await connection.replay([envelope(3)])  # closed already
+
+
+async def test_wait_closed_returns_once_the_manager_set_it_closed() -> None:
+    connection, _ = make(MemoryTransport())
+    closed: list[ConnectionState] = []
+
+    async def waiter() -> None:
+        await connection.wait_closed()
+        closed.append(connection.state)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        connection.queue.abort(CloseCode.NORMAL, "done")
+        await anyio.wait_all_tasks_blocked()
+        assert closed == []  # closing is not closed
+        connection.set_closed()
+    assert closed == [ConnectionState.CLOSED]
+    assert (connection.close_code, connection.close_reason) == (CloseCode.NORMAL, "done")
+    await connection.wait_closed()  # closed already: returns at once
+
+
+async def test_cancel_on_close_is_cancelled_by_the_abort_and_only_while_entered() -> None:
+    connection, _ = make(MemoryTransport())
+    with connection.cancel_on_close() as finished:
+        await anyio.lowlevel.checkpoint()
+    with connection.cancel_on_close() as receiving:
+        connection.queue.abort(CloseCode.SLOW_CONSUMER, "slow")
+        await anyio.sleep_forever()
+    assert receiving.cancelled_caught
+    assert not finished.cancel_called
+    with connection.cancel_on_close() as late:
+        await anyio.sleep_forever()
+    assert late.cancelled_caught

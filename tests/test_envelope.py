@@ -53,7 +53,7 @@ def test_from_text_round_trips_and_keeps_the_exact_text() -> None:
 def test_envelopes_are_immutable() -> None:
     envelope = make()
     with pytest.raises(pydantic.ValidationError):
-        envelope.seq = 8  # type: ignore[misc]
+        envelope.seq = 8
 
 
 @pytest.mark.parametrize("bad", [{"seq": 0}, {"extra": 1}, {"data": float("nan")}])
@@ -104,3 +104,12 @@ def test_a_forked_process_does_not_repeat_its_parents_ids() -> None:
     )
     child, parent = done.stdout.split()
     assert child != parent
+
+
+def test_names_that_need_escaping_are_escaped_in_the_text() -> None:
+    """Names are written without json.dumps when they are plain; others are escaped."""
+    draft = Draft("message", "salle-é", 'zoë "z"', {"n": 1})
+    envelope = draft.envelope(1, "e")
+    parsed = json.loads(envelope.text)
+    assert (parsed["room"], parsed["client_id"]) == ("salle-é", 'zoë "z"')
+    assert Envelope.from_text(envelope.text) == envelope

@@ -170,7 +170,7 @@ async def broadcast_each(values: list[Any]) -> None:
     """Members join (some with ``since=0``, so they are owed 1..N), then each value is
     broadcast; then two late clients resume from the seq before the first value."""
     # Bounds large enough for four ~1 MB payloads (100,000 control characters escape to 600 kB
-    # each): the byte bounds themselves are attacked in test_outbound and test_backend_memory.
+    # each): the byte bounds themselves are attacked in test_outbound and backends/test_memory.
     backend = MemoryBackend(history_bytes=BIG)
     async with ConnectionManager(backend, queue_bytes=BIG) as manager:
         members: list[tuple[MemoryTransport, int]] = []  # (transport, first seq owed)

@@ -32,7 +32,7 @@ def values(collector: ManagerCollector) -> dict[str, tuple[str, float]]:
 def expected(manager: ConnectionManager) -> dict[str, tuple[str, float]]:
     """What the collector should report for ``manager``'s stats (a memory backend)."""
     kinds = {key: kind for key, kind, _ in MANAGER_METRICS}
-    result = {
+    result: dict[str, tuple[str, float]] = {
         f"wsbroadcast_{key}" + ("_total" if kinds[key] == "counter" else ""): (kinds[key], value)
         for key, value in dataclasses.asdict(manager.statistics()).items()
     }

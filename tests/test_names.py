@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import given
@@ -84,12 +83,6 @@ def test_any_name_with_another_character_is_refused(before: str, bad: str, after
 @given(st.text(alphabet=ALLOWED, min_size=NAME_MAX_LENGTH + 1))
 def test_any_longer_name_is_refused(name: str) -> None:
     assert not is_valid_name(name)
-
-
-@pytest.fixture
-async def manager() -> AsyncIterator[ConnectionManager]:
-    async with ConnectionManager(queue_size=64) as manager:
-        yield manager
 
 
 @pytest.mark.anyio

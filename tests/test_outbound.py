@@ -7,6 +7,7 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import JsonValue
 
 from wsbroadcast import (
     CloseCode,
@@ -19,8 +20,8 @@ from wsbroadcast import (
 from wsbroadcast.envelope import Draft, Envelope
 
 
-def envelope(seq: int, data: object = None, epoch: str = "e1") -> Envelope:
-    return Draft("message", "lobby", "alice", data).envelope(seq, epoch)  # type: ignore[arg-type]
+def envelope(seq: int, data: JsonValue = None, epoch: str = "e1") -> Envelope:
+    return Draft("message", "lobby", "alice", data).envelope(seq, epoch)
 
 
 class Calls:
@@ -386,3 +387,35 @@ def test_the_first_room_can_be_left_and_joined_again() -> None:
     queue.push(in_room("lobby", 4))
     assert rooms_and_seqs(queue.take()) == [("lobby", 3), ("lobby", 4)]
     assert (queue.last_seq, queue.rooms) == (4, frozenset({"lobby"}))
+
+
+def test_an_idle_writer_is_woken_again_and_has_frames_says_what_take_would_give() -> None:
+    calls = Calls()
+    queue = make(calls)
+    queue.push(envelope(1))
+    assert not queue.has_frames  # held while recovering
+    queue.go_live(0)
+    queue.go_live(5)  # live already: no second release, no new position
+    assert queue.has_frames
+    assert calls.ready == 1
+    queue.push(envelope(2))
+    assert calls.ready == 1  # one wake-up until the writer takes
+    assert seqs(queue.take()) == [1, 2]
+    assert not queue.has_frames
+    queue.push(envelope(3))
+    assert calls.ready == 1  # the writer has not said it is idle
+    queue.take()
+    queue.idle()
+    queue.push(envelope(4))
+    assert calls.ready == 2
+    queue.abort(CloseCode.GOING_AWAY, "bye")
+    assert not queue.has_frames
+
+
+def test_room_live_and_reset_ignore_rooms_that_are_not_recovering_or_followed() -> None:
+    queue = make(Calls())
+    queue.go_live(0)
+    queue.room_live("lobby", 9, ack='{"type":"joined"}')  # the first room is not recovering
+    queue.reset("e2", 3, room="red")  # a room the queue does not follow
+    assert queue.take() == []
+    assert queue.last_seq_of("red") is None

@@ -139,9 +139,11 @@ async def execute(
             for session in open_sessions():
                 # A hang guard: a connection that never catches up has lost frames.
                 with anyio.fail_after(10):
-                    await session.transport.wait_until(
-                        lambda t, s=session: caught_up(s)  # type: ignore[misc]
-                    )
+
+                    def session_caught_up(t: MemoryTransport, s: Session = session) -> bool:
+                        return caught_up(s)
+
+                    await session.transport.wait_until(session_caught_up)
             run.last_seq = {room: state.seq for room, state in backend._rooms.items()}
             if run.last_seq == seqs_before:
                 break
@@ -167,7 +169,7 @@ def caught_up(session: Session) -> bool:
 
 def check(run: Run, backend: MemoryBackend, policy: str) -> None:
     canonical = {
-        room: {e.seq: e.text for e in state.history} for room, state in backend._rooms.items()
+        room: {e.seq: e.text for e in state.history or ()} for room, state in backend._rooms.items()
     }
     for sent in run.sent.values():
         # Per-sender FIFO: a sender's broadcasts take increasing seqs in the order issued.

@@ -67,6 +67,8 @@ async def test_a_publisher_checks_what_it_publishes_and_needs_async_with() -> No
     publisher = Publisher("memory://")
     with pytest.raises(ManagerNotRunning):
         await publisher.publish("room", "x")
+    with pytest.raises(ManagerNotRunning):
+        await publisher.send_direct("alice", "x")
     async with publisher:
         with pytest.raises(InvalidInput):
             await publisher.publish("room", "x", type="history_lost")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -31,12 +31,6 @@ pytestmark = pytest.mark.anyio
 GUARD = 5.0
 
 
-@pytest.fixture
-async def manager() -> AsyncIterator[ConnectionManager]:
-    async with ConnectionManager(queue_size=64) as manager:
-        yield manager
-
-
 def of_room(transport: MemoryTransport, room: str) -> list[dict[str, Any]]:
     return [m for m in transport.messages() if m["room"] == room]
 
@@ -54,7 +48,7 @@ def last_data(transport: MemoryTransport) -> Any:
     return envelopes[-1]["data"] if envelopes else None
 
 
-async def until(transport: MemoryTransport, predicate: Any) -> None:
+async def until(transport: MemoryTransport, predicate: Callable[[MemoryTransport], bool]) -> None:
     with anyio.fail_after(GUARD):
         await transport.wait_until(predicate)
 
@@ -149,19 +143,20 @@ async def test_join_from_another_epoch_gets_history_lost_then_the_ack(
 
 
 @pytest.mark.parametrize("transport_class", [MemoryTransport, MemoryBatchTransport])
+@pytest.mark.parametrize("manager_queue_size", [4])
 async def test_a_history_larger_than_the_queue_waits_for_the_client_not_disconnects(
+    manager: ConnectionManager,
     transport_class: type[MemoryTransport],
 ) -> None:
-    async with ConnectionManager(queue_size=4) as manager:
-        for n in range(40):
-            await manager.broadcast("red", n)
-        alice = transport_class(turns_per_send=1)
-        connection = await manager.connect(alice, "alice", "lobby")
-        await manager.join(connection, "red", since=0)
-        await until(alice, lambda t: bool(acks(t, "joined")))
-        assert seqs(alice, "red") == list(range(1, 42))
-        assert connection.state is ConnectionState.OPEN
-        assert manager.statistics().slow_consumer_disconnects == 0
+    for n in range(40):
+        await manager.broadcast("red", n)
+    alice = transport_class(turns_per_send=1)
+    connection = await manager.connect(alice, "alice", "lobby")
+    await manager.join(connection, "red", since=0)
+    await until(alice, lambda t: bool(acks(t, "joined")))
+    assert seqs(alice, "red") == list(range(1, 42))
+    assert connection.state is ConnectionState.OPEN
+    assert manager.statistics().slow_consumer_disconnects == 0
 
 
 async def test_leave_acks_drops_the_rest_of_the_room_and_announces_the_departure(
@@ -294,23 +289,25 @@ async def test_a_join_cancelled_at_any_await_leaks_nothing(since: int | None) ->
     pytest.fail("the join never finished")
 
 
-async def test_a_connection_closed_while_its_history_replay_waits_cleans_up_every_room() -> None:
-    async with ConnectionManager(queue_size=2) as manager:
-        for n in range(10):
-            await manager.broadcast("red", n)
-        alice = MemoryTransport()
-        connection = await manager.connect(alice, "alice", "lobby")
-        alice.pause()  # the replay fills the queue and waits for alice to read
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(manager.join, connection, "red", 0)
-            await anyio.wait_all_tasks_blocked()
-            assert "red" in connection.rooms
-            with anyio.fail_after(GUARD):
-                await manager.disconnect(connection)
-        assert connection.state is ConnectionState.CLOSED
-        assert await manager.presence("red") == []
-        assert await manager.presence("lobby") == []
-        assert manager.statistics().rooms == 0
+@pytest.mark.parametrize("manager_queue_size", [2])
+async def test_a_connection_closed_while_its_history_replay_waits_cleans_up_every_room(
+    manager: ConnectionManager,
+) -> None:
+    for n in range(10):
+        await manager.broadcast("red", n)
+    alice = MemoryTransport()
+    connection = await manager.connect(alice, "alice", "lobby")
+    alice.pause()  # the replay fills the queue and waits for alice to read
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(manager.join, connection, "red", 0)
+        await anyio.wait_all_tasks_blocked()
+        assert "red" in connection.rooms
+        with anyio.fail_after(GUARD):
+            await manager.disconnect(connection)
+    assert connection.state is ConnectionState.CLOSED
+    assert await manager.presence("red") == []
+    assert await manager.presence("lobby") == []
+    assert manager.statistics().rooms == 0
 
 
 # -- direct messages
@@ -468,34 +465,35 @@ async def test_every_membership_period_sees_its_rooms_stream_gap_free(
 
 
 @pytest.mark.parametrize("transport_class", [MemoryTransport, MemoryBatchTransport])
+@pytest.mark.parametrize("manager_queue_size", [8])
 async def test_a_client_in_several_rooms_that_never_reads_is_closed_and_leaves_every_room(
+    manager: ConnectionManager,
     transport_class: type[MemoryTransport],
 ) -> None:
     """Frames of all its rooms fill one bounded queue: it is closed with 4008 and leaves
     every room's presence, while a reader in the same rooms gets everything."""
-    async with ConnectionManager(queue_size=8) as manager:
-        stalled, reader = transport_class(), MemoryTransport()
-        stuck = await manager.connect(stalled, "stalled", "lobby")
-        await manager.join(stuck, "red")
-        await manager.join(stuck, user_room("stalled"))
-        healthy = await manager.connect(reader, "reader", "lobby")
-        await manager.join(healthy, "red")
-        stalled.pause()
-        sent = 0
-        with anyio.fail_after(GUARD):
-            while stuck.state is ConnectionState.OPEN:
-                await manager.broadcast(("lobby", "red")[sent % 2], sent)
-                await manager.send_direct("stalled", sent)
-                sent += 1
-                await anyio.wait_all_tasks_blocked()  # the reader's writer keeps up
-            await stuck.wait_closed()
-        assert stuck.close_code == CloseCode.SLOW_CONSUMER
-        assert manager.statistics().slow_consumer_disconnects == 1
-        for room in ("lobby", "red"):
-            assert await manager.presence(room) == ["reader"]
-        await manager.broadcast("red", "last")
-        await until(reader, lambda t: last_data(t) == "last")
-        assert [e["data"] for e in reader.envelopes() if e["type"] == "message"] == [
-            *range(sent),
-            "last",
-        ]
+    stalled, reader = transport_class(), MemoryTransport()
+    stuck = await manager.connect(stalled, "stalled", "lobby")
+    await manager.join(stuck, "red")
+    await manager.join(stuck, user_room("stalled"))
+    healthy = await manager.connect(reader, "reader", "lobby")
+    await manager.join(healthy, "red")
+    stalled.pause()
+    sent = 0
+    with anyio.fail_after(GUARD):
+        while stuck.state is ConnectionState.OPEN:
+            await manager.broadcast(("lobby", "red")[sent % 2], sent)
+            await manager.send_direct("stalled", sent)
+            sent += 1
+            await anyio.wait_all_tasks_blocked()  # the reader's writer keeps up
+        await stuck.wait_closed()
+    assert stuck.close_code == CloseCode.SLOW_CONSUMER
+    assert manager.statistics().slow_consumer_disconnects == 1
+    for room in ("lobby", "red"):
+        assert await manager.presence(room) == ["reader"]
+    await manager.broadcast("red", "last")
+    await until(reader, lambda t: last_data(t) == "last")
+    assert [e["data"] for e in reader.envelopes() if e["type"] == "message"] == [
+        *range(sent),
+        "last",
+    ]

@@ -23,8 +23,9 @@ import anyio.lowlevel
 
 from ._deprecated import warn_renamed
 from .outbound import OutboundMessage
+from .transports import _once
 
-__all__ = ["MemoryBatchTransport", "MemoryTransport", "TransportClosed"]
+__all__ = ["MemoryBatchTransport", "MemoryTransport", "TransportClosed", "forget_logged_once"]
 
 
 class TransportClosed(ConnectionError):
@@ -158,3 +159,14 @@ class MemoryBatchTransport(MemoryTransport):
             texts.append(message.text)
         self._notify()
         return True
+
+
+def forget_logged_once() -> None:
+    """Make the transports log their configuration notes again, as in a fresh process.
+
+    Why a connection cannot take the fast path (no ``wsbroadcast.frames`` extension,
+    permessage-deflate negotiated) is logged once per process, not once per connection. A
+    test of that logging calls this first, so that connections of earlier tests in the same
+    process do not hide it.
+    """
+    _once.forget()

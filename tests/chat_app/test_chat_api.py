@@ -14,7 +14,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from tests.chat_app.frames import next_frame
 
 if TYPE_CHECKING:
-    from conftest import ChatServer, StartServer
+    from tests.chat_app.servers import ChatServer, StartServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 

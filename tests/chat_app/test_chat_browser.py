@@ -9,7 +9,9 @@ import json
 import os
 import re
 import shutil
+import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +20,7 @@ import pytest
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page, WebSocket, WebSocketRoute
 
-    from conftest import ChatServer, StartServer
+    from tests.chat_app.servers import ChatServer, StartServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [
@@ -42,6 +44,18 @@ RECORD_SOCKETS = """(() => {
 })();"""
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")
+
+
+@dataclass
+class PageRecord:
+    """What a page of :func:`open_chat` saw: console errors, WebSocket URLs, envelopes."""
+
+    errors: list[str]
+    urls: list[str]
+    envelopes: list[dict[str, Any]]
+
+
+RECORDS: weakref.WeakKeyDictionary[Page, PageRecord] = weakref.WeakKeyDictionary()
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +93,6 @@ def open_chat(
         "console",
         lambda message: errors.append(message.text) if message.type == "error" else None,
     )
-    page.chat_errors = errors  # type: ignore[attr-defined]
     urls: list[str] = []
     envelopes: list[dict[str, Any]] = []
 
@@ -96,8 +109,7 @@ def open_chat(
 
     page.on("websocket", watch)
     page.add_init_script(RECORD_SOCKETS)
-    page.chat_urls = urls  # type: ignore[attr-defined]
-    page.chat_envelopes = envelopes  # type: ignore[attr-defined]
+    RECORDS[page] = PageRecord(errors, urls, envelopes)
     page.goto(f"{server.url}/?client_id={client_id}&room={room}")
     wait_online(page)
     return page
@@ -122,10 +134,11 @@ def wait_for_line(page: Page, kind: str, text: str) -> None:
 
 
 def lines(page: Page) -> list[str]:
-    return page.eval_on_selector_all(
+    texts: list[str] = page.eval_on_selector_all(
         "#messages > li",
         "items => items.map((li) => li.className + ': ' + li.querySelector('.text').textContent)",
     )
+    return texts
 
 
 def sockets_made(page: Page) -> list[dict[str, str]]:
@@ -197,10 +210,7 @@ def test_two_pages_chat_safely_and_survive_a_restart(browser: Browser, server: C
     # A server restart (memory://: every stream starts again under a new epoch): both
     # reconnect by themselves, resuming with the (epoch, seq) of the last envelope they
     # showed; the server answers history_lost, which the page shows once, then chats on.
-    last = {
-        page: page.chat_envelopes[-1]  # type: ignore[attr-defined]
-        for page in (alice, bob)
-    }
+    last = {page: RECORDS[page].envelopes[-1] for page in (alice, bob)}
     server.restart()
     wait_online(alice)
     wait_online(bob)
@@ -218,7 +228,7 @@ def test_two_pages_chat_safely_and_survive_a_restart(browser: Browser, server: C
         # One notice, no reconnect loop: the page stayed on the connection that got it.
         assert shown.count(f"notice: {notice}") == 1
         assert page.get_attribute("#status", "data-state") == "online"
-        urls = page.chat_urls  # type: ignore[attr-defined]
+        urls = RECORDS[page].urls
         resumed = [url for url in urls if "since=" in url]
         assert resumed, urls
         assert f"since={last[page]['seq']}&epoch={last[page]['epoch']}" in resumed[0], resumed
@@ -227,7 +237,7 @@ def test_two_pages_chat_safely_and_survive_a_restart(browser: Browser, server: C
     bob.context.close()
     wait_for_line(alice, "leave", "bob left")
     alice.wait_for_function("() => !document.querySelector('#online').textContent.includes('bob')")
-    assert [e for e in alice.chat_errors if "WebSocket" not in e] == []  # type: ignore[attr-defined]
+    assert [e for e in RECORDS[alice].errors if "WebSocket" not in e] == []
     alice.context.close()
 
 
@@ -282,7 +292,7 @@ def test_namespaced_names_are_encoded_in_urls(browser: Browser, server: ChatServ
     alice = open_chat(browser, server, "alice%40example.com", "chat%3Alobby")
     assert user.text_content("#me") == "user#42"
     assert user.text_content("#room") == "chat:lobby"
-    url = user.chat_urls[0]  # type: ignore[attr-defined]
+    url = RECORDS[user].urls[0]
     assert url.endswith("/ws/user%2342?room=chat%3Alobby"), url
     user.wait_for_function(
         "() => document.querySelector('#online').textContent.includes('alice@example.com')"
@@ -290,7 +300,7 @@ def test_namespaced_names_are_encoded_in_urls(browser: Browser, server: ChatServ
     say(user, "hi from #42")
     wait_for_line(alice, "message", "hi from #42")
     assert alice.locator("#messages > li.message .sender").last.text_content() == "user#42"
-    assert user.chat_errors == []  # type: ignore[attr-defined]
+    assert RECORDS[user].errors == []
     for page in (user, alice):
         page.context.close()
 
@@ -324,7 +334,7 @@ def test_msg_shows_in_the_direct_messages_of_both(browser: Browser, server: Chat
     assert [line.split(":")[0] for line in lines(alice)].count("error") == 3
     assert lines(alice)[-1] == "error: Usage: /msg <client id> <message>"
     for page in (alice, bob):
-        assert page.chat_errors == []  # type: ignore[attr-defined]
+        assert RECORDS[page].errors == []
         page.context.close()
 
 
@@ -363,7 +373,7 @@ def unread(page: Page, room: str) -> int:
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     """A redis-server for the page's server: its streams outlive a restart of the server."""
-    from tests.backend_redis.redis_helpers import RedisServer
+    from tests.backends.redis.redis_helpers import RedisServer
 
     executable = shutil.which("redis-server")
     if executable is None:
@@ -460,6 +470,6 @@ def test_rooms_direct_messages_and_unread_counts_survive_a_restart(
     for key in ("room", "since", "epoch", "dm_since", "dm_epoch"):
         assert f"{key}=" in last_url, last_url
     for page in (alice, bob):
-        assert [e for e in page.chat_errors if "WebSocket" not in e] == []  # type: ignore[attr-defined]
+        assert [e for e in RECORDS[page].errors if "WebSocket" not in e] == []
         page.context.close()
     assert "Traceback" not in server.stderr()

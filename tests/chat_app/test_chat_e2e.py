@@ -20,7 +20,7 @@ from examples.chat_app.responses import CLIENT_JS
 from tests.chat_app.frames import next_frame
 
 if TYPE_CHECKING:
-    from conftest import ChatServer, StartServer
+    from tests.chat_app.servers import ChatServer, StartServer
 
 MAX_TEXT = 100
 MAX_BYTES = 4096
@@ -74,6 +74,7 @@ async def test_join_message_leave_and_envelope_shape(server: ChatServer) -> None
     room = "shape"
     async with client(server, "alice", room) as alice:
         # No permessage-deflate: one frame's bytes serve every recipient (the fast path).
+        assert alice.response is not None
         assert "Sec-WebSocket-Extensions" not in alice.response.headers
         own = await recv(alice)
         assert list(own) == ENVELOPE_KEYS

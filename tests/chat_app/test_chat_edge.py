@@ -24,7 +24,7 @@ import pytest
 from tests.chat_app.rawsock import memory_kib, raw_websocket, upgrade_request
 
 if TYPE_CHECKING:
-    from conftest import ChatServer, StartServer
+    from tests.chat_app.servers import ChatServer, StartServer
 
 MIB = 1024 * 1024
 

@@ -30,7 +30,7 @@ from tests.chat_app.frames import next_frame as next_chat_frame
 from tests.chat_app.rawsock import raw_websocket
 
 if TYPE_CHECKING:
-    from conftest import ChatServer, StartServer
+    from tests.chat_app.servers import ChatServer, StartServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 

@@ -24,11 +24,11 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.backend_redis.redis_helpers import RedisServer, eventually
+from tests.backends.redis.redis_helpers import RedisServer, eventually
 from tests.chat_app.frames import next_frame, until_personal_ack
 
 if TYPE_CHECKING:
-    from conftest import ChatServer, StartServer
+    from tests.chat_app.servers import ChatServer, StartServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
@@ -487,21 +487,24 @@ async def test_an_http_publish_on_one_node_reaches_clients_on_both(
 ) -> None:
     key = "node-key-0123456789abcdef"
     with _own_redis(start_server, ("--api-key", key)) as (_, node_a, node_b):
-        async with client(node_a, "ann", "alerts") as ann, client(node_b, "ben", "alerts") as ben:
+        async with client(node_a, "ann", "alerts") as ann:
+            # ann's join is published once her handshake is done: wait for it before ben
+            # connects, or his join may take the earlier seq and precede her arrival.
             await recv(ann)
-            await recv(ben)
-            assert (await recv(ann))["client_id"] == "ben"
-            response = httpx.post(
-                f"{node_a.url}/api/rooms/alerts/messages",
-                json={"message": "disk full"},
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=5,
-            )
-            assert response.status_code == 202
-            envelope = response.json()
-            assert envelope["client_id"] is None
-            assert await recv(ann) == envelope
-            assert await recv(ben) == envelope
+            async with client(node_b, "ben", "alerts") as ben:
+                await recv(ben)
+                assert (await recv(ann))["client_id"] == "ben"
+                response = httpx.post(
+                    f"{node_a.url}/api/rooms/alerts/messages",
+                    json={"message": "disk full"},
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=5,
+                )
+                assert response.status_code == 202
+                envelope = response.json()
+                assert envelope["client_id"] is None
+                assert await recv(ann) == envelope
+                assert await recv(ben) == envelope
 
 
 async def recv_direct(ws: ClientConnection, message: str) -> list[Any]:

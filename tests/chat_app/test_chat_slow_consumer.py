@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from tests.chat_app.frames import next_frame as next_chat_frame
 
 if TYPE_CHECKING:
-    from conftest import ChatServer, StartServer
+    from tests.chat_app.servers import ChatServer, StartServer
 
 HEALTHY = 20
 TEXT = "x" * 3900  # about 4 KB a frame

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from starlette.testclient import TestClient, WebSocketTestSession
+from starlette.types import Message, Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from examples.chat_app import Settings, create_app
@@ -36,6 +37,7 @@ from examples.chat_app.edge import (
     Join,
     Leave,
     Say,
+    _LocalBuckets,
     parse_command,
 )
 from examples.chat_app.responses import CLIENT_JS, _inline_hashes
@@ -44,7 +46,6 @@ from examples.chat_app.service import (
     CLOSE_WAIT,
     ChatRequest,
     ChatService,
-    _LocalBuckets,
     _OutageLog,
 )
 from tests.chat_app.frames import is_personal_ack
@@ -285,9 +286,9 @@ def test_settings_and_command_line() -> None:
         "https://a",
         "https://b",
     ]
-    for bad in (["--max-text", "0"], ["--server", "hypercorn"], ["--ws", "wsproto"]):
+    for bad_args in (["--max-text", "0"], ["--server", "hypercorn"], ["--ws", "wsproto"]):
         with pytest.raises(SystemExit):
-            parse_args(bad)
+            parse_args(bad_args)
 
 
 def test_the_module_level_app_is_importable() -> None:
@@ -327,18 +328,18 @@ def test_history_reaches_the_redis_backend_and_the_log_hides_passwords() -> None
 
 
 def test_the_starlette_front_end_takes_the_fast_path_when_the_server_offers_it() -> None:
-    async def receive() -> Any:
+    async def receive() -> Message:
         raise AssertionError("not called")
 
-    async def send(message: Any) -> None:
+    async def send(message: Message) -> None:
         raise AssertionError("not called")
 
     async def drain() -> None:
         raise AssertionError("not called")
 
     extension = {"write": lambda data: True, "drain": drain, "abort": lambda: None}
-    plain: Any = {"type": "websocket", "path": "/ws/a", "headers": [], "extensions": {}}
-    offered: Any = {**plain, "extensions": {FRAMES_EXTENSION: extension}}
+    plain: Scope = {"type": "websocket", "path": "/ws/a", "headers": [], "extensions": {}}
+    offered: Scope = {**plain, "extensions": {FRAMES_EXTENSION: extension}}
     assert type(_StarletteSocket(WebSocket(plain, receive, send)).transport) is StarletteTransport
     fast = _StarletteSocket(WebSocket(offered, receive, send)).transport
     assert isinstance(fast, StarletteFramesTransport)

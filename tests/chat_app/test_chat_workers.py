@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,10 +17,10 @@ import anyio
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.backend_redis.redis_helpers import RedisServer
+from tests.backends.redis.redis_helpers import RedisServer
 
 if TYPE_CHECKING:
-    from conftest import ChatServer, StartServer
+    from tests.chat_app.servers import ChatServer, StartServer
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +47,7 @@ def gone(pid: int) -> bool:
     return not status.exists() or "zombie" in status.read_text()
 
 
-def wait_for(predicate: Any, what: str) -> None:
+def wait_for(predicate: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + DEADLINE
     while not predicate():
         assert time.monotonic() < deadline, what

@@ -11,25 +11,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import anyio
-import httpx
 from anyio.abc import SocketAttribute, SocketStream, TaskStatus
+
+from tests.support import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE = 30.0
 SERVER_KINDS = ("uvicorn", "websockets")
 ROOMS_PROTOCOL = "dm_since" in (ROOT / "examples" / "chat_app" / "service.py").read_text()
 """Whether this checkout's chat app speaks several rooms and direct messages."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ChatApp:
@@ -58,18 +51,8 @@ class ChatApp:
                 stderr=log,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-        deadline = time.monotonic() + STARTUP_DEADLINE
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the chat app exited at startup:\n{self.log.read_text()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=2).is_success:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the chat app did not start:\n{self.log.read_text()}")
-            time.sleep(0.05)  # polling for readiness, bounded by the deadline
+        url = f"http://127.0.0.1:{self.port}"
+        wait_until_healthy(self.process, url, self.log.read_text, STARTUP_DEADLINE)
 
     def kill(self) -> None:
         """SIGKILL: no close frame, no shutdown; the clients see their TCP connections cut."""

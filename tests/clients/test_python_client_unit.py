@@ -18,14 +18,17 @@ import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
+from tests.support import free_port
 from wsbroadcast import Envelope
 from wsbroadcast.client import (
     Client,
     ClientClosed,
     ClientEvent,
+    ClientState,
     Disconnected,
     Gap,
     HistoryLost,
+    NotConnected,
     Position,
     Subscribed,
     Unsubscribed,
@@ -307,3 +310,46 @@ async def test_an_unavailable_join_is_sent_again(server: ScriptedServer) -> None
             error = {"code": "unavailable", "detail": "backend down"}
             await ws.send(json.dumps({"type": "error", "room": "news", "data": error}))
             assert json.loads(await ws.recv()) == {"join": "news"}
+
+
+async def test_while_not_connected_nothing_is_sent_and_subscriptions_wait() -> None:
+    """Nothing listens: each attempt ends with 1006 and a retry; meanwhile rooms are recorded
+    (or dropped) locally, the personal stream's resume point is set, and sends refuse."""
+    url = f"ws://127.0.0.1:{free_port()}/ws/alice"
+    with anyio.fail_after(10):
+        async with fast(url, rooms=["lobby"]) as client:
+            events = client.events()
+            disconnected = await take(events, Disconnected)
+            assert (disconnected.code, disconnected.will_retry) == (1006, True)
+            assert client.state is not ClientState.CONNECTED
+            assert client.personal_stream is None
+            await client.subscribe("red", since=4, epoch="e")
+            await client.subscribe("red", since=9)  # already subscribed: kept as it was
+            await client.subscribe("@alice", since=3, epoch="d")
+            await client.subscribe("@alice", since=7)  # a resume point is set once
+            assert client.rooms() == {
+                "lobby": Position(None, None),
+                "red": Position(4, "e"),
+                "@alice": Position(3, "d"),
+            }
+            assert client.personal_stream == "@alice"
+            with pytest.raises(ValueError, match="the personal stream is @alice"):
+                await client.subscribe("@bob")
+            await client.unsubscribe("red")
+            await client.unsubscribe("@alice")  # the personal stream cannot be left
+            await client.unsubscribe("blue")  # never subscribed: nothing to do
+            assert await take(events, Unsubscribed) == Unsubscribed("red", None, "unsubscribed")
+            assert client.position("red") is None
+            assert client.position("@alice") == Position(3, "d")
+            for send in (client.publish("lobby", "hi"), client.send_direct("bob", "hi")):
+                with pytest.raises(NotConnected, match="not connected"):
+                    await send
+
+
+async def test_a_url_that_is_not_a_websocket_url_is_final() -> None:
+    with anyio.fail_after(10):
+        async with fast("http://127.0.0.1/ws/alice", rooms=["lobby"]) as client:
+            with pytest.raises(ClientClosed) as raised:
+                async for _ in client:
+                    pass
+    assert raised.value.code == 1006

@@ -19,7 +19,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.backend_redis.redis_helpers import RedisServer
+from tests.backends.redis.redis_helpers import RedisServer
 from tests.clients.chat_servers import ROOMS_PROTOCOL, SERVER_KINDS, ChatApp, StallProxy
 from wsbroadcast import Envelope
 from wsbroadcast.client import Client, Connected, Gap, HistoryLost, Subscribed, connect

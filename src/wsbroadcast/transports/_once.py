@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["log_once"]
+__all__ = ["forget", "log_once"]
 
 _logged: set[tuple[str, str]] = set()
-"""(logger name, message) pairs already logged; tests may clear it."""
+"""(logger name, message) pairs already logged (:func:`forget` empties it)."""
 
 
 def log_once(logger: logging.Logger, level: int, message: str) -> None:
@@ -21,3 +21,8 @@ def log_once(logger: logging.Logger, level: int, message: str) -> None:
     if key not in _logged:
         _logged.add(key)
         logger.log(level, message)
+
+
+def forget() -> None:
+    """Forget every fact logged so far: the next :func:`log_once` of each logs it again."""
+    _logged.clear()

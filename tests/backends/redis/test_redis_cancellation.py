@@ -6,15 +6,15 @@ script ran in Redis, the caller was cancelled before the reply, and the node dis
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 from redis.asyncio import Redis
-from redis_helpers import ASYNCIO_ONLY, RedisServer
 
+from tests.backends.redis.redis_helpers import ASYNCIO_ONLY, RedisServer
 from wsbroadcast import Connection, ConnectionManager
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.testing import MemoryTransport
@@ -39,7 +39,7 @@ async def cancel_during(
     monkeypatch: pytest.MonkeyPatch,
     script: str,
     stage: str,
-    call: Callable[[], Any],
+    call: Callable[[], Awaitable[object]],
 ) -> list[object]:
     """Run ``call`` and cancel it at ``stage`` of its ``script``; return what it returned.
 

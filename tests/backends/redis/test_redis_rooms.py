@@ -8,8 +8,8 @@ from typing import Any
 
 import anyio
 import pytest
-from redis_helpers import ASYNCIO_ONLY, RedisServer
 
+from tests.backends.redis.redis_helpers import ASYNCIO_ONLY, RedisServer
 from wsbroadcast import Connection, ConnectionManager, user_room
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.testing import MemoryBatchTransport, MemoryTransport
@@ -65,7 +65,11 @@ async def test_a_direct_message_reaches_every_tab_on_either_node_and_no_one_else
             # Rooms are not ordered with each other: wait for each stream, then for carol's
             # lobby, published after both messages on the node carol is connected to.
             for transport, count in ((bob_a, 2), (bob_b, 2), (alice_a, 1), (alice_b, 1)):
-                await transport.wait_until(lambda t, count=count: len(directs(t)) >= count)
+
+                def arrived(transport: MemoryTransport, count: int = count) -> bool:
+                    return len(directs(transport)) >= count
+
+                await transport.wait_until(arrived)
             marker = await node_b.broadcast("lobby", "marker")
             await carol.wait_until(lambda t: t.texts[-1:] == [marker.text])
         assert [d["id"] for d in directs(bob_a)] == [sent.id, directs(bob_a)[1]["id"]]

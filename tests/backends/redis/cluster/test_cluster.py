@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import anyio
 import pytest
-from cluster_helpers import (
+
+from tests.backends.redis.cluster.cluster_helpers import (
     ASYNCIO_ONLY,
     LocalCluster,
     audit,
@@ -20,11 +21,11 @@ from cluster_helpers import (
     node_factory,
     rooms_per_primary,
 )
-
 from wsbroadcast import ConnectionManager, user_room
 from wsbroadcast.backends.base import backend_from_url
 from wsbroadcast.backends.redis import RedisClusterBackend
 from wsbroadcast.backends.redis.keys import KeyLayout
+from wsbroadcast.envelope import Envelope
 from wsbroadcast.exceptions import BackendError, InvalidBackendURL
 from wsbroadcast.testing import MemoryTransport
 
@@ -151,7 +152,11 @@ async def test_rooms_on_every_primary_are_all_delivered(
                 name: [await node_b.broadcast(name, i, "bob") for i in range(5)] for name in names
             }
             for name, transport in transports.items():
-                await transport.wait_until(lambda t, name=name: sent[name][-1].text in t.texts)
+
+                def arrived(transport: MemoryTransport, name: str = name) -> bool:
+                    return sent[name][-1].text in transport.texts
+
+                await transport.wait_until(arrived)
                 assert transport.texts[1:] == [envelope.text for envelope in sent[name]]
             health = backend.health()
             assert health.status == "ok"
@@ -167,7 +172,8 @@ async def test_direct_messages_across_shards(cluster: LocalCluster, make_node: M
             await node_b.connect(to_bob, bob, user_room(bob))
             await node_a.connect(to_alice, alice, user_room(alice))
             sent = await node_a.send_direct(bob, {"text": "hi"}, alice)
-            prefix = node_a.backend.prefix  # type: ignore[attr-defined]
+            assert isinstance(node_a.backend, RedisClusterBackend)
+            prefix = node_a.backend.prefix
             worker = await anyio.run_process(
                 [sys.executable, "-c", WORKER, f"{cluster.url}?prefix={prefix}", bob]
             )
@@ -230,7 +236,11 @@ async def test_a_primary_killed_mid_stream_never_leaves_a_silent_hole(
                 text = (await node_a.broadcast(room, f"marker {attempt}")).text
                 with anyio.move_on_after(3):
                     for _, transport in clients.values():
-                        await transport.wait_until(lambda t, text=text: text in t.texts)
+
+                        def arrived(transport: MemoryTransport, text: str = text) -> bool:
+                            return text in transport.texts
+
+                        await transport.wait_until(arrived)
                     break
             else:
                 pytest.fail("no marker reached every client")
@@ -289,7 +299,7 @@ async def test_writes_a_promoted_replica_never_got_are_told_as_history_lost(
                 await transport.wait_until(
                     lambda t: any(m["type"] == "history_lost" for m in t.messages())
                 )
-            after = []
+            after: list[Envelope] = []
             while len(after) < 5:
                 try:
                     after.append(await node_b.broadcast(room, "after", "bob"))

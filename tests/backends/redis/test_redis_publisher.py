@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import anyio
 import pytest
-from redis_helpers import ASYNCIO_ONLY, RedisServer
 
+from tests.backends.redis.redis_helpers import ASYNCIO_ONLY, RedisServer
 from wsbroadcast import ConnectionManager
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.testing import MemoryBatchTransport, MemoryTransport

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cluster_helpers import LocalCluster, local_cluster, node_factory
 
+from tests.backends.redis.cluster.cluster_helpers import LocalCluster, local_cluster, node_factory
 from wsbroadcast.backends.redis import RedisClusterBackend
 
 

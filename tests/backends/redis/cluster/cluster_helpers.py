@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import free_ports
 from wsbroadcast.backends.redis import RedisClusterBackend
 from wsbroadcast.backends.redis.keys import KeyLayout
 
@@ -32,24 +32,6 @@ FAST = {
 
 NODE_TIMEOUT_MS = 1000
 """``cluster-node-timeout``: small, so a killed primary's replica is promoted in seconds."""
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports of 127.0.0.1 (and their cluster-bus ports + 10000)."""
-    ports: list[int] = []
-    sockets: list[socket.socket] = []
-    try:
-        while len(ports) < count:
-            probe = socket.socket()
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-            sockets.append(probe)
-            if port + 10000 < 65536 and port not in ports:
-                ports.append(port)
-    finally:
-        for probe in sockets:
-            probe.close()
-    return ports
 
 
 def _join_group(group: int) -> Callable[[], None]:
@@ -83,7 +65,7 @@ class LocalCluster:
 
     def __init__(self, directory: Path, nodes: int = 6) -> None:
         self.directory = directory
-        self.ports = free_ports(nodes)
+        self.ports = free_ports(nodes, below=65536 - 10000)  # and their bus ports + 10000
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
         self.group: int | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None

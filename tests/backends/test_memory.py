@@ -7,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from wsbroadcast import Envelope, InvalidBackendURL, InvalidData, backend_from_url
+from wsbroadcast import Envelope, InvalidBackendURL, InvalidData, InvalidInput, backend_from_url
 from wsbroadcast.backends.memory import MemoryBackend
 
 pytestmark = pytest.mark.anyio
@@ -146,7 +146,42 @@ def test_url_options() -> None:
     backend = backend_from_url("memory://?history=5&history_bytes=1000&history_ttl=none")
     assert isinstance(backend, MemoryBackend)
     assert (backend.history_size, backend.history_bytes, backend.history_ttl) == (5, 1000, None)
-    assert backend_from_url("memory://?history_ttl=2.5").history_ttl == 2.5  # type: ignore[attr-defined]
+    backend = backend_from_url("memory://?history_ttl=2.5")
+    assert isinstance(backend, MemoryBackend)
+    assert backend.history_ttl == 2.5
     for bad in ("memory://?history_ttl=0", "memory://?history_bytes=x", "memory://?nope=1"):
         with pytest.raises(InvalidBackendURL):
             backend_from_url(bad)
+
+
+def test_negative_bounds_are_refused() -> None:
+    with pytest.raises(InvalidInput, match="history size"):
+        MemoryBackend(history_size=-1)
+    with pytest.raises(InvalidInput, match="history_bytes"):
+        MemoryBackend(history_bytes=-1)
+
+
+async def test_a_failing_listener_is_logged_and_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    backend = MemoryBackend()
+    received: list[Envelope] = []
+
+    def broken(envelope: Envelope) -> None:
+        raise LookupError("a listener's bug")
+
+    await backend.subscribe("r", broken)
+    await backend.subscribe("r", received.append)
+    envelope = await backend.publish("r", "message", "x", "hi")
+    assert received == [envelope]  # the next listener still got it
+    assert "listener for room 'r' failed" in caplog.text
+    [record] = caplog.records
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], LookupError)
+
+
+async def test_removing_presence_that_is_not_there_says_so() -> None:
+    backend = MemoryBackend()
+    assert not await backend.remove_presence("nowhere", "alice")
+    assert await backend.add_presence("r", "alice")
+    assert await backend.remove_presence("r", "alice")
+    assert not await backend.remove_presence("r", "alice")
+    assert await backend.presence("r") == []

@@ -8,8 +8,8 @@ import anyio
 import anyio.lowlevel
 import pytest
 from redis.asyncio import Redis
-from redis_helpers import ASYNCIO_ONLY, RedisServer
 
+from tests.backends.redis.redis_helpers import ASYNCIO_ONLY, RedisServer
 from wsbroadcast import ConnectionManager
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.testing import MemoryTransport

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import anyio
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
+from redis.typing import EncodableT, KeyT
 
+from tests.backends.redis.redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 from wsbroadcast import Envelope
 from wsbroadcast.backends.base import StreamReset
 from wsbroadcast.backends.redis import RedisBackend
@@ -139,10 +140,14 @@ async def test_retried_publish_is_not_published_twice(
         real = a._publish_script
         calls = 0
 
-        async def reply_lost(*args: object, **kwargs: object) -> object:
+        async def reply_lost(
+            keys: Sequence[KeyT] | None = None,
+            args: Iterable[EncodableT] | None = None,
+            client: Redis | RedisCluster | None = None,
+        ) -> object:
             nonlocal calls
             calls += 1
-            result = await real(*args, **kwargs)
+            result = await real(keys=keys, args=args, client=client)
             if calls == 1:
                 raise RedisConnectionError("Connection closed by server.")
             return result

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import JsonValue
-from redis_helpers import ASYNCIO_ONLY, Recorder
 
+from tests.backends.redis.redis_helpers import ASYNCIO_ONLY, Recorder
 from wsbroadcast import Envelope
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.exceptions import InvalidData
@@ -37,7 +37,9 @@ publishes = st.lists(
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(plan=publishes)
-async def test_one_order_everywhere(make_backend: Callable[..., RedisBackend], plan: list) -> None:
+async def test_one_order_everywhere(
+    make_backend: Callable[..., RedisBackend], plan: list[tuple[int, int, int]]
+) -> None:
     room = uuid.uuid4().hex[:16]
     senders: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for index, (node, sender, turns) in enumerate(plan):
@@ -45,8 +47,8 @@ async def test_one_order_everywhere(make_backend: Callable[..., RedisBackend], p
     async with AsyncExitStack() as stack:
         nodes = [await stack.enter_async_context(make_backend()) for _ in range(NODES)]
         recorders = [Recorder() for _ in nodes]
-        for node, recorder in zip(nodes, recorders, strict=True):
-            await node.subscribe(room, recorder)
+        for backend, recorder in zip(nodes, recorders, strict=True):
+            await backend.subscribe(room, recorder)
 
         async def send(node: int, sender: int, items: list[tuple[int, int]]) -> None:
             for index, turns in items:
@@ -62,10 +64,10 @@ async def test_one_order_everywhere(make_backend: Callable[..., RedisBackend], p
                 await recorder.wait_for(len(plan))
 
         order = [envelope.id for envelope in recorders[0].envelopes]
-        for node, recorder in zip(nodes, recorders, strict=True):
+        for backend, recorder in zip(nodes, recorders, strict=True):
             assert recorder.seqs == list(range(1, len(plan) + 1))
             assert [envelope.id for envelope in recorder.envelopes] == order
-            history = await node.history(room, 0)
+            history = await backend.history(room, 0)
             assert history.complete
             assert [envelope.id for envelope in history.envelopes] == order
         for (node, sender), items in senders.items():

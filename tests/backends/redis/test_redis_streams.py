@@ -7,15 +7,15 @@ an older snapshot, a trimmed or corrupt entry) and checks that every listener is
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
+from redis.typing import EncodableT, FieldT
 
+from tests.backends.redis.redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 from wsbroadcast import Envelope
 from wsbroadcast.backends.base import StreamReset
 from wsbroadcast.backends.redis import DEFAULT_HISTORY_BYTES, RedisBackend
@@ -28,7 +28,7 @@ PREFIX = "wsbroadcast:"
 
 
 @pytest.fixture
-async def admin(redis_server: RedisServer) -> Any:
+async def admin(redis_server: RedisServer) -> AsyncIterator[Redis]:
     """A plain client on the test's server, to break things behind the backend's back."""
     client = Redis.from_url(redis_server.url, decode_responses=True)
     try:
@@ -160,8 +160,12 @@ async def test_log_rolled_back_to_an_older_snapshot_is_reset(
             async with admin.pipeline(transaction=True) as pipe:
                 pipe.hset(f"{PREFIX}room:r:stream", "seq", 3)
                 pipe.delete(f"{PREFIX}room:r:log")
+                assert kept is not None
                 for entry_id, fields in kept:
-                    pipe.xadd(f"{PREFIX}room:r:log", fields, id=entry_id)
+                    assert entry_id is not None
+                    assert fields is not None
+                    entry = dict[FieldT, EncodableT](fields.items())  # dict is invariant
+                    pipe.xadd(f"{PREFIX}room:r:log", entry, id=entry_id)
                 if caught_up:
                     # ... and let another writer reuse 4, 5 and 6 in the same epoch.
                     for seq in (4, 5, 6):
@@ -261,7 +265,8 @@ async def test_every_key_but_the_generation_expires(make_backend: Make, admin: R
         assert await a.allow("client:bob", 1.0, 5)
         with anyio.fail_after(5):
             await recorder.wait_for(1)
-        keys = sorted(await admin.keys("*"))
+        # str at run time (decode_responses=True); the stubs say bytes | str.
+        keys = sorted(k if isinstance(k, str) else k.decode() for k in await admin.keys("*"))
         assert f"{PREFIX}generation" in keys
         assert any(":receipt:" in key for key in keys)
         assert any(":rate:" in key for key in keys)

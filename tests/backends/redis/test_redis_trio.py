@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from redis_helpers import RedisServer
 
+from tests.backends.redis.redis_helpers import RedisServer
 from wsbroadcast.backends.redis import RedisBackend
 
 

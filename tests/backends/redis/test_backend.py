@@ -9,8 +9,8 @@ from contextlib import AsyncExitStack
 import anyio
 import pytest
 from redis.asyncio import Redis
-from redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 
+from tests.backends.redis.redis_helpers import ASYNCIO_ONLY, Recorder, RedisServer, eventually
 from wsbroadcast import Envelope, backend_from_url
 from wsbroadcast.backends.redis import RedisBackend
 from wsbroadcast.exceptions import InvalidBackendURL
@@ -57,7 +57,7 @@ async def test_concurrent_publishers_give_one_order_with_sender_fifo(make_backen
         for recorder in recorders:
             assert recorder.seqs == list(range(1, total + 1))
             assert [e.id for e in recorder.envelopes] == reference
-        by_sender: dict[str, list[object]] = {}
+        by_sender: dict[str | None, list[object]] = {}
         for envelope in recorders[0].envelopes:
             by_sender.setdefault(envelope.client_id, []).append(envelope.data)
         assert all(data == list(range(per_sender)) for data in by_sender.values())

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from redis_helpers import RedisServer
 
+from tests.backends.redis.redis_helpers import RedisServer
 from wsbroadcast.backends.redis import RedisBackend
 
 
