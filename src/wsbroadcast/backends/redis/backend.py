@@ -218,12 +218,12 @@ class RedisBackend(RedisPresence):
 
     async def __aenter__(self) -> RedisBackend:
         if self._task_group is not None:
-            raise RuntimeError("a RedisBackend can only be entered once")
+            raise RuntimeError(f"a {type(self).__name__} can only be entered once")
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             raise RuntimeError(
-                "RedisBackend runs on asyncio only (redis-py's client does)"
+                f"{type(self).__name__} runs on asyncio only (redis-py's client does)"
             ) from None
         self._redis, self._reader = self._open_clients()
         self._publish_script = self._redis.register_script(scripts.PUBLISH)
