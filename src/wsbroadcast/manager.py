@@ -642,11 +642,13 @@ class ConnectionManager:
     def _ready_to_flush(self, connection: Connection) -> None:
         self._flush_ready.append(connection)
         call_soon = self._call_soon
-        if call_soon is not None:
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                call_soon(self._flush_soon)
-            return
+        if call_soon is None:
+            self._wake_flusher()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            call_soon(self._flush_soon)
+
+    def _wake_flusher(self) -> None:
         wakeup = self._flush_wakeup
         if wakeup is not None:
             self._flush_wakeup = None
@@ -659,30 +661,36 @@ class ConnectionManager:
         self._call_soon(self._flush_now)
 
     def _flush_now(self) -> None:
-        """The asyncio callback's pass: write what can be written now, hand the rest (a full
-        socket, a failed write) to the flusher task."""
+        """The pass, as an asyncio callback: cheaper than waking a task for every publish of
+        a quiet room. What it hands off wakes the flusher task."""
         self._flush_scheduled = False
-        if not self._running:
-            return
+        if self._running:
+            self._flush_pass()
+            if self._handoff:
+                self._wake_flusher()
+
+    def _flush_pass(self) -> None:
+        """Write the frames of every connection made ready since the last pass.
+
+        Used for transports with ``send_batch_nowait``: one pass per burst of publishes,
+        however many connections received them, writes each connection's waiting frames in
+        one call. A connection whose socket cannot take them now, or whose write failed, is
+        handed off to the flusher task: starting a writer or closing a connection needs a
+        task's context, which an asyncio callback does not have.
+        """
         ready, self._flush_ready = self._flush_ready, []
         handoff = self._handoff
         for connection in ready:
             try:
-                if connection.flush():
-                    continue
+                if not connection.flush():
+                    handoff.append((connection, None))
             except Exception as exc:
                 handoff.append((connection, exc))
-            else:
-                handoff.append((connection, None))
-        if handoff:
-            wakeup = self._flush_wakeup
-            if wakeup is not None:
-                self._flush_wakeup = None
-                wakeup.set()
 
     async def _run_flusher(self) -> None:
-        """The flusher task: on asyncio it takes what the callback handed off; elsewhere
-        (trio) it does every write, waking once per burst of publishes."""
+        """The flusher task: starts writers and closes failed connections for what the pass
+        handed off; where asyncio's ``call_soon`` is not at hand (trio) it also runs the
+        pass, waking once per burst of publishes."""
         new_event = type(anyio.Event())  # looked up once: see Connection.write
         on_asyncio = self._call_soon is not None
         while self._running:
@@ -693,31 +701,14 @@ class ConnectionManager:
                 # publishes) run first, so that each write carries more frames.
                 await anyio.lowlevel.checkpoint()
                 continue
+            if not on_asyncio:
+                self._flush_pass()
             handoff, self._handoff = self._handoff, []
             for connection, exc in handoff:
                 if exc is not None:
                     self._send_failed(connection, exc)
                 elif not connection.writing:
                     self._start_writer(connection)
-            if not on_asyncio:
-                self._flush_pass()
-
-    def _flush_pass(self) -> None:
-        """Write the frames of every connection made ready since the last pass.
-
-        Used for transports with ``send_batch_nowait``: one pass per burst of publishes,
-        however many connections received them, writes each connection's waiting frames in
-        one call. A connection whose socket cannot take them now is handed to a writer. On
-        asyncio the pass is `_flush_now`, a callback (cheaper than waking a task for every
-        publish of a quiet room), which leaves writers and failures to the task.
-        """
-        ready, self._flush_ready = self._flush_ready, []
-        for connection in ready:
-            try:
-                if not connection.flush() and not connection.writing:
-                    self._start_writer(connection)
-            except Exception as exc:
-                self._send_failed(connection, exc)
 
     def _start_writer(self, connection: Connection) -> None:
         assert self._task_group is not None
