@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 
 import httpx
 
@@ -55,3 +58,42 @@ def wait_until_healthy(
         if time.monotonic() > give_up:
             raise RuntimeError(f"the server did not start:\n{log()}")
         time.sleep(0.05)  # polling for readiness, bounded by the deadline
+
+
+@contextlib.contextmanager
+def cyclic_garbage() -> Iterator[list[object]]:
+    """Collect what the block leaves as cyclic garbage: objects that only the garbage
+    collector would free, not reference counting (the list fills when the block ends).
+
+    The collector is off inside the block, so nothing it makes is freed behind the test's
+    back; the block must drop its own references to what it checks (``del``).
+    """
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    found: list[object] = []
+    try:
+        yield found
+    finally:
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            found.extend(gc.garbage)
+        finally:
+            gc.garbage.clear()
+            gc.set_debug(0)
+            if enabled:
+                gc.enable()
+
+
+def kinds_from(objects: list[object], *packages: str) -> list[str]:
+    """The distinct kinds (module and class name) of ``objects`` defined in ``packages``,
+    bound methods counted as their instance's, for a readable assertion."""
+    kinds: set[str] = set()
+    for thing in objects:
+        # type(), not isinstance(): a weakref proxy to a dead object raises on the latter.
+        owner = thing.__self__ if type(thing) is types.MethodType else thing
+        module = getattr(type(owner), "__module__", "") or ""
+        if module.split(".")[0] in packages:
+            kinds.add(f"{module}.{type(owner).__qualname__}")
+    return sorted(kinds)

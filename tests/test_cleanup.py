@@ -17,6 +17,7 @@ import pytest
 from pydantic import JsonValue
 
 from tests.faults import GatedAcceptBatchTransport, HangingBatchTransport, HangingTransport
+from tests.support import cyclic_garbage, kinds_from
 from wsbroadcast import CloseCode, Connection, ConnectionManager, ConnectionState, ManagerNotRunning
 from wsbroadcast.backends.memory import MemoryBackend
 from wsbroadcast.testing import MemoryBatchTransport, MemoryTransport
@@ -205,6 +206,47 @@ async def test_a_connection_that_ends_while_running_is_closed(
         with anyio.fail_after(GUARD):
             for watcher in watchers:
                 await watcher.wait_until(lambda t: t.envelopes()[-1]["seq"] == envelope.seq)
+
+
+@pytest.mark.parametrize(
+    ("ending", "kind", "paused"),
+    ENDINGS,
+    ids=[f"{e}-{k}{'-paused' if p else ''}" for e, k, p in ENDINGS],
+)
+async def test_a_closed_connection_is_freed_by_reference_counting(
+    ending: str, kind: str, paused: bool
+) -> None:
+    """However it ended, a closed connection leaves no reference cycle: its memory comes
+    back at once, not at the garbage collector's next full pass (which, with thousands of
+    connections, stops the event loop for a long time), and freezing the collector's
+    survivors (`wsbroadcast.gcpauses`) cannot leak it."""
+    async with ConnectionManager(queue_size=QUEUE, close_timeout=CLOSE_TIMEOUT) as manager:
+        watcher = MemoryBatchTransport()
+        await manager.connect(watcher, "watcher", "room")
+        await manager.broadcast("room", "warm-up", "watcher")  # lazily made objects, made
+        with cyclic_garbage() as garbage:
+            transport = make(kind)
+            if ending == "send_raises":
+                transport.fail_after = 1
+            connection = await manager.connect(transport, "victim", "room")
+            await manager.join(connection, "other")
+            await transport.wait_for_messages(1)
+            if paused:
+                transport.pause()
+                await fill_queue(manager, connection, "room", [watcher])
+            with anyio.fail_after(GUARD):
+                if ending == "disconnect":
+                    await manager.disconnect(connection)
+                elif ending == "overflow":
+                    for n in range(QUEUE + 1):
+                        await send(manager, "room", {"overflow": n}, [watcher])
+                else:
+                    await send(manager, "room", "this send raises", [watcher])
+                await connection.wait_closed()
+                await watcher.wait_until(lambda t: leaves(t, "victim") > 0)
+            transport.resume()
+            del connection, transport
+        assert kinds_from(garbage, "wsbroadcast") == []
 
 
 # -- a send that ignores cancellation and never returns

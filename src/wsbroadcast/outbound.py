@@ -564,8 +564,14 @@ class OutboundQueue:
         return True
 
     def set_closed(self) -> None:
-        """The I/O layer finished closing (socket closed, presence updated)."""
+        """The I/O layer finished closing (socket closed, presence updated).
+
+        The callbacks are let go: they refer to the connection that holds this queue, and a
+        closed connection should be freed by reference counting, not wait for the garbage
+        collector's next full pass (see docs/performance.md).
+        """
         self.state = ConnectionState.CLOSED
+        self._on_ready = self._on_abort = None
 
 
 def _control(ack: ControlMessage | str) -> ControlMessage:

@@ -101,6 +101,27 @@ class RecordingProtocol(WebSocketProtocol):
             RecordingProtocol.lost.set()
 
 
+class FinishedProtocol(WebSocketProtocol):
+    """uvicorn's side of each connection, recording in `done` when uvicorn is done with
+    it: the application has returned and the TCP connection is gone."""
+
+    done: anyio.Event | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport_lost = anyio.Event()
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.transport_lost.set()
+
+    async def run_asgi(self) -> None:
+        await super().run_asgi()
+        await self.transport_lost.wait()
+        assert FinishedProtocol.done is not None
+        FinishedProtocol.done.set()
+
+
 async def shed_a_stalled_client_on_uvicorn(
     make: Callable[[WebSocket], StarletteTransport],
 ) -> list[StarletteTransport]:

@@ -13,7 +13,9 @@ import pytest
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 
+from tests.support import cyclic_garbage, kinds_from
 from tests.transports.support import (
+    FinishedProtocol,
     assert_join_then_300_broadcasts,
     raw_exchange,
     shed_a_stalled_client_on_uvicorn,
@@ -28,6 +30,7 @@ from wsbroadcast.transports.starlette import (
     starlette_transport,
 )
 from wsbroadcast.transports.uvicorn import WebSocketProtocol
+from wsbroadcast.transports.uvicorn_http import HttpToolsProtocol
 
 
 async def _uvicorn_round(
@@ -210,3 +213,38 @@ async def test_a_receive_cancelled_while_it_waits_loses_nothing_and_order_holds(
                 await client.send(str(n))
             assert await client.recv() == "done"
     assert got == [str(n) for n in range(500)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("closes", ["client", "server"])
+async def test_a_closed_connection_is_freed_by_reference_counting_on_uvicorn(
+    closes: str,
+) -> None:
+    # The extension's methods in the scope made a cycle with the protocol: every closed
+    # connection waited for a full collection (see docs/performance.md).
+    async with ConnectionManager() as manager:
+
+        async def endpoint(websocket: WebSocket) -> None:
+            connection = await manager.connect(starlette_transport(websocket), "reader")
+            with connection.cancel_on_close():
+                await websocket.receive()  # "close me", or the client's close
+            await manager.disconnect(connection)
+
+        # As the chat app serves: with wsbroadcast's HTTP protocol too (uvicorn's keeps a
+        # cycle with its parser). The event loop here is asyncio's own, whose socket
+        # transports keep a cycle of their own (uvloop's do not): not checked.
+        http = HttpToolsProtocol
+        async with uvicorn_server(endpoint, FinishedProtocol, deflate=False, http=http) as url:
+            for _ in range(2):  # the first connection makes what uvicorn makes once
+                FinishedProtocol.done = anyio.Event()
+                with cyclic_garbage() as garbage, anyio.fail_after(30):
+                    async with connect(url) as client:
+                        assert json.loads(await client.recv())["type"] == "join"
+                        await manager.broadcast("lobby", "to the reader", "writer")
+                        assert json.loads(await client.recv())["data"] == "to the reader"
+                        if closes == "server":
+                            await client.send("close me")
+                            await client.wait_closed()
+                    await FinishedProtocol.done.wait()
+    assert kinds_from(garbage, "wsbroadcast", "uvicorn", "starlette") == []

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from tests.support import cyclic_garbage, kinds_from
 from tests.transports.support import (
     assert_join_then_300_broadcasts,
     flood_until_closed,
@@ -116,3 +118,31 @@ async def test_a_client_that_stops_reading_is_shed_on_the_fast_path() -> None:
                 assert isinstance(stalled_transport, WebsocketsTransport)
                 assert stalled_transport.connection.transport.is_closing()
                 assert manager.statistics().slow_consumer_disconnects == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_closed_connection_is_freed_by_reference_counting_on_websockets() -> None:
+    async with ConnectionManager() as manager:
+        done = anyio.Event()
+
+        async def handler(websocket: ServerConnection) -> None:
+            connection = await manager.connect(WebsocketsTransport(websocket), "reader")
+            try:
+                await websocket.wait_closed()
+            finally:
+                await manager.disconnect(connection)
+                done.set()
+
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            for _ in range(2):  # the first connection makes what the server makes once
+                done = anyio.Event()
+                with cyclic_garbage() as garbage, anyio.fail_after(30):
+                    async with connect(f"ws://127.0.0.1:{port}/") as client:
+                        assert json.loads(await client.recv())["type"] == "join"
+                        await manager.broadcast("lobby", "to the reader", "writer")
+                        assert json.loads(await client.recv())["data"] == "to the reader"
+                    await done.wait()
+    # The websockets library's own objects are not checked: the client's are in the mix.
+    assert kinds_from(garbage, "wsbroadcast") == []

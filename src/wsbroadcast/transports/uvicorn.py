@@ -150,7 +150,14 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
                 f" wsbroadcast.transports.uvicorn relies on ({', '.join(_RELIED_ON)}):"
                 " no wsbroadcast.frames fast path",
             )
-        await super().run_asgi()
+        try:
+            await super().run_asgi()
+        finally:
+            # The extension's bound methods, held by this protocol's scope, make a reference
+            # cycle: without it a closed connection is freed by reference counting.
+            extensions = self.scope.get("extensions")
+            if isinstance(extensions, dict):
+                extensions.pop(FRAMES_EXTENSION, None)
 
     def _check_compatible(self) -> bool:
         cls = type(self)

@@ -90,9 +90,23 @@ class HttpToolsProtocol(_UvicornHttpTools):
         self._start_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """uvicorn's, without the deadline."""
+        """uvicorn's, without the deadline, and the parser let go (`_let_parser_go`)."""
         self._stop_deadline()
         super().connection_lost(exc)
+        self._let_parser_go()
+
+    def handle_websocket_upgrade(self) -> None:
+        """uvicorn's: the WebSocket protocol takes the connection over; this one lets its
+        parser go (`_let_parser_go`)."""
+        super().handle_websocket_upgrade()
+        self._stop_deadline()
+        self._let_parser_go()
+
+    def _let_parser_go(self) -> None:
+        # The parser holds this protocol's bound methods (its callbacks): a reference cycle
+        # that would keep every finished connection's protocol, and after a WebSocket
+        # upgrade the abandoned HTTP protocol, until the garbage collector's next pass.
+        self.parser = None  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         """uvicorn 0.54's ``data_received``, answering a broken limit with its own status."""
