@@ -10,8 +10,6 @@ import time
 import types
 from collections.abc import Callable, Iterator
 
-import httpx
-
 
 def free_ports(count: int, *, below: int = 65536) -> list[int]:
     """``count`` distinct TCP ports of 127.0.0.1 that nothing listens on right now.
@@ -46,6 +44,8 @@ def wait_until_healthy(
 ) -> None:
     """Wait until the server ``process`` answers 200 at ``url``/healthz, for at most
     ``deadline`` seconds; raise with its ``log()`` if it exits or the deadline passes first."""
+    import httpx  # here: the core tests run on Pythons without the web stack installed
+
     give_up = time.monotonic() + deadline
     while True:
         if process.poll() is not None:

@@ -153,13 +153,14 @@ ENDINGS = [
     ("send_raises", "plain", False),
     ("send_raises", "fast", False),
 ]
-
-
-@pytest.mark.parametrize(
+every_ending = pytest.mark.parametrize(
     ("ending", "kind", "paused"),
     ENDINGS,
     ids=[f"{e}-{k}{'-paused' if p else ''}" for e, k, p in ENDINGS],
 )
+
+
+@every_ending
 async def test_a_connection_that_ends_while_running_is_closed(
     ending: str, kind: str, paused: bool
 ) -> None:
@@ -208,11 +209,7 @@ async def test_a_connection_that_ends_while_running_is_closed(
                 await watcher.wait_until(lambda t: t.envelopes()[-1]["seq"] == envelope.seq)
 
 
-@pytest.mark.parametrize(
-    ("ending", "kind", "paused"),
-    ENDINGS,
-    ids=[f"{e}-{k}{'-paused' if p else ''}" for e, k, p in ENDINGS],
-)
+@every_ending
 async def test_a_closed_connection_is_freed_by_reference_counting(
     ending: str, kind: str, paused: bool
 ) -> None:

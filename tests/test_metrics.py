@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import subprocess
 import sys
 
@@ -13,13 +14,20 @@ from prometheus_client.core import Metric
 from tests.faults import stall_one_of_two
 from wsbroadcast import BackendHealth, CloseCode, ConnectionManager
 from wsbroadcast.backends.memory import MemoryBackend
-from wsbroadcast.metrics import BACKEND_METRICS, MANAGER_METRICS, ManagerCollector
+from wsbroadcast.gcpauses import GCPauses
+from wsbroadcast.metrics import (
+    BACKEND_METRICS,
+    GC_METRICS,
+    MANAGER_METRICS,
+    GCPausesCollector,
+    ManagerCollector,
+)
 from wsbroadcast.testing import MemoryTransport
 
 pytestmark = pytest.mark.anyio
 
 
-def values(collector: ManagerCollector) -> dict[str, tuple[str, float]]:
+def values(collector: ManagerCollector | GCPausesCollector) -> dict[str, tuple[str, float]]:
     """{sample name: (family type, value)} of one scrape; every sample is unlabelled."""
     result = {}
     for family in collector.collect():
@@ -143,3 +151,28 @@ def test_the_core_does_not_import_prometheus_client() -> None:
         "assert 'wsbroadcast.metrics' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_gc_pauses_are_reported_for_whichever_is_installed() -> None:
+    collector = GCPausesCollector()
+    assert values(collector) == {}
+    async with GCPauses(freeze=False) as pauses:
+        gc.collect()
+        statistics = dataclasses.asdict(pauses.statistics())
+        assert statistics["full_collections"] == 1
+        expected = {
+            f"wsbroadcast_{name}" + ("_total" if kind == "counter" else ""): (
+                kind,
+                statistics[field],
+            )
+            for field, name, kind, _ in GC_METRICS
+        }
+        assert set(statistics) == {field for field, *_ in GC_METRICS}
+        assert values(collector) == expected
+        assert values(GCPausesCollector(pauses)) == expected
+        assert "wsbroadcast_gc_pause_seconds_total" in expected
+        registry = CollectorRegistry()
+        registry.register(GCPausesCollector(prefix="chat"))
+        text = generate_latest(registry).decode()
+        assert "chat_gc_longest_pause_seconds " in text
+    assert values(collector) == {}

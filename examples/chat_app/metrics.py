@@ -33,7 +33,8 @@ _FLOAT_VALUE: Final = re.compile(rb"^([^#\n][^\n]* )([0-9.e+]+)$", re.MULTILINE)
 
 def _integral(exposition: bytes) -> bytes:
     """``exposition`` with whole values as integers (``3`` for ``3.0``, ``1234567`` for
-    ``1.234567e+06``): every value here is a count, and ``/metrics`` has always said so."""
+    ``1.234567e+06``): counts, as ``/metrics`` has always written them (the garbage
+    collector's seconds keep their fractions)."""
 
     def integer(match: re.Match[bytes]) -> bytes:
         value = float(match[2])

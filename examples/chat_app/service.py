@@ -79,7 +79,8 @@ from wsbroadcast import (
     user_room,
 )
 from wsbroadcast.envelope import EPOCH_PATTERN
-from wsbroadcast.metrics import ManagerCollector
+from wsbroadcast.gcpauses import GCPauses
+from wsbroadcast.metrics import GCPausesCollector, ManagerCollector
 
 from .edge import (
     _SINCE,
@@ -288,7 +289,13 @@ class ChatService:
         core_logger = logging.getLogger("wsbroadcast")
         core_logger.addFilter(self.outage.filter)
         try:
-            async with manager:
+            async with contextlib.AsyncExitStack() as stack:
+                if settings.gc_freeze is not None:
+                    pauses = await stack.enter_async_context(GCPauses(freeze=settings.gc_freeze))
+                    gc_collector = GCPausesCollector(pauses, "chat")
+                    self.registry.register(gc_collector)
+                    stack.callback(self.registry.unregister, gc_collector)
+                await stack.enter_async_context(manager)
                 self.manager = manager
                 collector = ManagerCollector(manager, "chat", names=_METRIC_NAMES)
                 self.registry.register(collector)

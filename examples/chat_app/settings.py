@@ -57,6 +57,14 @@ class Settings:
     max_rooms: int = 32
     """Rooms one connection may be in at once (its first room included, its personal
     stream not): a ``join`` past it gets ``too_many_rooms``."""
+    gc_freeze: bool | None = None
+    """The garbage collector's full collections (`wsbroadcast.gcpauses.GCPauses`, installed
+    while the app runs): True freezes their survivors, so that a pause is proportional to
+    what changed since the last one and not to the number of connections; False only
+    measures them; None leaves the collector alone (an app embedded in a process that has
+    its own policy, or several apps in one process, as the tests run them). Either way
+    but None, ``/metrics`` reports the pauses (``chat_gc_*``). ``python -m
+    examples.chat_app`` freezes unless given ``--no-gc-freeze``."""
 
     def __post_init__(self) -> None:
         for name in ("rate_limit", "ip_rate_limit"):

@@ -37,6 +37,7 @@ from .exceptions import (
     NotJoined,
     WSBroadcastError,
 )
+from .gcpauses import GCPauses, GCPauseStatistics
 from .manager import ConnectionManager, ManagerStatistics
 from .names import (
     NAME_CHARACTERS,
@@ -84,6 +85,8 @@ __all__ = [
     "Draft",
     "Envelope",
     "Forbidden",
+    "GCPauseStatistics",
+    "GCPauses",
     "History",
     "InvalidBackendOptions",
     "InvalidBackendURL",

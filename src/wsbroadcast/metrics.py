@@ -20,11 +20,19 @@ from typing import TYPE_CHECKING, Final, Literal
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .gcpauses import GCPauses
+
 if TYPE_CHECKING:
     from .backends.base import BackendHealth
     from .manager import ConnectionManager
 
-__all__ = ["BACKEND_METRICS", "MANAGER_METRICS", "ManagerCollector"]
+__all__ = [
+    "BACKEND_METRICS",
+    "GC_METRICS",
+    "MANAGER_METRICS",
+    "GCPausesCollector",
+    "ManagerCollector",
+]
 
 _Kind = Literal["counter", "gauge"]
 
@@ -137,7 +145,57 @@ class ManagerCollector:
         return self._family("backend_up", "gauge", "1 while the backend is healthy, else 0.", value)
 
     def _family(self, key: str, kind: _Kind, help: str, value: int | None) -> Metric:
-        name = self._names[key]
-        if kind == "counter":
-            return CounterMetricFamily(name, help, value=value)
-        return GaugeMetricFamily(name, help, value=value)
+        return _family(self._names[key], kind, help, value)
+
+
+GC_METRICS: Final[tuple[tuple[str, str, _Kind, str], ...]] = (
+    ("full_collections", "gc_full_collections", "counter",
+     "Full garbage collections (each stops the event loop while it runs)."),
+    ("total_pause", "gc_pause_seconds", "counter", "Seconds spent in full garbage collections."),
+    ("longest_pause", "gc_longest_pause_seconds", "gauge",
+     "Seconds the longest full garbage collection took."),
+    ("last_pause", "gc_last_pause_seconds", "gauge",
+     "Seconds the last full garbage collection took."),
+    ("freezes", "gc_freezes", "counter", "Times the survivors of a full collection were frozen."),
+    ("thaws", "gc_thaws", "counter", "Times the permanent generation was thawed, having grown."),
+    ("frozen", "gc_frozen_objects", "gauge",
+     "Objects in the permanent generation after the last freeze."),
+)  # fmt: skip
+"""Every field of `GCPauseStatistics`: (field, name after the prefix, type, help)."""
+
+
+class GCPausesCollector:
+    """A ``prometheus_client`` custom collector for the process's `GCPauses`.
+
+    Reports every field of `GCPauseStatistics`, named as `GC_METRICS` says after
+    ``{prefix}_`` (counters get ``_total``): ``wsbroadcast_gc_full_collections_total``,
+    ``wsbroadcast_gc_pause_seconds_total``, ``wsbroadcast_gc_longest_pause_seconds``,
+    ``wsbroadcast_gc_frozen_objects``... Nothing while none is installed.
+
+    :param pauses: the one to report; None (the default): whichever is installed at each
+        scrape (`GCPauses.current`).
+    """
+
+    def __init__(self, pauses: GCPauses | None = None, prefix: str = "wsbroadcast") -> None:
+        self.pauses = pauses
+        self._prefix = prefix
+
+    def describe(self) -> Iterator[Metric]:
+        """Every family this collector may report, empty (for a registry's name checks)."""
+        for _, name, kind, help in GC_METRICS:
+            yield _family(f"{self._prefix}_{name}", kind, help, None)
+
+    def collect(self) -> Iterator[Metric]:
+        """The current values; nothing while no `GCPauses` is installed."""
+        pauses = self.pauses if self.pauses is not None else GCPauses.current()
+        if pauses is None:
+            return
+        statistics = pauses.statistics()
+        for field, name, kind, help in GC_METRICS:
+            yield _family(f"{self._prefix}_{name}", kind, help, getattr(statistics, field))
+
+
+def _family(name: str, kind: _Kind, help: str, value: float | None) -> Metric:
+    if kind == "counter":
+        return CounterMetricFamily(name, help, value=value)
+    return GaugeMetricFamily(name, help, value=value)
