@@ -169,7 +169,9 @@ def caught_up(session: Session) -> bool:
 
 def check(run: Run, backend: MemoryBackend, policy: str) -> None:
     canonical = {
-        room: {e.seq: e.text for e in state.history or ()} for room, state in backend._rooms.items()
+        # History entries are (seq, size, text, ...): see wsbroadcast.envelope.Stored.
+        room: {seq: text for seq, _, text, *_ in state.history or ()}
+        for room, state in backend._rooms.items()
     }
     for sent in run.sent.values():
         # Per-sender FIFO: a sender's broadcasts take increasing seqs in the order issued.

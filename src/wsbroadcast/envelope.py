@@ -189,10 +189,7 @@ class Draft:
 
     def envelope(self, seq: int, epoch: str) -> Envelope:
         """The envelope numbered ``seq`` in the stream ``epoch``, its text spliced, not encoded."""
-        envelope = _new_envelope(Envelope)
-        _set(
-            envelope,
-            "__dict__",
+        return _assembled(
             {
                 "type": self.type,
                 "room": self.room,
@@ -204,13 +201,8 @@ class Draft:
                 "data": self.data,
                 "text": f'{self.head}{seq},"epoch":"{epoch}{self.tail}',
                 "size": self._base_size + len(str(seq)) + len(epoch),
-            },
+            }
         )
-        # What Envelope.model_construct() sets, without its per-field work.
-        _set(envelope, "__pydantic_fields_set__", _FIELDS)
-        _set(envelope, "__pydantic_extra__", None)
-        _set(envelope, "__pydantic_private__", None)
-        return envelope
 
     def text(self, seq: int, epoch: str) -> str:
         """The wire form of `envelope` (for backends that store text)."""
@@ -219,6 +211,59 @@ class Draft:
 
 _new_envelope = Envelope.__new__
 _set = object.__setattr__
+
+
+def _assembled(values: dict[str, object]) -> Envelope:
+    """An envelope from checked values (its fields, ``text`` and ``size``), as
+    ``Envelope.model_construct()`` makes one but without its per-field work."""
+    envelope = _new_envelope(Envelope)
+    _set(envelope, "__dict__", values)
+    _set(envelope, "__pydantic_fields_set__", _FIELDS)
+    _set(envelope, "__pydantic_extra__", None)
+    _set(envelope, "__pydantic_private__", None)
+    return envelope
+
+
+Stored = tuple[int, int, str, str, str, str, str, "str | None", datetime]
+"""An envelope as a history keeps it: ``(seq, size, text, type, room, epoch, id, client_id,
+timestamp)``, atomic values only, which the garbage collector stops tracking. An
+`Envelope` and its ``__dict__`` are two objects that every full collection traverses, and
+a room's history holds up to a thousand: with many rooms, most of the heap (see
+docs/performance.md). ``data`` is read back from the text."""
+
+
+def stored(envelope: Envelope) -> Stored:
+    """What a history keeps of ``envelope`` (`restored` gives it back)."""
+    return (
+        envelope.seq,
+        envelope.size,
+        envelope.text,
+        envelope.type,
+        envelope.room,
+        envelope.epoch,
+        envelope.id,
+        envelope.client_id,
+        envelope.timestamp,
+    )
+
+
+def restored(record: Stored) -> Envelope:
+    """The envelope `stored` kept: equal to it, the same ``text``; ``data`` parsed from it."""
+    seq, size, text, type, room, epoch, id, client_id, timestamp = record
+    return _assembled(
+        {
+            "type": type,
+            "room": room,
+            "seq": seq,
+            "epoch": epoch,
+            "id": id,
+            "client_id": client_id,
+            "timestamp": timestamp,
+            "data": json.loads(text)["data"],
+            "text": text,
+            "size": size,
+        }
+    )
 
 
 def direct_drafts(to: str, data: JsonValue, client_id: str | None) -> tuple[Draft, ...]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import tracemalloc
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import JsonValue
 
 from wsbroadcast import Envelope, InvalidBackendURL, InvalidData, InvalidInput, backend_from_url
 from wsbroadcast.backends.memory import MemoryBackend
@@ -185,3 +189,57 @@ async def test_removing_presence_that_is_not_there_says_so() -> None:
     assert await backend.remove_presence("r", "alice")
     assert not await backend.remove_presence("r", "alice")
     assert await backend.presence("r") == []
+
+
+async def test_history_holds_nothing_the_garbage_collector_tracks() -> None:
+    """A room's history (up to 1,000 envelopes) is kept as atomic values: no object for
+    every full collection to traverse, however many rooms (see docs/performance.md)."""
+    backend = MemoryBackend()
+    await backend.publish("r", "message", "x", {"warm": "up"})
+    gc.collect()
+    before = len(gc.get_objects())
+    for n in range(1000):
+        await backend.publish("r", "message", "x", {"message": f"m{n}", "nested": [n, {"n": n}]})
+    gc.collect()
+    assert len(gc.get_objects()) - before < 50
+    history = await backend.history("r", 1)
+    assert len(history.envelopes) == 1000
+    assert history.envelopes[-1].data == {"message": "m999", "nested": [999, {"n": 999}]}
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(exclude_categories=["Cs"]), max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(st.characters(exclude_categories=["Cs"]), max_size=8), children, max_size=4
+        )
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=json_values, client_id=st.sampled_from([None, "ann", "b.o-b:1#@x"]))
+def test_history_gives_back_what_was_published(data: JsonValue, client_id: str | None) -> None:
+    """Equal envelopes with the same text, whatever the data: it is read back from it."""
+
+    async def publish_then_read() -> None:
+        backend = MemoryBackend()
+        published = [await backend.publish("r", "message", client_id, data) for _ in range(2)]
+        history = await backend.history("r", 0)
+        assert history.envelopes == tuple(published)
+        for got, sent in zip(history.envelopes, published, strict=True):
+            assert (got.text, got.size, got.frame) == (sent.text, sent.size, sent.frame)
+            assert (got.data, got.timestamp, got.id, got.epoch) == (
+                sent.data,
+                sent.timestamp,
+                sent.id,
+                sent.epoch,
+            )
+
+    asyncio.run(publish_then_read())

@@ -6,9 +6,10 @@ import logging
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
+from itertools import islice
 from urllib.parse import parse_qs, urlsplit
 
-from ..envelope import Draft, Envelope, new_epoch
+from ..envelope import Draft, Envelope, Stored, new_epoch, restored, stored
 from ..exceptions import InvalidBackendOptions, InvalidBackendURL
 from .base import Backend, History, Listener, ResetListener, Subscription
 
@@ -33,8 +34,9 @@ class _Stream:
         self.epoch = new_epoch()
         self.seq = 0
         # Made at the first publish: most streams of a chat (a personal stream per user)
-        # are quiet, and an empty deque costs several hundred bytes.
-        self.history: deque[Envelope] | None = None
+        # are quiet, and an empty deque costs several hundred bytes. Stored, not Envelope:
+        # the garbage collector does not track what it holds.
+        self.history: deque[Stored] | None = None
         self.history_bytes = 0
         self.listeners: list[Listener] = []
         self.members: Counter[str] = Counter()
@@ -161,10 +163,10 @@ class MemoryBackend(Backend):
             history = stream.history
             if history is None:
                 history = stream.history = deque()
-            history.append(envelope)
+            history.append(stored(envelope))
             stream.history_bytes += envelope.size
             while len(history) > self.history_size or stream.history_bytes > self.history_bytes:
-                stream.history_bytes -= history.popleft().size
+                stream.history_bytes -= history.popleft()[1]
         else:
             stream.history = None
             stream.history_bytes = 0
@@ -182,14 +184,14 @@ class MemoryBackend(Backend):
         if stream is None:
             return History(room, since, complete=since == 0, last_seq=0, first_seq=1)
         history = stream.history
-        first = history[0].seq if history else stream.seq + 1
+        first = history[0][0] if history else stream.seq + 1
         complete = first - 1 <= since <= stream.seq and (
             since == 0 or epoch is None or epoch == stream.epoch
         )
         envelopes: tuple[Envelope, ...] = ()
         if complete and since < stream.seq:
             skip = since - first + 1
-            envelopes = tuple(history or ())[skip:]
+            envelopes = tuple(map(restored, islice(history or (), skip, None)))
         return History(room, since, complete, stream.seq, first, envelopes, stream.epoch)
 
     async def subscribe(

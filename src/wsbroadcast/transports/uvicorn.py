@@ -35,8 +35,8 @@ What it adds to uvicorn's protocol besides the extension:
   socket open.
 - A cheaper receive queue. uvicorn hands each received message to the application through an
   ``asyncio.Queue``, which looks up the running loop on every wait (on Python 3.11 a
-  ``getpid`` system call per message); this protocol's is bound to the connection's loop
-  once.
+  ``getpid`` system call per message) and takes about 3 KiB per connection; this
+  protocol's is a list bound to the connection's loop.
 - The handshake's request and response (their headers) are let go once the handshake is
   complete, where uvicorn keeps them for the connection's lifetime.
 - A bounded shutdown. A connection whose 1012 close cannot get out (a stalled client) is
@@ -67,17 +67,63 @@ logger = logging.getLogger("wsbroadcast.transports.uvicorn")
 _RELIED_ON = ("conn", "scope", "transport", "writable")
 
 
-class _BoundQueue(asyncio.Queue[Any]):
-    """uvicorn's receive queue, bound to the connection's loop once: ``asyncio.Queue`` looks
-    the running loop up on every ``get`` that waits (a ``getpid`` system call per message on
-    Python 3.11)."""
+class _Inbox:
+    """What uvicorn's protocol calls its ``queue``: ASGI events on their way to the
+    application, first in, first out, unbounded as uvicorn's is (its protocol stops reading
+    while an event waits).
+
+    uvicorn uses an ``asyncio.Queue``: three deques and an event, about 3 KiB per connection,
+    and a lookup of the running loop on every wait (a system call on Python 3.11). This is a
+    list and one future per waiting getter, bound to the connection's loop.
+    """
+
+    __slots__ = ("_events", "_head", "_loop", "_waiters")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self._bound = loop
+        self._events: list[Any] = []
+        self._head = 0
+        self._loop = loop
+        self._waiters: list[asyncio.Future[None]] = []
 
-    def _get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._bound
+    def empty(self) -> bool:
+        return self._head == len(self._events)
+
+    def qsize(self) -> int:
+        return len(self._events) - self._head
+
+    def put_nowait(self, event: Any) -> None:
+        self._events.append(event)
+        self._wake_one()
+
+    async def get(self) -> Any:
+        while self._head == len(self._events):
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                elif not self.empty():
+                    self._wake_one()  # woken, then cancelled: pass the wake-up on
+                raise
+        events, head = self._events, self._head
+        event = events[head]
+        if head + 1 == len(events):
+            events.clear()
+            self._head = 0
+        else:
+            events[head] = None
+            self._head = head + 1
+        return event
+
+    def _wake_one(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
@@ -122,7 +168,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.queue = _BoundQueue(self.loop)
+        self.queue = cast("asyncio.Queue[Any]", _Inbox(self.loop))
 
     async def run_asgi(self) -> None:
         """Add the extension to the connection's scope, then run the application."""
