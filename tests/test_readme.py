@@ -122,3 +122,18 @@ def test_readme_links_and_images_are_absolute() -> None:
             assert (checkout / path.removeprefix(REPOSITORY + "/tree/main/")).is_dir(), target
         elif path.startswith(RAW):
             assert (checkout / path.removeprefix(RAW)).is_file(), target
+
+
+def test_readme_gc_pauses_snippet_runs_in_the_starlette_examples_lifespan() -> None:
+    from starlette.applications import Starlette
+
+    from wsbroadcast import GCPauses
+
+    namespace: dict[str, Any] = {}
+    for marker in ("from starlette.applications import", "from wsbroadcast import GCPauses"):
+        exec(compile(python_block(README, marker), "README.md", "exec"), namespace)
+    app = Starlette(routes=namespace["app"].routes, lifespan=namespace["lifespan"])
+    with TestClient(app) as client, client.websocket_connect("/ws/alice") as alice:
+        assert alice.receive_json()["type"] == "join"
+        assert GCPauses.current() is not None
+    assert GCPauses.current() is None
