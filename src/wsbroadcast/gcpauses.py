@@ -7,7 +7,8 @@ thousands of them (about 170 per connection for the chat app on uvicorn). Each f
 collection stops the event loop meanwhile: 300 ms with 3,000 connections on the machine of
 ``docs/performance.md``. Full collections come whenever the long-lived objects have grown
 by a quarter since the last one, which is exactly when clients are connecting: at startup,
-and during a reconnect storm.
+and during a reconnect storm. (Or when the application keeps objects from each message it
+handles: the memory backend's histories were that, until they kept atomic values only.)
 
 `GCPauses` measures those pauses, and by default shortens them: after each full collection,
 it moves every object that survived to the permanent generation (`gc.freeze`), so that the
@@ -26,6 +27,8 @@ a quarter, and none while clients only come and go.
     async with GCPauses() as pauses:
         ...  # serve
     print(pauses.statistics().longest_pause)
+
+`wsbroadcast.metrics.GCPausesCollector` reports the statistics to Prometheus.
 
 One per process, entered inside the event loop (asyncio or trio): the collector may run in
 any thread that allocates, so the freeze is handed to the loop, which runs it between
