@@ -27,12 +27,17 @@ class Node:
 
 @pytest.fixture(autouse=True)
 def _collector_as_found() -> Iterator[None]:
-    """Whatever a test does, the process's collector is left unfrozen and uninstalled."""
+    """Only the tests' own collections run (an automatic one would shift the counts), and
+    whatever a test does, the process's collector is left unfrozen and uninstalled."""
+    enabled = gc.isenabled()
+    gc.disable()
     yield
     installed = GCPauses.current()
     if installed is not None:
         installed.uninstall()
     gc.unfreeze()
+    if enabled:
+        gc.enable()
 
 
 async def frozen_after(pauses: GCPauses, freezes: int) -> None:

@@ -156,23 +156,29 @@ def test_the_core_does_not_import_prometheus_client() -> None:
 async def test_gc_pauses_are_reported_for_whichever_is_installed() -> None:
     collector = GCPausesCollector()
     assert values(collector) == {}
-    async with GCPauses(freeze=False) as pauses:
-        gc.collect()
-        statistics = dataclasses.asdict(pauses.statistics())
-        assert statistics["full_collections"] == 1
-        expected = {
-            f"wsbroadcast_{name}" + ("_total" if kind == "counter" else ""): (
-                kind,
-                statistics[field],
-            )
-            for field, name, kind, _ in GC_METRICS
-        }
-        assert set(statistics) == {field for field, *_ in GC_METRICS}
-        assert values(collector) == expected
-        assert values(GCPausesCollector(pauses)) == expected
-        assert "wsbroadcast_gc_pause_seconds_total" in expected
-        registry = CollectorRegistry()
-        registry.register(GCPausesCollector(prefix="chat"))
-        text = generate_latest(registry).decode()
-        assert "chat_gc_longest_pause_seconds " in text
+    enabled = gc.isenabled()
+    gc.disable()  # only this test's collection: the figures must not move between reads
+    try:
+        async with GCPauses(freeze=False) as pauses:
+            gc.collect()
+            statistics = dataclasses.asdict(pauses.statistics())
+            assert statistics["full_collections"] == 1
+            expected = {
+                f"wsbroadcast_{name}" + ("_total" if kind == "counter" else ""): (
+                    kind,
+                    statistics[field],
+                )
+                for field, name, kind, _ in GC_METRICS
+            }
+            assert set(statistics) == {field for field, *_ in GC_METRICS}
+            assert values(collector) == expected
+            assert values(GCPausesCollector(pauses)) == expected
+            assert "wsbroadcast_gc_pause_seconds_total" in expected
+            registry = CollectorRegistry()
+            registry.register(GCPausesCollector(prefix="chat"))
+            text = generate_latest(registry).decode()
+            assert "chat_gc_longest_pause_seconds " in text
+    finally:
+        if enabled:
+            gc.enable()
     assert values(collector) == {}
