@@ -23,10 +23,11 @@ import asyncio
 import re
 import sys
 import tempfile
-import time
 import urllib.request
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .procfs import ServerProcess, free_port, rss_kib, wait_quiet
 from .protocols import Plain
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ROOM_SIZE = 20
 PHASE_DEADLINE = 300.0
 """Seconds a phase (connecting or closing its clients) may take."""
+T = TypeVar("T")
 _FLAGS = ("--rate-limit", "0", "--max-connections-per-ip", "0", "--log-level", "warning")
 
 
@@ -121,38 +123,38 @@ async def run_mode(freeze: bool, connections: int, steps: int, storms: int) -> l
 
     try:
         record("started")
-        clients: list[RawClient] = []
         step = max(1, connections // steps)
-        with _deadline():
+
+        async def grow() -> list[RawClient]:
+            clients: list[RawClient] = []
             while len(clients) < connections:
                 first = len(clients)
                 clients += await _connect(port, list(range(first, min(first + step, connections))))
+            return clients
+
+        clients = await _within(grow())
         record(f"{connections} connected")
         ids = list(range(connections))
         for storm in range(1, storms + 1):
             half = len(clients) // 2
-            with _deadline():
-                await _close(clients[:half])
-                back = await _connect(port, ids[:half])
+            await _within(_close(clients[:half]))
+            back = await _within(_connect(port, ids[:half]))
             clients = clients[half:] + back
             ids = ids[half:] + ids[:half]
             record(f"storm {storm}: {half} reconnected")
-        with _deadline():
-            await _close(clients)
+        await _within(_close(clients))
     finally:
         server.stop()
     return phases
 
 
-class _deadline:
-    """Fail a phase that takes longer than `PHASE_DEADLINE` (no phase may hang the run)."""
-
-    def __enter__(self) -> None:
-        self._start = time.monotonic()
-
-    def __exit__(self, *exc: object) -> None:
-        if exc[0] is None and time.monotonic() - self._start > PHASE_DEADLINE:
-            raise RuntimeError(f"a phase took over {PHASE_DEADLINE:.0f} s")
+async def _within(phase: Coroutine[Any, Any, T]) -> T:
+    """``phase``, cancelled with an error once it has taken `PHASE_DEADLINE` seconds: no
+    phase can hang the run."""
+    try:
+        return await asyncio.wait_for(phase, PHASE_DEADLINE)
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"a phase took over {PHASE_DEADLINE:.0f} s") from None
 
 
 def table(phases: list[Phase]) -> str:
