@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
-from typing import Any
+import weakref
+from typing import Any, ClassVar
 
 import anyio
 import anyio.lowlevel
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from tests.support import cyclic_garbage, kinds_from
 from tests.transports.support import (
@@ -29,7 +37,7 @@ from wsbroadcast.transports.starlette import (
     StarletteTransport,
     starlette_transport,
 )
-from wsbroadcast.transports.uvicorn import WebSocketProtocol
+from wsbroadcast.transports.uvicorn import WebSocketProtocol, _restart_parser, _Writable
 from wsbroadcast.transports.uvicorn_http import HttpToolsProtocol
 
 
@@ -248,3 +256,163 @@ async def test_a_closed_connection_is_freed_by_reference_counting_on_uvicorn(
                             await client.wait_closed()
                     await FinishedProtocol.done.wait()
     assert kinds_from(garbage, "wsbroadcast", "uvicorn", "starlette") == []
+
+
+# -- what an idle connection keeps
+
+
+def _opened(request: bytes, *, max_size: int | None = 2**20) -> tuple[ServerProtocol, list[Any]]:
+    """A sans-I/O server connection that received ``request`` and accepted it, and the
+    events that came after the request."""
+    conn = ServerProtocol(max_size=max_size)
+    conn.receive_data(request)
+    handshake, *after = conn.events_received()
+    assert isinstance(handshake, Request)
+    conn.send_response(conn.accept(handshake))
+    conn.data_to_send()
+    return conn, after
+
+
+def _frame(opcode: Opcode, data: bytes, *, fin: bool = True) -> bytes:
+    return Frame(opcode, data, fin).serialize(mask=True)
+
+
+def _outcome(conn: ServerProtocol) -> tuple[object, ...]:
+    exc = conn.parser_exc
+    return (
+        conn.events_received(),
+        conn.data_to_send(),
+        conn.state,
+        conn.close_code,
+        None if exc is None else (type(exc), str(exc)),
+    )
+
+
+_client_frames = st.one_of(
+    st.builds(lambda t: _frame(Opcode.TEXT, t.encode()), st.text(max_size=200)),
+    st.builds(lambda b: _frame(Opcode.BINARY, b), st.binary(max_size=300)),
+    st.builds(lambda b: _frame(Opcode.TEXT, b, fin=False), st.binary(max_size=20)),
+    st.builds(
+        lambda b, fin: _frame(Opcode.CONT, b, fin=fin), st.binary(max_size=20), st.booleans()
+    ),
+    st.builds(lambda b: _frame(Opcode.PING, b), st.binary(max_size=125)),
+    st.builds(lambda b: _frame(Opcode.PONG, b), st.binary(max_size=125)),
+    st.just(_frame(Opcode.TEXT, b"\xff\xfe")),  # not UTF-8: websockets leaves that to uvicorn
+    st.just(_frame(Opcode.TEXT, b"x" * 1500)),  # over max_size
+    st.just(Frame(Opcode.TEXT, b"unmasked").serialize(mask=False)),
+    st.just(b"\x83\x80\x00\x00\x00\x00"),  # a reserved opcode
+    st.just(_frame(Opcode.CLOSE, b"\x03\xe8bye")),
+    st.binary(min_size=1, max_size=12),  # noise
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    frames=st.lists(_client_frames, max_size=12),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=8),
+)
+def test_a_restarted_parser_reads_what_the_original_would(
+    frames: list[bytes], cuts: list[int]
+) -> None:
+    # Any input, cut anywhere, gives the same events, replies, state and error on a
+    # connection whose parser was restarted after the handshake as on one whose was not.
+    request = upgrade_request("/")
+    (restarted, _), (original, _) = _opened(request, max_size=1000), _opened(request, max_size=1000)
+    assert _restart_parser(restarted)
+    data = b"".join(frames)
+    bounds = [0, *sorted(cut for cut in cuts if cut < len(data)), len(data)]
+    for start, end in itertools.pairwise(bounds):
+        for conn in (restarted, original):
+            if conn.state is not State.CLOSED:
+                conn.receive_data(data[start:end])
+        assert _outcome(restarted) == _outcome(original)
+
+
+def test_the_parser_is_not_restarted_in_the_middle_of_a_frame() -> None:
+    # A client that sends a frame before the handshake's answer: the parser that read the
+    # request may be inside that frame when the application accepts.
+    frame = _frame(Opcode.TEXT, b"early")
+    for sent in range(1, len(frame)):
+        conn, after = _opened(upgrade_request("/") + frame[:sent])
+        assert not _restart_parser(conn)
+        assert after == []
+        conn.receive_data(frame[sent:])
+        assert conn.events_received() == [Frame(Opcode.TEXT, b"early")]
+    # A whole frame first leaves it between frames, where it is restarted.
+    conn, after = _opened(upgrade_request("/") + frame)
+    assert after == [Frame(Opcode.TEXT, b"early")]
+    assert _restart_parser(conn)
+    conn.receive_data(frame)
+    assert conn.events_received() == [Frame(Opcode.TEXT, b"early")]
+
+
+def test_the_parser_of_a_refused_or_closed_connection_is_left_alone() -> None:
+    conn = ServerProtocol()
+    conn.receive_data(upgrade_request("/"))
+    handshake = conn.events_received()[0]
+    assert isinstance(handshake, Request)
+    conn.send_response(conn.reject(403, "no"))
+    assert not _restart_parser(conn)
+    conn, _ = _opened(upgrade_request("/"))
+    conn.receive_data(_frame(Opcode.CLOSE, b"\x03\xe8"))
+    assert not _restart_parser(conn)
+
+
+class _RequestWatcher(WebSocketProtocol):
+    """Records a weak reference to each handshake request it reads."""
+
+    requests: ClassVar[list[weakref.ref[Request]]] = []
+
+    def handle_connect(self, event: Request) -> None:
+        self.requests.append(weakref.ref(event))
+        super().handle_connect(event)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_handshake_request_is_let_go_once_the_connection_is_open() -> None:
+    # websockets' parser kept it, with its headers, for the connection's lifetime.
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        while True:
+            await websocket.send_text(await websocket.receive_text())
+
+    _RequestWatcher.requests.clear()
+    async with (
+        uvicorn_server(endpoint, _RequestWatcher, deflate=False) as url,
+        connect(url, compression=None) as client,
+    ):
+        for n in range(3):  # read by the restarted parser
+            await client.send(f"message {n}" * n)
+            assert await client.recv() == f"message {n}" * n
+        assert len(_RequestWatcher.requests) == 1
+        assert _RequestWatcher.requests[0]() is None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_writable_wakes_every_waiter_and_forgets_cancelled_ones() -> None:
+    writable = _Writable(asyncio.get_running_loop())
+    assert writable.is_set()
+    assert await writable.wait()
+    writable.clear()
+    assert not writable.is_set()
+    woken: list[int] = []
+
+    async def wait(n: int) -> None:
+        assert await writable.wait()
+        woken.append(n)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(wait, 1)
+        group.start_soon(wait, 2)
+        with anyio.CancelScope() as gave_up:
+            gave_up.cancel()
+            await writable.wait()
+        await anyio.lowlevel.checkpoint()
+        assert woken == []
+        assert writable._waiters is not None
+        assert len(writable._waiters) == 2  # the cancelled one took itself out
+        writable.set()
+    assert sorted(woken) == [1, 2]
+    assert writable._waiters is None

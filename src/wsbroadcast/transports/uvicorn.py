@@ -38,7 +38,10 @@ What it adds to uvicorn's protocol besides the extension:
   ``getpid`` system call per message) and takes about 3 KiB per connection; this
   protocol's is a list bound to the connection's loop.
 - The handshake's request and response (their headers) are let go once the handshake is
-  complete, where uvicorn keeps them for the connection's lifetime.
+  complete, where uvicorn keeps them for the connection's lifetime, and so is websockets'
+  parser of the request, which holds it too (see `_restart_parser`): about 2.8 KiB per
+  connection.
+- A lighter ``writable`` flag: asyncio's ``Event`` carries a deque of about 700 bytes.
 - A bounded shutdown. A connection whose 1012 close cannot get out (a stalled client) is
   dropped after ``close_wait``, so it does not hold up the server's exit.
 
@@ -54,7 +57,9 @@ import logging
 from typing import Any, ClassVar, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
+from websockets.server import ServerProtocol
+from websockets.streams import StreamReader
 
 from ..control import CloseCode
 from ._once import log_once
@@ -126,6 +131,82 @@ class _Inbox:
                 return
 
 
+class _Writable:
+    """What uvicorn's protocol calls ``writable``: the four methods of an ``asyncio.Event``
+    it uses, set at first, with its waiters in a list made on demand (an ``Event`` holds a
+    deque of about 700 bytes from the start)."""
+
+    __slots__ = ("_flag", "_loop", "_waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._flag = True
+        self._loop = loop
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        if not self._flag:
+            self._flag = True
+            waiters, self._waiters = self._waiters, None
+            for waiter in waiters or ():
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    async def wait(self) -> bool:
+        if self._flag:
+            return True
+        waiter = self._loop.create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            # set() drops the whole list; a waiter cancelled before that takes itself out.
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+        return True
+
+
+_FRAME_PARSER = Protocol.parse.__code__
+_AT_EOF = StreamReader.at_eof.__code__
+
+
+def _restart_parser(conn: ServerProtocol) -> bool:
+    """Replace an open connection's parser by a fresh frame parser, if it waits at a frame
+    boundary; return whether it did.
+
+    ``websockets`` parses a server connection's input with one generator that reads the
+    handshake request, then runs the frame parser (`Protocol.parse`) inside it: the request,
+    its headers and both generators' frames stay alive as long as the connection, about
+    2.8 KiB. Between frames the frame parser waits in `StreamReader.at_eof` with nothing
+    buffered, and everything else it keeps is on the connection (``current_size``, the
+    reader), so a new frame parser started there is in the same state. A parser anywhere
+    else (a frame half-received, a closed or failed connection, a ``websockets`` release that
+    parses otherwise) is left as it is.
+    """
+    outer = conn.parser
+    inner = getattr(outer, "gi_yieldfrom", None)
+    waiting = getattr(inner, "gi_yieldfrom", None)
+    if (
+        conn.state is not State.OPEN
+        or conn.reader.buffer
+        or getattr(inner, "gi_code", None) is not _FRAME_PARSER
+        or getattr(waiting, "gi_code", None) is not _AT_EOF
+    ):
+        return False
+    parser = Protocol.parse(conn)
+    next(parser)  # runs to at_eof's yield: the reader is empty
+    conn.parser = parser
+    outer.close()
+    return True
+
+
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's ``websockets-sansio`` WebSocket protocol offering ``wsbroadcast.frames``,
     with outbound bytes bounded per connection (see the module's documentation)."""
@@ -169,6 +250,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = cast("asyncio.Queue[Any]", _Inbox(self.loop))
+        self.writable = cast("asyncio.Event", _Writable(self.loop))
 
     async def run_asgi(self) -> None:
         """Add the extension to the connection's scope, then run the application."""
@@ -231,13 +313,15 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     async def send(self, message: Any) -> None:
         """uvicorn's; a handshake answered with an HTTP response (``websocket.http.response``,
         a denial) counts as complete, so that uvicorn does not log an error for it. Once the
-        handshake is complete, its request and response are let go."""
+        handshake is complete, its request and response are let go, and so is the parser
+        that read the request (`_restart_parser`)."""
         await super().send(message)
         if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
             self.handshake_complete = True
-        if self.handshake_complete:
+        if self.handshake_complete and self.request is not None:
             # uvicorn needs them only to answer the handshake; an idle connection kept both.
             self.request = self.response = None  # type: ignore[assignment]
+            _restart_parser(self.conn)
 
     def shutdown(self) -> None:
         """uvicorn's (a 1012 close), and drop the connection if it has not closed in time."""
