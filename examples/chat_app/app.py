@@ -12,7 +12,7 @@ from http import HTTPStatus
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -24,6 +24,7 @@ from wsbroadcast.transports.uvicorn import WebSocketProtocol
 from .responses import CLIENT_JS_PATH, client_script
 from .service import (
     CLOSE_WAIT,
+    ChatRequest,
     ChatService,
     ClientError,
     ErrorCode,
@@ -132,16 +133,7 @@ class _StarletteFrontEnd:
 
     async def chat_socket(self, websocket: WebSocket) -> None:
         """``WS /ws/{client_id}?room=NAME&since=SEQ&epoch=E``."""
-        handshake = Handshake(
-            path=websocket.url.path,
-            client_id=websocket.path_params["client_id"],
-            query=websocket.query_params,
-            origin=websocket.headers.get("origin"),
-            host=websocket.headers.get("host"),
-            secure=websocket.url.scheme == "wss",
-            client_ip=websocket.client.host if websocket.client else None,
-        )
-        request = self.service.check_handshake(handshake)
+        request = self._check_handshake(websocket)
         if isinstance(request, Refusal):
             if request.status != HTTPStatus.FORBIDDEN and _can_deny(websocket):
                 response = PlainTextResponse(f"{request.detail}\n", status_code=request.status)
@@ -151,6 +143,23 @@ class _StarletteFrontEnd:
             await websocket.close(code=CloseCode.POLICY_VIOLATION, reason=request.reason)
             return
         await self.service.serve(request, _StarletteSocket(websocket))
+
+    def _check_handshake(self, websocket: WebSocket) -> ChatRequest | Refusal:
+        """The handshake's checks, read through a view of the scope that ends here:
+        Starlette caches what it parses (URL, query, headers) on the object that parsed it,
+        and ``websocket`` lives as long as the connection (about 650 bytes)."""
+        view = HTTPConnection(websocket.scope)
+        return self.service.check_handshake(
+            Handshake(
+                path=view.url.path,
+                client_id=view.path_params["client_id"],
+                query=view.query_params,
+                origin=view.headers.get("origin"),
+                host=view.headers.get("host"),
+                secure=view.url.scheme == "wss",
+                client_ip=view.client.host if view.client else None,
+            )
+        )
 
 
 def _can_deny(websocket: WebSocket) -> bool:

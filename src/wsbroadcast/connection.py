@@ -10,9 +10,9 @@ done here: the queue's abort hands the connection to the manager, which owns its
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from types import TracebackType
 
 import anyio
 from pydantic import JsonValue
@@ -51,6 +51,8 @@ class Connection:
         "__weakref__",
         "_cancel_on_close",
         "_closed",
+        "_on_abort",
+        "_on_ready",
         "_space",
         "_wakeup",
         "_writer_done",
@@ -91,9 +93,11 @@ class Connection:
             queue_size=queue_size,
             queue_bytes=queue_bytes,
             policy=policy,
-            on_ready=self._wake if self.send_nowait is None else functools.partial(on_ready, self),
-            on_abort=functools.partial(self._aborted, on_abort),
+            on_ready=self._wake if self.send_nowait is None else self._ready,
+            on_abort=self._aborted,
         )
+        self._on_ready = on_ready
+        self._on_abort = on_abort
         self._wakeup: anyio.Event | None = None
         self._writer_scope: anyio.CancelScope | None = None
         self._writer_done: anyio.Event | None = None
@@ -171,8 +175,7 @@ class Connection:
             self._closed = anyio.Event()
         await self._closed.wait()
 
-    @contextlib.contextmanager
-    def cancel_on_close(self) -> Iterator[anyio.CancelScope]:
+    def cancel_on_close(self) -> contextlib.AbstractContextManager[anyio.CancelScope]:
         """A cancel scope that is cancelled when the connection stops receiving frames.
 
         Wrap the code that receives from the client in it, so that it stops as soon as the
@@ -185,18 +188,7 @@ class Connection:
 
         It is cancelled at once if the connection is already closing.
         """
-        with anyio.CancelScope() as scope:
-            if self.queue.closing:
-                scope.cancel()
-            else:
-                if self._cancel_on_close is None:
-                    self._cancel_on_close = []
-                self._cancel_on_close.append(scope)
-            try:
-                yield scope
-            finally:
-                if self._cancel_on_close is not None and scope in self._cancel_on_close:
-                    self._cancel_on_close.remove(scope)
+        return _CancelOnClose(self)
 
     # -- I/O, run by the manager
 
@@ -212,14 +204,17 @@ class Connection:
             self._space = None
             space.set()
 
-    def _aborted(self, on_abort: Callable[[Connection], None]) -> None:
+    def _ready(self) -> None:
+        self._on_ready(self)
+
+    def _aborted(self) -> None:
         for scope in self._cancel_on_close or ():
             scope.cancel()
         if self._writer_scope is not None:
             self._writer_scope.cancel()
         self._wake()
         self._made_space()
-        on_abort(self)
+        self._on_abort(self)
 
     def flush(self) -> bool:
         """Write everything queued without waiting (the flusher's write).
@@ -320,3 +315,39 @@ class Connection:
         self.queue.set_closed()
         if self._closed is not None:
             self._closed.set()
+
+
+class _CancelOnClose:
+    """`Connection.cancel_on_close`'s context manager. A class, not a generator: the block
+    usually lasts as long as the connection, and a generator-based one would keep a
+    generator and its frame alive for all that time (about 350 bytes)."""
+
+    __slots__ = ("_connection", "_scope")
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._scope: anyio.CancelScope | None = None
+
+    def __enter__(self) -> anyio.CancelScope:
+        scope = self._scope = anyio.CancelScope().__enter__()
+        connection = self._connection
+        if connection.queue.closing:
+            scope.cancel()
+        else:
+            if connection._cancel_on_close is None:
+                connection._cancel_on_close = []
+            connection._cancel_on_close.append(scope)
+        return scope
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        scope = self._scope
+        assert scope is not None, "exited without entering"
+        scopes = self._connection._cancel_on_close
+        if scopes is not None and scope in scopes:
+            scopes.remove(scope)
+        return scope.__exit__(exc_type, exc, traceback)
