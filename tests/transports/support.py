@@ -60,11 +60,12 @@ async def uvicorn_server(
     *,
     deflate: bool,
     http: type[asyncio.Protocol] | None = None,
+    **options: Any,
 ) -> AsyncIterator[str]:
     """Serve ``endpoint`` at ``/`` with a real uvicorn on 127.0.0.1; yield its ws:// URL.
 
     ``/http`` answers a plain GET with ``ok``. ``http`` is uvicorn's HTTP protocol (its own
-    httptools one if None).
+    httptools one if None); ``options`` go to ``uvicorn.Config``.
     """
     import uvicorn
 
@@ -79,6 +80,7 @@ async def uvicorn_server(
         ws_per_message_deflate=deflate,
         lifespan="off",
         log_level="warning",
+        **options,
     )
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:

@@ -8,9 +8,10 @@ import json
 import logging
 import sys
 import weakref
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import pytest
 from hypothesis import given, settings
@@ -25,6 +26,7 @@ from websockets.server import ServerProtocol
 from tests.support import cyclic_garbage, kinds_from
 from tests.transports.support import (
     FinishedProtocol,
+    RecordingProtocol,
     assert_join_then_300_broadcasts,
     raw_exchange,
     shed_a_stalled_client_on_uvicorn,
@@ -38,7 +40,12 @@ from wsbroadcast.transports.starlette import (
     StarletteTransport,
     starlette_transport,
 )
-from wsbroadcast.transports.uvicorn import WebSocketProtocol, _restart_parser, _Writable
+from wsbroadcast.transports.uvicorn import (
+    WebSocketProtocol,
+    _PingWheel,
+    _restart_parser,
+    _Writable,
+)
 from wsbroadcast.transports.uvicorn_http import HttpToolsProtocol
 
 
@@ -425,3 +432,119 @@ async def test_writable_wakes_every_waiter_and_forgets_cancelled_ones() -> None:
         writable.set()
     assert sorted(woken) == [1, 2]
     assert writable._waiters is None
+
+
+# -- keepalive pings, one timer per loop
+
+
+async def _read_frame(stream: anyio.abc.ByteStream, buffer: bytearray) -> tuple[int, bytes]:
+    """The next frame the server sent (unmasked): its opcode and payload."""
+
+    async def at_least(n: int) -> None:
+        while len(buffer) < n:
+            buffer.extend(await stream.receive())
+
+    await at_least(2)
+    length, start = buffer[1] & 0x7F, 2
+    if length == 126:
+        await at_least(4)
+        length, start = int.from_bytes(buffer[2:4], "big"), 4
+    await at_least(start + length)
+    opcode, payload = buffer[0] & 0x0F, bytes(buffer[start : start + length])
+    del buffer[: start + length]
+    return opcode, payload
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_keepalive_pings_keep_an_answering_client_and_close_a_silent_one() -> None:
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+    RecordingProtocol.lost = anyio.Event()
+    async with uvicorn_server(
+        endpoint, RecordingProtocol, deflate=False, ws_ping_interval=0.1, ws_ping_timeout=0.5
+    ) as url:
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        with anyio.fail_after(30):
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(upgrade_request("/"))
+                buffer = bytearray()
+                while b"\r\n\r\n" not in buffer:
+                    buffer.extend(await stream.receive())
+                assert buffer.startswith(b"HTTP/1.1 101")
+                del buffer[: buffer.index(b"\r\n\r\n") + 4]
+                payloads = set()
+                for _ in range(3):  # answered: each pong leads to the next ping
+                    opcode, payload = await _read_frame(stream, buffer)
+                    assert opcode == Opcode.PING.value
+                    payloads.add(payload)
+                    await stream.send(_frame(Opcode.PONG, payload))
+                assert len(payloads) == 3
+                assert (await _read_frame(stream, buffer))[0] == Opcode.PING.value
+                opcode, payload = await _read_frame(stream, buffer)  # not answered
+                assert opcode == Opcode.CLOSE.value
+                assert int.from_bytes(payload[:2], "big") == 1011
+            await RecordingProtocol.lost.wait()
+            # The last connection gone, its loop's wheel is gone too.
+            assert asyncio.get_running_loop() not in _PingWheel._wheels
+            # So it is when a connection closes with its next ping in the wheel.
+            RecordingProtocol.lost = anyio.Event()
+            async with connect(url, compression=None, ping_interval=None) as client:
+                assert asyncio.get_running_loop() in _PingWheel._wheels
+                await client.send("bye")
+            await RecordingProtocol.lost.wait()
+            assert asyncio.get_running_loop() not in _PingWheel._wheels
+
+
+class _Pinged:
+    """Stands for a connection in the wheel: records its pings."""
+
+    def __init__(self, name: str, log: list[str], done: asyncio.Event, fail: bool = False) -> None:
+        self.name, self.log, self.done, self.fail = name, log, done, fail
+        self._ping_tick: int | None = None
+
+    def send_keepalive_ping(self) -> None:
+        self.log.append(self.name)
+        self.done.set()
+        if self.fail:
+            raise RuntimeError("the socket is gone")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_wheel_pings_in_order_skips_removed_ones_and_isolates_failures() -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        wheel = _PingWheel.of(loop)
+        assert _PingWheel.of(loop) is wheel
+        log: list[str] = []
+        last = asyncio.Event()
+        first, removed, failing = (
+            _Pinged("first", log, asyncio.Event()),
+            _Pinged("removed", log, asyncio.Event()),
+            _Pinged("failing", log, asyncio.Event(), fail=True),
+        )
+        later = _Pinged("later", log, last)
+        ticks = {}
+        for pinged, delay in ((later, 0.35), (removed, 0.0), (first, 0.0), (failing, 0.0)):
+            pinged._ping_tick = ticks[pinged.name] = wheel.add(cast(Any, pinged), delay)
+        assert ticks["later"] > ticks["first"] == ticks["removed"]
+        wheel.remove(cast(Any, removed), ticks["removed"])
+        wheel.remove(cast(Any, removed), ticks["removed"])  # twice: nothing more
+        await last.wait()
+        assert sorted(log[:2]) == ["failing", "first"]
+        assert log[2:] == ["later"]
+        assert first._ping_tick is None
+        assert [type(error["exception"]) for error in errors] == [RuntimeError]
+        assert loop not in _PingWheel._wheels  # nothing left to ping
+        wheel = _PingWheel.of(loop)
+        wheel.remove(cast(Any, first), wheel.add(cast(Any, first), 0.0))
+        assert loop not in _PingWheel._wheels  # the last one removed: the timer cancelled
+        assert wheel._timer is None
+    finally:
+        loop.set_exception_handler(None)
