@@ -179,10 +179,10 @@ class OutboundQueue:
         self._first_seq = 0
         self._last: dict[str, int] = {}
         """The seq of the newest envelope queued per other room the queue follows."""
-        self._recovering: frozenset[str] = frozenset()
-        """Rooms added while open whose envelopes are held until `room_live`: replaced on
-        change, since it is empty for almost every connection (the empty frozenset is shared;
-        an empty set is 216 bytes)."""
+        self._recovering: tuple[str, ...] = ()
+        """Rooms added while open whose envelopes are held until `room_live`: a few at a
+        time, none for almost every connection, so a tuple replaced on change (the empty
+        tuple is shared; an empty set, or an emptied frozenset, is 216 bytes)."""
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.overflowed = False
@@ -380,7 +380,7 @@ class OutboundQueue:
             return False
         self._last[room] = 0
         if self.state is ConnectionState.OPEN:
-            self._recovering |= {room}
+            self._recovering += (room,)
         return True
 
     def fits(self, item: OutboundMessage) -> bool:
@@ -402,7 +402,7 @@ class OutboundQueue:
         """
         if room not in self._recovering or self.state is not ConnectionState.OPEN:
             return
-        self._recovering -= {room}
+        self._recovering = tuple(other for other in self._recovering if other != room)
         self._last[room] = max(self._last[room], after_seq)  # never the first: added ones
         if ack is not None and not self._append(_control(ack)):
             return
@@ -422,7 +422,7 @@ class OutboundQueue:
             self._first = False
         else:
             del self._last[room]
-        self._recovering -= {room}
+        self._recovering = tuple(other for other in self._recovering if other != room)
         held = [item for item in self._held if _room_of(item) == room]
         if held:
             self._held = [item for item in self._held if _room_of(item) != room]
