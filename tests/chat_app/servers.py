@@ -1,15 +1,25 @@
-"""The chat app started as a user starts it, in a subprocess, for the chat app's tests."""
+"""The chat app started as a user starts it, in a subprocess, for the chat app's tests; and
+in the tests' own process, for those that look inside the server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import anyio
+import uvicorn
+
+from examples.chat_app.app import create_app
+from examples.chat_app.service import CLOSE_WAIT, Settings
 from tests.support import free_port, wait_until_healthy
+from wsbroadcast.transports.uvicorn import WebSocketProtocol
+from wsbroadcast.transports.uvicorn_http import HttpToolsProtocol
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE = 30.0
@@ -107,3 +117,35 @@ class ChatServer:
 
 
 StartServer = Callable[..., ChatServer]
+
+
+@contextlib.asynccontextmanager
+async def chat_in_process(
+    ws: type[WebSocketProtocol] = WebSocketProtocol,
+) -> AsyncIterator[int]:
+    """The chat app on uvicorn in this process and its event loop, served as ``python -m
+    examples.chat_app`` serves it (rate limits off), with ``ws`` (a subclass of wsbroadcast's
+    protocol) for its WebSocket connections; yields its port on 127.0.0.1."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(256)  # clients may connect before uvicorn starts accepting
+    settings = Settings(rate_limit=0, max_connections_per_ip=0)
+    config = uvicorn.Config(
+        create_app(settings),
+        http=HttpToolsProtocol.configure(head_timeout=settings.handshake_timeout),
+        ws=ws.configure(close_wait=CLOSE_WAIT),
+        ws_per_message_deflate=False,
+        ws_max_size=settings.max_message_bytes,
+        lifespan="on",
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [listener])
+            try:
+                yield listener.getsockname()[1]
+            finally:
+                server.should_exit = True
+    finally:
+        listener.close()

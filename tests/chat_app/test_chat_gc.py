@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 
-from examples.chat_app.app import create_app
-from examples.chat_app.service import CLOSE_WAIT, Settings
-from tests.chat_app.servers import StartServer
+from tests.chat_app.servers import StartServer, chat_in_process
 from tests.support import cyclic_garbage, kinds_from
 from tests.transports.support import FinishedProtocol
-from wsbroadcast.transports.uvicorn_http import HttpToolsProtocol
 
 
 async def frames_until(client: ClientConnection, wanted: str) -> dict[str, Any]:
@@ -55,36 +50,15 @@ async def one_visit(url: str, closes: str) -> None:
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("closes", ["client", "server"])
 async def test_a_closed_chat_connection_is_freed_by_reference_counting(closes: str) -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    port = listener.getsockname()[1]
-    settings = Settings(rate_limit=0, max_connections_per_ip=0)
-    config = uvicorn.Config(
-        create_app(settings),
-        # As python -m examples.chat_app serves it.
-        http=HttpToolsProtocol.configure(head_timeout=settings.handshake_timeout),
-        ws=FinishedProtocol.configure(close_wait=CLOSE_WAIT),
-        ws_per_message_deflate=False,
-        ws_max_size=settings.max_message_bytes,
-        lifespan="on",
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
     garbage: list[object] = []
     with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve, [listener])
-            try:
-                url = f"ws://127.0.0.1:{port}"
-                for _ in range(2):  # the first visit makes what the app makes once
-                    FinishedProtocol.done = anyio.Event()
-                    with cyclic_garbage() as garbage:
-                        await one_visit(url, closes)
-                        await FinishedProtocol.done.wait()
-            finally:
-                server.should_exit = True
-    listener.close()
+        async with chat_in_process(FinishedProtocol) as port:
+            url = f"ws://127.0.0.1:{port}"
+            for _ in range(2):  # the first visit makes what the app makes once
+                FinishedProtocol.done = anyio.Event()
+                with cyclic_garbage() as garbage:
+                    await one_visit(url, closes)
+                    await FinishedProtocol.done.wait()
     # Objects of the event loop (asyncio's own here; uvloop in production) and of the
     # client are not checked: they are not the server's per-connection objects.
     assert kinds_from(garbage, "wsbroadcast", "examples", "uvicorn", "starlette") == []

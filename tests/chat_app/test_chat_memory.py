@@ -12,23 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import socket
 import sys
 import tracemalloc
 from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 import anyio.abc
 import pytest
-import uvicorn
 
-from examples.chat_app.app import create_app
-from examples.chat_app.service import CLOSE_WAIT, Settings
-from wsbroadcast.transports.uvicorn import WebSocketProtocol
-from wsbroadcast.transports.uvicorn_http import HttpToolsProtocol
+from tests.chat_app.servers import ROOT, chat_in_process
 
-ROOT = Path(__file__).resolve().parents[2]
 BUDGET = 20 * 1024
 MEASURED = 200
 
@@ -56,41 +49,25 @@ async def _open(clients: anyio.abc.Process, prefix: str, count: int) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})])
 async def test_an_idle_chat_connection_costs_the_server_less_than_20_kib() -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(256)
-    port = listener.getsockname()[1]
-    settings = Settings(rate_limit=0, max_connections_per_ip=0)
-    config = uvicorn.Config(
-        create_app(settings),
-        http=HttpToolsProtocol.configure(head_timeout=settings.handshake_timeout),
-        ws=WebSocketProtocol.configure(close_wait=CLOSE_WAIT),
-        ws_per_message_deflate=False,
-        ws_max_size=settings.max_message_bytes,
-        lifespan="on",
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    command = [sys.executable, "-m", "tests.chat_app.idle_clients", str(port)]
+    command = [sys.executable, "-m", "tests.chat_app.idle_clients"]
     tracemalloc.start()
     try:
         with anyio.fail_after(120):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(server.serve, [listener])
-                async with await anyio.open_process(command, cwd=ROOT) as clients:
-                    await _open(clients, "warm", 20)
-                    with _untraced():
-                        gc.collect()
-                        before = tracemalloc.take_snapshot()
-                        await _open(clients, "idle", MEASURED)
-                        gc.collect()
-                        after = tracemalloc.take_snapshot()
-                    assert clients.stdin is not None
-                    await clients.stdin.aclose()
-                server.should_exit = True
+            async with (
+                chat_in_process() as port,
+                await anyio.open_process([*command, str(port)], cwd=ROOT) as clients,
+            ):
+                await _open(clients, "warm", 20)
+                with _untraced():
+                    gc.collect()
+                    before = tracemalloc.take_snapshot()
+                    await _open(clients, "idle", MEASURED)
+                    gc.collect()
+                    after = tracemalloc.take_snapshot()
+                assert clients.stdin is not None
+                await clients.stdin.aclose()
     finally:
         tracemalloc.stop()
-        listener.close()
     grown = sorted(after.compare_to(before, "filename"), key=lambda stat: -stat.size_diff)
     per_connection = sum(stat.size_diff for stat in grown) / MEASURED
     where = "\n".join(f"{stat.size_diff / MEASURED:8.0f} {stat.traceback}" for stat in grown[:12])
