@@ -294,7 +294,7 @@ class _PingWheel:
             heapq.heappop(self._ticks)
         if self._ticks:
             self._arm(self._ticks[0])
-        elif not self._buckets:
+        else:  # every bucket has its tick in the heap: none is left either
             self._close()
         for protocol in due:
             protocol._ping_tick = None
