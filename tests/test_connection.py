@@ -243,6 +243,20 @@ async def test_wait_closed_returns_once_the_manager_set_it_closed() -> None:
     await connection.wait_closed()  # closed already: returns at once
 
 
+async def test_cancel_on_close_lets_errors_through_and_forgets_its_scope() -> None:
+    connection, _ = make(MemoryTransport())
+
+    async def fail_inside() -> anyio.CancelScope:
+        with connection.cancel_on_close() as scope:
+            await anyio.lowlevel.checkpoint()
+            raise KeyError(scope)
+
+    with pytest.raises(KeyError) as raised:
+        await fail_inside()
+    assert not raised.value.args[0].cancel_called
+    assert not connection._cancel_on_close  # an abort later has nothing of it to cancel
+
+
 async def test_cancel_on_close_is_cancelled_by_the_abort_and_only_while_entered() -> None:
     connection, _ = make(MemoryTransport())
     with connection.cancel_on_close() as finished:
