@@ -16,7 +16,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
-from websockets.asyncio.client import connect
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.uri import parse_uri
 
 from wsbroadcast import CloseCode, Connection, ConnectionManager, ConnectionState
 from wsbroadcast.transports.starlette import (
@@ -103,6 +105,24 @@ class RecordingProtocol(WebSocketProtocol):
             RecordingProtocol.lost.set()
 
 
+class StalledProtocol(RecordingProtocol):
+    """`RecordingProtocol` with a small, fixed kernel send buffer (see `STALLED_BUFFER`)."""
+
+    def connection_made(self, transport: Any) -> None:
+        transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, STALLED_BUFFER
+        )
+        super().connection_made(transport)
+
+
+STALLED_BUFFER = 4096
+"""Bytes asked of the kernel for the send buffer of the server's socket and the receive buffer
+of a `stalled_client`'s (Linux doubles both). Fixed sizes turn autotuning off, so once
+writing has paused (over 64 KiB in the asyncio buffer) the kernel takes at most 16 KiB more,
+and the buffer cannot fall to the 16 KiB at which writing resumes: a close frame queued then
+cannot get out, whatever the load on the machine."""
+
+
 class FinishedProtocol(WebSocketProtocol):
     """uvicorn's side of each connection, recording in `done` when uvicorn is done with
     it: the application has returned and the TCP connection is gone."""
@@ -143,11 +163,10 @@ async def shed_a_stalled_client_on_uvicorn(
             await connection.wait_closed()
 
         async with (
-            uvicorn_server(endpoint, RecordingProtocol, deflate=False) as url,
-            # max_queue=1: the client library stops reading the socket after one message.
-            connect(url, max_queue=1, compression=None, close_timeout=1) as c,
+            uvicorn_server(endpoint, StalledProtocol, deflate=False) as url,
+            stalled_client(url) as join,
         ):
-            assert json.loads(await c.recv())["type"] == "join"
+            assert json.loads(join)["type"] == "join"
             await flood_until_closed(manager, closed)
             # The close frame could not get through the full buffer: the TCP connection was
             # dropped rather than kept until the client reads again.
@@ -158,10 +177,38 @@ async def shed_a_stalled_client_on_uvicorn(
     return transports
 
 
+@contextlib.asynccontextmanager
+async def stalled_client(url: str) -> AsyncIterator[str]:
+    """A WebSocket client of ``url`` that never reads its socket again once its first message
+    is in; yields that message, and closes the socket on exit."""
+    client = ClientProtocol(parse_uri(url))
+    client.send_request(client.connect())
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STALLED_BUFFER)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port_of(url)))
+        await loop.sock_sendall(sock, b"".join(client.data_to_send()))
+        while True:
+            # A byte at a time: nothing past the first message is taken off the socket.
+            data = await loop.sock_recv(sock, 1)
+            assert data, "the server closed before the first message"
+            client.receive_data(data)
+            frames = [e for e in client.events_received() if isinstance(e, Frame)]
+            if frames:
+                break
+        assert frames[0].opcode is Opcode.TEXT
+        yield bytes(frames[0].data).decode()
+
+
+def port_of(url: str) -> int:
+    """The port of a ``ws://127.0.0.1:PORT/`` URL."""
+    return int(url.rsplit(":", 1)[1].strip("/"))
+
+
 def raw_exchange(url: str, request: bytes) -> bytes:
     """Send ``request`` on a raw socket; return everything until the server closes."""
-    port = int(url.rsplit(":", 1)[1].strip("/"))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=10) as sock:
         sock.sendall(request)
         received = b""
         while chunk := sock.recv(65536):  # a timeout fails the test: the socket stayed open

@@ -28,6 +28,7 @@ from tests.transports.support import (
     FinishedProtocol,
     RecordingProtocol,
     assert_join_then_300_broadcasts,
+    port_of,
     raw_exchange,
     shed_a_stalled_client_on_uvicorn,
     upgrade_request,
@@ -119,6 +120,8 @@ async def test_a_client_that_stops_reading_is_shed_and_dropped_on_uvicorn() -> N
         lambda websocket: starlette_transport(websocket, close_timeout=0.5)
     )
     assert isinstance(transport, StarletteFramesTransport)
+    assert transport.close_timed_out
+    assert transport.aborted
 
 
 @pytest.mark.anyio
@@ -467,9 +470,8 @@ async def test_keepalive_pings_keep_an_answering_client_and_close_a_silent_one()
     async with uvicorn_server(
         endpoint, RecordingProtocol, deflate=False, ws_ping_interval=0.1, ws_ping_timeout=0.5
     ) as url:
-        port = int(url.rsplit(":", 1)[1].strip("/"))
         with anyio.fail_after(30):
-            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            async with await anyio.connect_tcp("127.0.0.1", port_of(url)) as stream:
                 await stream.send(upgrade_request("/"))
                 buffer = bytearray()
                 while b"\r\n\r\n" not in buffer:

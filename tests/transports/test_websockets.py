@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import anyio
@@ -12,8 +13,10 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from tests.support import cyclic_garbage, kinds_from
 from tests.transports.support import (
+    STALLED_BUFFER,
     assert_join_then_300_broadcasts,
     flood_until_closed,
+    stalled_client,
 )
 from wsbroadcast import CloseCode, Connection, ConnectionManager
 from wsbroadcast.transports.base import BatchTransport
@@ -98,6 +101,9 @@ async def test_a_client_that_stops_reading_is_shed_on_the_fast_path() -> None:
         closed: list[Connection] = []
 
         async def handler(websocket: ServerConnection) -> None:
+            websocket.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, STALLED_BUFFER
+            )
             transport = WebsocketsTransport(websocket, close_timeout=0.5)
             connection = await manager.connect(transport, "stalled")
             closed.append(connection)
@@ -105,17 +111,16 @@ async def test_a_client_that_stops_reading_is_shed_on_the_fast_path() -> None:
 
         async with serve(handler, "127.0.0.1", 0, compression=None) as server:
             port = server.sockets[0].getsockname()[1]
-            # max_queue=1: the client library stops reading the socket after one message.
-            async with connect(
-                f"ws://127.0.0.1:{port}/", max_queue=1, compression=None, close_timeout=1
-            ) as c:
-                assert json.loads(await c.recv())["type"] == "join"
+            async with stalled_client(f"ws://127.0.0.1:{port}/") as join:
+                assert json.loads(join)["type"] == "join"
                 await flood_until_closed(manager, closed)
                 assert closed[0].close_code == CloseCode.SLOW_CONSUMER
                 # The close frame could not get through the full buffer: the TCP connection
                 # was dropped instead of waiting for keepalive to give up.
                 stalled_transport = closed[0].transport
                 assert isinstance(stalled_transport, WebsocketsTransport)
+                assert stalled_transport.close_timed_out
+                assert stalled_transport.aborted
                 assert stalled_transport.connection.transport.is_closing()
                 assert manager.statistics().slow_consumer_disconnects == 1
 
